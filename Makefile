@@ -1,0 +1,60 @@
+# hingeloss: build, serve, test. Every target creates .venv when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users override this, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PROTO := proto/hingeloss/v1/loss_service.proto
+
+.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak fuzz docker clean
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=client --pyi_out=client \
+		--grpc_python_out=client $(PROTO)
+
+serve: $(STAMP)
+	$(BIN)/hingeloss-server --devices auto
+
+lint: $(STAMP)
+	$(BIN)/ruff check client server tests
+	$(BIN)/mypy client/hingeloss server/hingeloss_server
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(PY) -m tests.bench.run --output bench-results.json
+
+gpu-check: $(STAMP)
+	bash tests/gpu/gpu_check.sh
+
+deploy-check: $(STAMP)
+	$(BIN)/pytest tests/deploy -q
+
+soak: $(STAMP)
+	$(PY) -m tests.soak --seconds 60
+
+fuzz: $(STAMP)
+	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=60
+
+docker:
+	docker build -f docker/Dockerfile --target cpu -t hingeloss:cpu .
+	docker build -f docker/Dockerfile.cuda -t hingeloss:cuda .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated stubs for the hingeloss.v1 protobuf package (`make proto` regenerates them)."""
