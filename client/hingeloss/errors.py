@@ -1,0 +1,140 @@
+"""Typed exceptions for the SDK, built from a gRPC status and its rich details.
+
+Each is raised ``from`` the original ``grpc.RpcError``, so nothing is hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, e.g. ``multiclass_hinge.targets[3]``."""
+
+    field: str
+    description: str
+
+
+class HingelossError(Exception):
+    """Base class of every error the SDK raises for a failed call."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class InvalidArgumentError(HingelossError, ValueError):
+    """The server rejected the request's contents; `field_violations` says where."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(
+        self, message: str, *, reason: str = "", field_violations: tuple[FieldViolation, ...] = ()
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.field_violations = field_violations
+
+
+class OverloadedError(HingelossError):
+    """The server is shedding load; `retry_delay` is its suggested wait in seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, reason: str = "", retry_delay: float | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_delay = retry_delay
+
+
+class DeadlineExceededError(HingelossError, TimeoutError):
+    """The call's deadline passed before the answer came."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnavailableError(HingelossError, ConnectionError):
+    """No server could take the call (down, unreachable or draining)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class UnauthenticatedError(HingelossError, PermissionError):
+    """The server requires a valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CancelledError(HingelossError):
+    """The call was cancelled."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class InternalError(HingelossError):
+    """The server failed while computing (a bug or a device fault)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[HingelossError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        OverloadedError,
+        DeadlineExceededError,
+        UnavailableError,
+        UnauthenticatedError,
+        CancelledError,
+        InternalError,
+    )
+}
+
+
+def _status_details(error: grpc.RpcError) -> status_pb2.Status | None:
+    trailing = getattr(error, "trailing_metadata", None)
+    metadata = trailing() if callable(trailing) else None
+    for key, value in metadata or ():
+        if key == _DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> HingelossError:
+    """Translates a gRPC error into the matching typed exception (not raised)."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = error.details() if hasattr(error, "details") else str(error)
+    message = message or code.name
+    violations: list[FieldViolation] = []
+    retry_delay: float | None = None
+    reason = ""
+    status = _status_details(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_delay = info.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            error_info = error_details_pb2.ErrorInfo()
+            detail.Unpack(error_info)
+            reason = error_info.reason
+    cls = _BY_CODE.get(code, HingelossError)
+    if cls is InvalidArgumentError:
+        return InvalidArgumentError(message, reason=reason, field_violations=tuple(violations))
+    if cls is OverloadedError:
+        return OverloadedError(message, reason=reason, retry_delay=retry_delay)
+    result = cls(message, reason=reason)
+    if cls is HingelossError:
+        result.code = code
+    return result

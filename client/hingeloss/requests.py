@@ -1,0 +1,171 @@
+"""Builds ComputeRequests from arrays and keyword options; shared by every client flavour.
+
+Options take plain strings ("divide_by_num_classes", "one") or the proto enum values.
+Inputs are numpy arrays, torch tensors (any device) or anything `numpy.asarray` takes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hingeloss import tensors
+from hingeloss.v1 import loss_service_pb2 as pb
+
+# Score inputs of each loss, in declaration order: gradients come back in this order.
+SCORE_FIELDS: dict[str, tuple[str, ...]] = {
+    "binary_hinge": ("scores",),
+    "multiclass_hinge": ("scores",),
+    "crammer_singer": ("scores",),
+    "gan_discriminator": ("real_scores", "fake_scores"),
+    "gan_generator": ("fake_scores",),
+    "margin_ranking": ("scores_a", "scores_b"),
+}
+# Non-differentiable inputs (labels, targets) of each loss.
+OTHER_FIELDS: dict[str, tuple[str, ...]] = {
+    "binary_hinge": ("labels",),
+    "multiclass_hinge": ("targets",),
+    "crammer_singer": ("targets",),
+    "gan_discriminator": (),
+    "gan_generator": (),
+    "margin_ranking": ("labels",),
+}
+_MESSAGES = {
+    "binary_hinge": pb.BinaryHinge,
+    "multiclass_hinge": pb.MulticlassHinge,
+    "crammer_singer": pb.CrammerSinger,
+    "gan_discriminator": pb.GanDiscriminator,
+    "gan_generator": pb.GanGenerator,
+    "margin_ranking": pb.MarginRanking,
+}
+# Keyword option -> (proto field, enum prefix or None for plain values).
+_LOSS_OPTIONS: dict[str, tuple[str, str | None]] = {
+    "margin": ("margin", None),
+    "power": ("power", None),
+    "kink": ("kink_subgradient", "KINK_SUBGRADIENT_"),
+    "label_encoding": ("label_encoding", "LABEL_ENCODING_"),
+    "class_normalization": ("class_normalization", "CLASS_NORMALIZATION_"),
+    "ignore_index": ("ignore_index", None),
+    "tie_break": ("tie_break", "TIE_BREAK_"),
+    "combine": ("combine", "GAN_COMBINE_"),
+}
+_ENUM_TYPES = {
+    "KINK_SUBGRADIENT_": pb.KinkSubgradient,
+    "LABEL_ENCODING_": pb.LabelEncoding,
+    "CLASS_NORMALIZATION_": pb.ClassNormalization,
+    "TIE_BREAK_": pb.TieBreak,
+    "GAN_COMBINE_": pb.GanCombine,
+    "REDUCTION_": pb.Reduction,
+    "GRADIENT_FORMAT_": pb.GradientFormat,
+}
+
+
+def enum_value(prefix: str, value: str | int) -> int:
+    """Resolves "divide_by_num_classes" (or an enum number) to the proto enum number."""
+    enum_type = _ENUM_TYPES[prefix]
+    if isinstance(value, int):
+        if value not in enum_type.values():
+            raise ValueError(f"{value} is not a valid {prefix.rstrip('_').lower()}")
+        return value
+    name = prefix + value.strip().upper().removeprefix(prefix)
+    try:
+        return int(enum_type.Value(name))
+    except ValueError:
+        choices = [n.removeprefix(prefix).lower() for n in enum_type.keys()]  # noqa: SIM118 - EnumTypeWrapper
+        choices = [c for c in choices if c != "unspecified"]
+        raise ValueError(
+            f"{value!r} is not a valid {prefix.rstrip('_').lower()}; choose from {choices}"
+        ) from None
+
+
+def enum_name(prefix: str, number: int) -> str:
+    """The lower-case option name of an enum number, e.g. 'divide_by_num_classes'."""
+    return str(_ENUM_TYPES[prefix].Name(number)).removeprefix(prefix).lower()
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """What the caller passed, so that results come back as the same type."""
+
+    is_torch: bool
+    device: Any = None
+    dtype: Any = None
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+
+def _is_torch(value: object) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = value.shape if hasattr(value, "shape") else np.shape(value)
+    return tuple(int(d) for d in shape)
+
+
+def encode(value: Any, name: str) -> pb.Tensor:
+    """Encodes one input for the wire."""
+    if _is_torch(value):
+        return tensors.from_torch(value)
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if array.dtype == np.bool_:
+        raise TypeError(f"{name}: boolean arrays are not accepted; use integers or floats")
+    return tensors.from_numpy(array)
+
+
+def build_request(
+    loss: str,
+    inputs: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> tuple[pb.ComputeRequest, InputKind]:
+    """Builds one request; returns it with what the results must be converted back to.
+
+    Args:
+        loss: a loss name, e.g. "multiclass_hinge".
+        inputs: arrays by proto field name (scores, targets, ...).
+        options: margin, power, kink, label_encoding, class_weights,
+            class_normalization, ignore_index, tie_break, combine, reduction,
+            gradient_format, return_per_sample, sample_weights, request_id.
+    """
+    if loss not in _MESSAGES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_MESSAGES)}")
+    message = _MESSAGES[loss]()
+    first = inputs[SCORE_FIELDS[loss][0]]
+    for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
+        getattr(message, field).CopyFrom(encode(inputs[field], field))
+    rest = dict(options)
+    class_weights = rest.pop("class_weights", None)
+    if class_weights is not None:
+        message.target_class_weights.CopyFrom(encode(class_weights, "class_weights"))
+    for option, (field, prefix) in _LOSS_OPTIONS.items():
+        value = rest.pop(option, None)
+        if value is None:
+            continue
+        if field not in message.DESCRIPTOR.fields_by_name:
+            raise TypeError(f"{loss} takes no option {option!r}")
+        setattr(message, field, enum_value(prefix, value) if prefix else value)
+
+    request = pb.ComputeRequest(request_id=str(rest.pop("request_id", None) or uuid.uuid4().hex))
+    getattr(request, loss).CopyFrom(message)
+    reduction = rest.pop("reduction", None)
+    if reduction is not None:
+        request.reduction = enum_value("REDUCTION_", reduction)
+    gradient_format = rest.pop("gradient_format", None)
+    if gradient_format is not None:
+        request.gradient_format = enum_value("GRADIENT_FORMAT_", gradient_format)
+    request.return_per_sample = bool(rest.pop("return_per_sample", False))
+    sample_weights = rest.pop("sample_weights", None)
+    if sample_weights is not None:
+        request.sample_weights.CopyFrom(encode(sample_weights, "sample_weights"))
+    if rest:
+        raise TypeError(f"unknown option(s) for {loss}: {sorted(rest)}")
+
+    shapes = tuple(_shape(inputs[f]) for f in SCORE_FIELDS[loss])
+    if _is_torch(first):
+        kind = InputKind(is_torch=True, device=first.device, dtype=first.dtype, shapes=shapes)
+    else:
+        kind = InputKind(is_torch=False, shapes=shapes)
+    return request, kind

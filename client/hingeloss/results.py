@@ -1,0 +1,154 @@
+"""Decodes ComputeResponses into LossResults of the caller's own array type.
+
+numpy in -> read-only numpy views of the response bytes (no copy); torch in ->
+tensors on the caller's device and dtype (one copy, so that autograd may later
+accumulate into them). Row-sparse gradients are densified, and also kept as
+(indices, values) for callers that want them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hingeloss import tensors
+from hingeloss.requests import InputKind, enum_name
+from hingeloss.v1 import loss_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the time went on the server, for one request."""
+
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+    batch_requests: int
+    device: str
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """One computed loss.
+
+    Attributes:
+        loss: the reduced loss.
+        grads: d(loss)/d(input) for each score input, in declaration order, as
+            the input's type (numpy or torch on its device and dtype); empty when
+            the gradient format is "none".
+        per_sample: per-sample losses when asked for (or with reduction "none").
+        samples / active_samples: how many samples counted, how many had a
+            non-zero loss.
+        timing: the server's queue and compute split.
+        resolved: the options the server applied, defaults resolved, by name.
+        sparse_grads: (row indices, rows) of each gradient, with "row_sparse".
+    """
+
+    request_id: str
+    loss: float
+    grads: tuple[Any, ...]
+    per_sample: tuple[Any, ...]
+    samples: int
+    active_samples: int
+    timing: Timing
+    resolved: dict[str, Any]
+    sparse_grads: tuple[tuple[Any, Any], ...] = field(default=())
+
+    @property
+    def grad(self) -> Any:
+        """The gradient of a single-input loss."""
+        if len(self.grads) != 1:
+            raise AttributeError(f"this loss has {len(self.grads)} gradients; use .grads")
+        return self.grads[0]
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of samples with a non-zero loss (1 - sparsity)."""
+        return self.active_samples / self.samples if self.samples else 0.0
+
+
+_ENUM_FIELDS = {
+    "reduction": "REDUCTION_",
+    "gradient_format": "GRADIENT_FORMAT_",
+    "kink_subgradient": "KINK_SUBGRADIENT_",
+    "label_encoding": "LABEL_ENCODING_",
+    "class_normalization": "CLASS_NORMALIZATION_",
+    "tie_break": "TIE_BREAK_",
+    "gan_combine": "GAN_COMBINE_",
+}
+
+
+def _resolved(options: pb.ResolvedOptions) -> dict[str, Any]:
+    resolved: dict[str, Any] = {"loss": options.loss}
+    for name, prefix in _ENUM_FIELDS.items():
+        number = getattr(options, name)
+        if number:
+            resolved[name] = enum_name(prefix, number)
+    if options.loss != "gan_generator":
+        resolved["margin"] = options.margin
+    if options.power:
+        resolved["power"] = options.power
+    if options.compute_dtype:
+        resolved["compute_dtype"] = tensors.dtype_info(options.compute_dtype).name
+    return resolved
+
+
+def _to_caller(tensor: pb.Tensor, kind: InputKind) -> Any:
+    if not kind.is_torch:
+        return tensors.to_numpy(tensor)
+    decoded = tensors.to_torch(tensor)
+    if decoded.dtype != kind.dtype and decoded.is_floating_point():
+        decoded = decoded.to(kind.dtype)
+    if str(kind.device) == "cpu":
+        return decoded.clone()
+    return decoded.to(kind.device, non_blocking=False)
+
+
+def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, Any, Any]:
+    indices = tensors.to_numpy(sparse.indices)
+    shape = tuple(sparse.dense_shape)
+    if kind.is_torch:
+        import torch
+
+        values = _to_caller(sparse.values, kind)
+        index = torch.from_numpy(indices.copy()).to(values.device)
+        dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        dense.index_copy_(0, index, values)
+        return dense, index, values
+    values = tensors.to_numpy(sparse.values)
+    dense = np.zeros(shape, dtype=values.dtype)
+    dense[indices] = values
+    return dense, indices, values
+
+
+def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult:
+    """Builds the LossResult of a response, in the caller's array type."""
+    grads = []
+    sparse = []
+    for gradient in response.gradients:
+        if gradient.WhichOneof("value") == "row_sparse":
+            dense, indices, values = _dense_from_rows(gradient.row_sparse, kind)
+            grads.append(dense)
+            sparse.append((indices, values))
+        else:
+            grads.append(_to_caller(gradient.dense, kind))
+    timing = response.timing
+    return LossResult(
+        request_id=response.request_id,
+        loss=response.loss,
+        grads=tuple(grads),
+        per_sample=tuple(_to_caller(t, kind) for t in response.per_sample_losses),
+        samples=response.sparsity.samples,
+        active_samples=response.sparsity.active_samples,
+        timing=Timing(
+            queue_s=timing.queue_us / 1e6,
+            compute_s=timing.compute_us / 1e6,
+            batch_rows=timing.batch_rows,
+            batch_requests=timing.batch_requests,
+            device=timing.device,
+        ),
+        resolved=_resolved(response.resolved),
+        sparse_grads=tuple(sparse),
+    )

@@ -1,0 +1,128 @@
+"""Conversions between numpy arrays / torch tensors and the wire `Tensor` message.
+
+The wire format is C-contiguous little-endian bytes. Decoding never copies:
+arrays are read-only views of the message's bytes. Encoding copies once, into
+the ``bytes`` object that protobuf requires. torch is optional here: its
+functions import it lazily so that numpy users never need it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hingeloss.v1 import loss_service_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("hingeloss needs a little-endian host")
+
+
+@dataclass(frozen=True)
+class DTypeInfo:
+    """One wire dtype: its names in numpy and torch and its element size."""
+
+    wire: int
+    name: str
+    itemsize: int
+    numpy: str | None  # None: numpy has no such type (bfloat16)
+    is_float: bool
+
+
+_DTYPES = (
+    DTypeInfo(pb.DTYPE_FLOAT32, "float32", 4, "float32", True),
+    DTypeInfo(pb.DTYPE_FLOAT64, "float64", 8, "float64", True),
+    DTypeInfo(pb.DTYPE_FLOAT16, "float16", 2, "float16", True),
+    DTypeInfo(pb.DTYPE_BFLOAT16, "bfloat16", 2, None, True),
+    DTypeInfo(pb.DTYPE_INT32, "int32", 4, "int32", False),
+    DTypeInfo(pb.DTYPE_INT64, "int64", 8, "int64", False),
+)
+BY_WIRE: dict[int, DTypeInfo] = {d.wire: d for d in _DTYPES}
+BY_NAME: dict[str, DTypeInfo] = {d.name: d for d in _DTYPES}
+
+
+def dtype_info(wire: int) -> DTypeInfo:
+    """Returns the info of a wire dtype; raises KeyError for unknown or unspecified ones."""
+    return BY_WIRE[wire]
+
+
+def expected_nbytes(tensor: pb.Tensor) -> int:
+    """Bytes that `tensor.data` must hold according to its dtype and shape."""
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    return count * BY_WIRE[tensor.dtype].itemsize
+
+
+def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
+    """Encodes a numpy array (any layout; copied once into the message's bytes)."""
+    info = BY_NAME.get(array.dtype.name)
+    if info is None:
+        raise TypeError(f"unsupported numpy dtype {array.dtype}; use one of {sorted(BY_NAME)}")
+    contiguous = np.ascontiguousarray(array)
+    if contiguous.dtype.byteorder == ">":
+        contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=info.wire, shape=contiguous.shape, data=contiguous.tobytes())
+
+
+def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
+    """Decodes a wire tensor into a read-only numpy view of its bytes (no copy).
+
+    bfloat16 has no numpy type: it decodes to float32 (a copy).
+    """
+    info = BY_WIRE[tensor.dtype]
+    shape = tuple(tensor.shape)
+    if info.numpy is None:
+        raw = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
+        return raw.view(np.float32).reshape(shape)
+    return np.frombuffer(tensor.data, dtype=np.dtype(info.numpy).newbyteorder("<")).reshape(shape)
+
+
+def torch_dtype(wire: int) -> torch.dtype:
+    """The torch dtype of a wire dtype."""
+    import torch
+
+    return getattr(torch, BY_WIRE[wire].name)  # type: ignore[no-any-return]
+
+
+def wire_dtype_of_torch(dtype: torch.dtype) -> int:
+    """The wire dtype of a torch dtype; raises TypeError when it has none."""
+    name = str(dtype).removeprefix("torch.")
+    info = BY_NAME.get(name)
+    if info is None:
+        raise TypeError(f"unsupported torch dtype {dtype}; use one of {sorted(BY_NAME)}")
+    return info.wire
+
+
+def from_torch(tensor: torch.Tensor) -> pb.Tensor:
+    """Encodes a torch tensor (any device; moved to the CPU and copied once into bytes)."""
+    import torch
+
+    wire = wire_dtype_of_torch(tensor.dtype)
+    host = tensor.detach().to("cpu").contiguous()
+    # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it).
+    data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
+    return pb.Tensor(dtype=wire, shape=host.shape, data=data)
+
+
+def to_torch(tensor: pb.Tensor) -> torch.Tensor:
+    """Decodes a wire tensor into a CPU torch tensor viewing the message's bytes (no copy).
+
+    The view is read-only in spirit: torch cannot mark it so, and callers never write it.
+    """
+    import torch
+
+    dtype = torch_dtype(tensor.dtype)
+    if not tensor.data:
+        return torch.empty(tuple(tensor.shape), dtype=dtype)
+    with warnings.catch_warnings():
+        # torch warns that the buffer is not writable; nothing writes into it.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(tensor.data, dtype=dtype)
+    return flat.view(tuple(tensor.shape))

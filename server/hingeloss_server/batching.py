@@ -1,0 +1,209 @@
+"""The batch queue: groups compatible jobs, bounds memory, honours deadlines.
+
+Lives on the event loop and knows no gRPC and no devices. Jobs with equal
+BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
+most urgent (earliest deadline first), and everything queued under it up to the
+batch's row limit; it adds no delay unless `max_batch_delay_us` asks for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hingeloss_server.config import BatchingConfig
+from hingeloss_server.errors import DeadlineExpiredError, DrainingError, OverloadedError
+from hingeloss_server.jobs import BatchKey, JobResult, LossJob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(order=True)
+class _Entry:
+    deadline: float
+    seq: int
+    job: LossJob = field(compare=False)
+    live: bool = field(default=True, compare=False)
+
+
+@dataclass
+class QueueStats:
+    """What is queued now."""
+
+    requests: int = 0
+    rows: int = 0
+    bytes: int = 0
+
+
+class Batcher:
+    """Bounded, deadline-aware queue of jobs grouped by BatchKey.
+
+    Args:
+        config: queue bounds and the optional gathering delay.
+        on_drop: called with (job, reason) for each job dropped before compute
+            ("deadline_exceeded" or "cancelled"), for metrics.
+    """
+
+    def __init__(
+        self,
+        config: BatchingConfig,
+        on_drop: Callable[[LossJob, str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._on_drop = on_drop or (lambda job, reason: None)
+        self._queues: dict[BatchKey, list[_Entry]] = {}
+        self._entries: dict[int, _Entry] = {}
+        self._seq = itertools.count()
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self.stats = QueueStats()
+        # Smoothed seconds of compute per row, for the retry delay we suggest when full.
+        self._seconds_per_row = 1e-6
+
+    def submit(self, job: LossJob) -> asyncio.Future[JobResult]:
+        """Queues a job and returns the future of its result.
+
+        Raises:
+            DrainingError: the server is shutting down.
+            OverloadedError: the queue is full (rows or bytes); retry later.
+        """
+        if self._closed:
+            raise DrainingError("the server is shutting down")
+        stats, config = self.stats, self._config
+        if stats.requests and (
+            stats.rows + job.rows > config.max_queue_rows
+            or stats.bytes + job.nbytes > config.max_queue_bytes
+        ):
+            retry = min(5.0, max(0.01, stats.rows * self._seconds_per_row))
+            raise OverloadedError(
+                "queue_full",
+                retry,
+                f"the queue is full ({stats.requests} requests, {stats.rows} rows); "
+                f"retry in {retry:.3f}s",
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[JobResult] = loop.create_future()
+        job.future = future
+        job.enqueued_at = loop.time()
+        entry = _Entry(
+            deadline=math.inf if job.deadline is None else job.deadline,
+            seq=next(self._seq),
+            job=job,
+        )
+        heapq.heappush(self._queues.setdefault(job.key, []), entry)
+        self._entries[id(job)] = entry
+        stats.requests += 1
+        stats.rows += job.rows
+        stats.bytes += job.nbytes
+        self._idle.clear()
+        # A caller that gives up (cancellation) frees its place at once.
+        future.add_done_callback(lambda f, entry=entry: self._on_done(entry, f))
+        self._work.set()
+        return future
+
+    def _on_done(self, entry: _Entry, future: asyncio.Future[JobResult]) -> None:
+        if future.cancelled() and entry.live:
+            self._remove(entry)
+            self._on_drop(entry.job, "cancelled")
+
+    def _remove(self, entry: _Entry) -> None:
+        entry.live = False
+        self._entries.pop(id(entry.job), None)
+        self.stats.requests -= 1
+        self.stats.rows -= entry.job.rows
+        self.stats.bytes -= entry.job.nbytes
+        if self.stats.requests == 0:
+            self._idle.set()
+
+    def record_compute(self, rows: int, seconds: float) -> None:
+        """Feeds the compute speed estimate behind suggested retry delays."""
+        if rows > 0:
+            self._seconds_per_row = 0.8 * self._seconds_per_row + 0.2 * (seconds / rows)
+
+    async def next_batch(self, max_rows: int | None = None) -> list[LossJob]:
+        """Waits for work and takes one batch of jobs sharing a key.
+
+        Expired jobs are failed with DeadlineExpiredError and never returned.
+        """
+        limit = self._config.max_batch_rows if max_rows is None else max_rows
+        while True:
+            key = self._most_urgent_key()
+            if key is None:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            batch = self._take(key, limit)
+            if batch and self._config.max_batch_delay_us > 0:
+                rows = sum(job.rows for job in batch)
+                if rows < limit:
+                    await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
+                    batch.extend(self._take(key, limit - rows))
+            batch = [job for job in batch if job.future is not None and not job.future.done()]
+            if batch:
+                return batch
+
+    def _most_urgent_key(self) -> BatchKey | None:
+        best: tuple[float, int] | None = None
+        best_key = None
+        for key, heap in list(self._queues.items()):
+            while heap and not heap[0].live:
+                heapq.heappop(heap)
+            if not heap:
+                del self._queues[key]
+                continue
+            head = (heap[0].deadline, heap[0].seq)
+            if best is None or head < best:
+                best, best_key = head, key
+        return best_key
+
+    def _take(self, key: BatchKey, limit: int) -> list[LossJob]:
+        heap = self._queues.get(key)
+        taken: list[LossJob] = []
+        rows = 0
+        now = asyncio.get_running_loop().time()
+        while heap:
+            entry = heap[0]
+            if not entry.live:
+                heapq.heappop(heap)
+                continue
+            if taken and rows + entry.job.rows > limit:
+                break
+            heapq.heappop(heap)
+            self._remove(entry)
+            job = entry.job
+            if entry.deadline <= now:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(
+                        DeadlineExpiredError("the deadline passed while the request was queued")
+                    )
+                self._on_drop(job, "deadline_exceeded")
+                continue
+            taken.append(job)
+            rows += job.rows
+        return taken
+
+    def close(self) -> None:
+        """Refuses new jobs; queued ones still run."""
+        self._closed = True
+
+    async def wait_empty(self) -> None:
+        """Returns once nothing is queued."""
+        await self._idle.wait()
+
+    def fail_all(self, error: Exception) -> None:
+        """Fails every queued job (used when the drain time is up)."""
+        for heap in self._queues.values():
+            for entry in heap:
+                if entry.live:
+                    self._remove(entry)
+                    future = entry.job.future
+                    if future is not None and not future.done():
+                        future.set_exception(error)
+        self._queues.clear()

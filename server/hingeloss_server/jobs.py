@@ -1,0 +1,136 @@
+"""Messages passed between the servicer, the batcher and the workers (plain dataclasses)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class LossKind(str, enum.Enum):
+    """The losses, named as the request's `loss` oneof fields."""
+
+    BINARY_HINGE = "binary_hinge"
+    MULTICLASS_HINGE = "multiclass_hinge"
+    CRAMMER_SINGER = "crammer_singer"
+    GAN_DISCRIMINATOR = "gan_discriminator"
+    GAN_GENERATOR = "gan_generator"
+    MARGIN_RANKING = "margin_ranking"
+
+
+class Reduction(str, enum.Enum):
+    MEAN = "mean"
+    SUM = "sum"
+    NONE = "none"
+    WEIGHTED_MEAN = "weighted_mean"
+
+
+class GradientFormat(str, enum.Enum):
+    DENSE = "dense"
+    ROW_SPARSE = "row_sparse"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Options that must be equal for two requests to share a batch."""
+
+    kind: LossKind
+    margin: float = 1.0
+    power: int = 1
+    kink_one: bool = False
+    divide_by_num_classes: bool = False
+    split_ties: bool = False
+    # Raw bytes of the class weights (float64), so that equal weights compare equal.
+    class_weights: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys are computed together in one kernel call."""
+
+    params: LossParams
+    wire_dtype: int
+    trailing_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request options that do not affect batching."""
+
+    reduction: Reduction = Reduction.MEAN
+    gradient_format: GradientFormat = GradientFormat.DENSE
+    return_per_sample: bool = False
+    label_zero_one: bool = False
+    ignore_index: int | None = None
+    pooled_mean: bool = False
+
+
+@dataclass(eq=False)
+class LossJob:
+    """One decoded request: structurally valid, data not yet inspected.
+
+    Tensors are zero-copy CPU views of the request's bytes.
+    """
+
+    request_id: str
+    key: BatchKey
+    options: RequestOptions
+    # Score inputs in declaration order (e.g. (scores,), (real, fake), (a, b)).
+    inputs: tuple[torch.Tensor, ...]
+    # Names of the fields of `inputs`, for gradients and error messages.
+    input_fields: tuple[str, ...]
+    labels: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    class_weights: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    rows: int = 0
+    nbytes: int = 0
+    # Event-loop time after which the caller no longer waits; None: no deadline.
+    deadline: float | None = None
+    enqueued_at: float = 0.0
+    future: asyncio.Future[JobResult] | None = None
+
+
+@dataclass(frozen=True)
+class WireArray:
+    """An encoded tensor ready for the response: wire dtype, shape, little-endian bytes."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """The non-zero rows of a gradient."""
+
+    dense_shape: tuple[int, ...]
+    indices: WireArray
+    values: WireArray
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Facts about the batch a request was computed in."""
+
+    rows: int
+    requests: int
+    compute_s: float
+    device: str
+
+
+@dataclass
+class JobResult:
+    """The answer to one job."""
+
+    loss: float
+    grads: tuple[WireArray | SparseRows, ...]
+    per_sample: tuple[WireArray, ...]
+    samples: int
+    active: int
+    batch: BatchInfo
+    queue_s: float = 0.0
+    compute_dtype: torch.dtype = field(default=torch.float32)

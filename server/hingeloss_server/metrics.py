@@ -1,0 +1,286 @@
+"""Prometheus collectors: latency, batching, queue, sparsity, margins, devices.
+
+Plain single-process prometheus_client on an injected registry (tests pass their
+own). Names carry the ``hingeloss_`` prefix and base units; label values are
+bounded enums (loss, device, gRPC code, reason), never request ids. Gauges that
+mirror live state use ``set_function`` so that nothing is paid per request.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hingeloss import __version__
+
+# Sub-millisecond buckets up to seconds (base unit: seconds).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+ROW_BUCKETS = tuple(float(2**i) for i in range(0, 21, 2))
+REQUEST_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+FRACTION_BUCKETS = tuple(i / 10 for i in range(11))
+MARGIN_BUCKETS = (-5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 5.0)
+
+
+class BulkHistogram(Collector):
+    """A histogram fed whole arrays at a time (numpy bucketing, not one observe per value)."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float]):
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._series: dict[str, tuple[np.ndarray, list[float]]] = {}
+
+    def observe_many(self, label_value: str, values: np.ndarray) -> None:
+        counts, total = self._series.setdefault(
+            label_value, (np.zeros(len(self._bounds) + 1, dtype=np.int64), [0.0])
+        )
+        if values.size:
+            # Bucket i holds values <= bounds[i] (Prometheus `le` semantics).
+            counts += np.bincount(
+                np.searchsorted(self._bounds, values, side="left"), minlength=len(counts)
+            )
+            total[0] += float(values.sum(dtype=np.float64))
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for label_value, (counts, total) in self._series.items():
+            cumulative = np.cumsum(counts)
+            buckets = [
+                (repr(float(b)), int(c)) for b, c in zip(self._bounds, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", int(cumulative[-1])))
+            family.add_metric([label_value], buckets, total[0])
+        yield family
+
+
+class Metrics:
+    """Every collector the server updates, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.grpc_handled = Counter(
+            "hingeloss_grpc_server_handled_total",
+            "RPCs completed on the server, by method and gRPC status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=registry,
+        )
+        self.grpc_handling = Histogram(
+            "hingeloss_grpc_server_handling_seconds",
+            "Time to handle an RPC on the server, until the last response.",
+            ["grpc_service", "grpc_method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "hingeloss_requests_total",
+            "Loss computations answered (stream items included), by loss and gRPC code.",
+            ["loss", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "hingeloss_request_duration_seconds",
+            "Server-side time of one loss computation, from decode to encoded answer.",
+            ["loss"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "hingeloss_queue_wait_seconds",
+            "Time a request waited in the batch queue.",
+            ["loss"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute = Histogram(
+            "hingeloss_compute_seconds",
+            "Time to compute one batch on a worker (transfers included).",
+            ["device"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "hingeloss_batch_rows",
+            "Rows (samples) per computed batch.",
+            buckets=ROW_BUCKETS,
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "hingeloss_batch_requests",
+            "Requests per computed batch.",
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.queue_requests = Gauge(
+            "hingeloss_queue_depth_requests", "Requests waiting in the queue.", registry=registry
+        )
+        self.queue_rows = Gauge(
+            "hingeloss_queue_depth_rows", "Rows waiting in the queue.", registry=registry
+        )
+        self.inflight = Gauge(
+            "hingeloss_inflight_requests",
+            "Loss computations accepted and not yet answered.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "hingeloss_requests_rejected_total",
+            "Requests refused or dropped without a result, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.received_bytes = Counter(
+            "hingeloss_received_bytes_total",
+            "Tensor payload bytes received in requests.",
+            registry=registry,
+        )
+        self.sent_bytes = Counter(
+            "hingeloss_sent_bytes_total",
+            "Tensor payload bytes sent in responses.",
+            registry=registry,
+        )
+        self.samples = Counter(
+            "hingeloss_samples_total",
+            "Samples computed, by loss and state (active: non-zero loss).",
+            ["loss", "state"],
+            registry=registry,
+        )
+        self.active_fraction = Histogram(
+            "hingeloss_active_fraction",
+            "Share of a request's samples with a non-zero loss.",
+            ["loss"],
+            buckets=FRACTION_BUCKETS,
+            registry=registry,
+        )
+        self.margins = BulkHistogram(
+            "hingeloss_margin",
+            "Signed margins (y*f; f_y - max_{j!=y} f_j; real d and -fake d) of up to 256 "
+            "rows per batch.",
+            "loss",
+            MARGIN_BUCKETS,
+        )
+        registry.register(self.margins)
+        self.worker_busy = Counter(
+            "hingeloss_worker_busy_seconds_total",
+            "Seconds workers spent computing, by device.",
+            ["device"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "hingeloss_workers", "Device workers, by device.", ["device"], registry=registry
+        )
+        self.gpu_allocated = Gauge(
+            "hingeloss_gpu_memory_allocated_bytes",
+            "CUDA memory allocated by tensors, by device.",
+            ["device"],
+            registry=registry,
+        )
+        self.gpu_reserved = Gauge(
+            "hingeloss_gpu_memory_reserved_bytes",
+            "CUDA memory reserved by the caching allocator, by device.",
+            ["device"],
+            registry=registry,
+        )
+        self.build_info = Info(
+            "hingeloss_build", "Versions and devices of this server.", registry=registry
+        )
+
+    def describe_build(self, devices: Iterable[str]) -> None:
+        device_list = list(devices)
+        self.build_info.info(
+            {
+                "version": __version__,
+                "torch": torch.__version__,
+                "grpcio": grpc.__version__,
+                "python": platform.python_version(),
+                "devices": ",".join(device_list),
+            }
+        )
+        for device in device_list:
+            if device.startswith("cuda"):
+                index = torch.device(device).index or 0
+                self.gpu_allocated.labels(device).set_function(
+                    lambda i=index: float(torch.cuda.memory_allocated(i))
+                )
+                self.gpu_reserved.labels(device).set_function(
+                    lambda i=index: float(torch.cuda.memory_reserved(i))
+                )
+
+    def watch_queue(self, requests: Callable[[], float], rows: Callable[[], float]) -> None:
+        self.queue_requests.set_function(requests)
+        self.queue_rows.set_function(rows)
+
+    def request_done(self, loss: str, code: grpc.StatusCode, seconds: float | None) -> None:
+        self.requests.labels(loss, code.name).inc()
+        if seconds is not None:
+            self.request_duration.labels(loss).observe(seconds)
+
+    def request_sparsity(self, loss: str, samples: int, active: int, queue_s: float) -> None:
+        self.samples.labels(loss, "active").inc(active)
+        self.samples.labels(loss, "inactive").inc(samples - active)
+        if samples:
+            self.active_fraction.labels(loss).observe(active / samples)
+        self.queue_wait.labels(loss).observe(queue_s)
+
+    def batch_done(
+        self, device: str, rows: int, requests: int, seconds: float, loss: str, margins: np.ndarray
+    ) -> None:
+        self.compute.labels(device).observe(seconds)
+        self.worker_busy.labels(device).inc(seconds)
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+        self.margins.observe_many(loss, margins)
+
+
+class NoMetrics(Metrics):
+    """Records nothing: the server with `--metrics-port 0`."""
+
+    def __init__(self) -> None:
+        super().__init__(CollectorRegistry(auto_describe=False))
+
+    def request_done(self, loss: str, code: grpc.StatusCode, seconds: float | None) -> None:
+        pass
+
+    def request_sparsity(self, loss: str, samples: int, active: int, queue_s: float) -> None:
+        pass
+
+    def batch_done(
+        self, device: str, rows: int, requests: int, seconds: float, loss: str, margins: np.ndarray
+    ) -> None:
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:
+    """Starts the /metrics HTTP endpoint; returns (server, bound port) for shutdown."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_port)

@@ -1,0 +1,160 @@
+"""Checks a job's values and derives what the kernels need: +-1 labels, masks, row scales.
+
+Runs on a worker thread (it reads every element), one job at a time, so that a bad
+request fails alone and never reaches a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hingeloss_server.errors import InvalidInputError
+from hingeloss_server.jobs import LossJob, LossKind, Reduction
+
+
+@dataclass
+class PreparedJob:
+    """A job whose values passed every check, with its per-row inputs for the kernels."""
+
+    job: LossJob
+    # +-1 labels (float64) for binary hinge and margin ranking.
+    labels: torch.Tensor | None
+    # int64 class targets; ignored rows carry 0.
+    targets: torch.Tensor | None
+    ignore_mask: torch.Tensor | None
+    # One float64 row scale per sample set, such that loss = sum(scale * per_sample).
+    scales: tuple[torch.Tensor, ...]
+    # Samples that count (ignored rows excluded).
+    samples: int
+
+
+def _index_text(shape: torch.Size, flat: int) -> str:
+    if len(shape) == 2:
+        return f"[{flat // shape[1]}][{flat % shape[1]}]"
+    return f"[{flat}]"
+
+
+def _first(mask: torch.Tensor) -> int | None:
+    """Flat index of the first True element, or None."""
+    flat = mask.reshape(-1)
+    if not bool(flat.any()):
+        return None
+    return int(torch.argmax(flat.to(torch.uint8)))
+
+
+def _check_finite(tensor: torch.Tensor, field: str) -> None:
+    bad = _first(~torch.isfinite(tensor))
+    if bad is not None:
+        value = tensor.reshape(-1)[bad].item()
+        raise InvalidInputError(
+            f"{field}{_index_text(tensor.shape, bad)}", f"must be finite, got {value}"
+        )
+
+
+def _check_non_negative(tensor: torch.Tensor, field: str) -> None:
+    _check_finite(tensor, field)
+    bad = _first(tensor < 0)
+    if bad is not None:
+        value = tensor[bad].item()
+        raise InvalidInputError(f"{field}[{bad}]", f"must be >= 0, got {value}")
+
+
+def _plus_minus_one(labels: torch.Tensor, zero_one: bool, field: str) -> torch.Tensor:
+    values = labels.to(torch.float64)
+    low = 0.0 if zero_one else -1.0
+    bad = _first((values != low) & (values != 1.0))
+    if bad is not None:
+        allowed = "0 or 1 (LABEL_ENCODING_ZERO_ONE)" if zero_one else "-1 or +1"
+        raise InvalidInputError(f"{field}[{bad}]", f"must be {allowed}, got {labels[bad].item()}")
+    return values * 2.0 - 1.0 if zero_one else values
+
+
+def _fill(rows: int, value: float) -> torch.Tensor:
+    return torch.full((rows,), value, dtype=torch.float64)
+
+
+def prepare(job: LossJob) -> PreparedJob:
+    """Validates every value of a job and computes its row scales.
+
+    Raises:
+        InvalidInputError: naming the field and the first bad index.
+    """
+    kind = job.key.params.kind
+    prefix = kind.value
+    for tensor, name in zip(job.inputs, job.input_fields, strict=True):
+        _check_finite(tensor, f"{prefix}.{name}")
+    if job.class_weights is not None:
+        _check_non_negative(job.class_weights, f"{prefix}.target_class_weights")
+
+    labels = None
+    if job.labels is not None:
+        labels = _plus_minus_one(job.labels, job.options.label_zero_one, f"{prefix}.labels")
+
+    targets, ignore_mask = None, None
+    if job.targets is not None:
+        targets, ignore_mask = _class_targets(job, f"{prefix}.targets")
+
+    set_rows = [int(t.shape[0]) for t in job.inputs]
+    if kind is LossKind.MARGIN_RANKING:
+        set_rows = set_rows[:1]
+    counted = job.rows if ignore_mask is None else job.rows - int(ignore_mask.sum())
+    if counted == 0:
+        raise InvalidInputError(f"{prefix}.targets", "every sample is ignored (ignore_index)")
+    scales = _row_scales(job, set_rows, ignore_mask, counted)
+    return PreparedJob(
+        job=job,
+        labels=labels,
+        targets=targets,
+        ignore_mask=ignore_mask,
+        scales=scales,
+        samples=counted,
+    )
+
+
+def _class_targets(job: LossJob, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    assert job.targets is not None
+    classes = job.key.trailing_shape[0]
+    targets = job.targets.to(torch.int64)
+    ignore_index = job.options.ignore_index
+    ignore_mask = None if ignore_index is None else targets == ignore_index
+    out_of_range = (targets < 0) | (targets >= classes)
+    if ignore_mask is not None:
+        out_of_range &= ~ignore_mask
+    bad = _first(out_of_range)
+    if bad is not None:
+        raise InvalidInputError(
+            f"{field}[{bad}]", f"class {targets[bad].item()} is outside [0, {classes})"
+        )
+    if ignore_mask is not None and bool(ignore_mask.any()):
+        targets = targets.masked_fill(ignore_mask, 0)
+    else:
+        ignore_mask = None
+    return targets, ignore_mask
+
+
+def _row_scales(
+    job: LossJob,
+    set_rows: list[int],
+    ignore_mask: torch.Tensor | None,
+    counted: int,
+) -> tuple[torch.Tensor, ...]:
+    reduction = job.options.reduction
+    kind = job.key.params.kind
+    if reduction in (Reduction.SUM, Reduction.NONE):
+        return tuple(_fill(rows, 1.0) for rows in set_rows)
+    if reduction is Reduction.MEAN:
+        if kind is LossKind.GAN_DISCRIMINATOR and not job.options.pooled_mean:
+            return tuple(_fill(rows, 1.0 / rows) for rows in set_rows)
+        return tuple(_fill(rows, 1.0 / counted) for rows in set_rows)
+    # WEIGHTED_MEAN: weights over all samples (GAN: real then fake).
+    assert job.sample_weights is not None
+    weights = job.sample_weights.to(torch.float64)
+    _check_non_negative(weights, "sample_weights")
+    if ignore_mask is not None:
+        weights = weights.masked_fill(ignore_mask, 0.0)
+    total = float(weights.sum())
+    if total <= 0.0:
+        raise InvalidInputError("sample_weights", "the weights of the counted samples sum to 0")
+    return tuple(part / total for part in torch.split(weights, set_rows))

@@ -1,0 +1,376 @@
+"""The gRPC servicer: decode, submit, encode; one table maps domain errors to statuses.
+
+Thin on purpose: batching, devices and math live below it and know no gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from hingeloss import __version__, tensors
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
+from hingeloss_server.batching import Batcher
+from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
+from hingeloss_server.errors import (
+    ComputeFailedError,
+    DeadlineExpiredError,
+    DrainingError,
+    HingelossError,
+    InvalidInputError,
+    OverloadedError,
+)
+from hingeloss_server.jobs import (
+    GradientFormat,
+    JobResult,
+    LossJob,
+    LossKind,
+    Reduction,
+    SparseRows,
+    WireArray,
+)
+from hingeloss_server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+ERROR_DOMAIN = "hingeloss.v1"
+# Requests a ComputeStream call may have in flight at once.
+STREAM_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class _StatusMapping:
+    code: grpc.StatusCode
+    reason: str
+    rejected: str | None
+
+
+def _mapping(error: HingelossError) -> _StatusMapping:
+    if isinstance(error, InvalidInputError):
+        return _StatusMapping(
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "invalid_argument"
+        )
+    if isinstance(error, OverloadedError):
+        return _StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", "queue_full")
+    if isinstance(error, DeadlineExpiredError):
+        return _StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
+    if isinstance(error, DrainingError):
+        return _StatusMapping(grpc.StatusCode.UNAVAILABLE, "DRAINING", "draining")
+    if isinstance(error, ComputeFailedError) and error.out_of_memory:
+        return _StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "DEVICE_OUT_OF_MEMORY", None)
+    return _StatusMapping(grpc.StatusCode.INTERNAL, "INTERNAL", None)
+
+
+def error_status(error: HingelossError) -> grpc.Status:
+    """The rich status for a domain error: BadRequest, RetryInfo and ErrorInfo details."""
+    mapping = _mapping(error)
+    details = []
+    if isinstance(error, InvalidInputError):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=error.field, description=error.description
+                    )
+                ]
+            )
+        )
+    if isinstance(error, OverloadedError):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details.append(error_details_pb2.ErrorInfo(reason=mapping.reason, domain=ERROR_DOMAIN))
+    packed = []
+    for detail in details:
+        wrapped = any_pb2.Any()
+        wrapped.Pack(detail)
+        packed.append(wrapped)
+    status = status_pb2.Status(code=mapping.code.value[0], message=str(error), details=packed)
+    return rpc_status.to_status(status)
+
+
+def encode_tensor(array: WireArray) -> pb.Tensor:
+    return pb.Tensor(dtype=array.dtype, shape=array.shape, data=array.data)
+
+
+def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
+    params = job.key.params
+    kind = params.kind
+    options = job.options
+    resolved = pb.ResolvedOptions(
+        loss=kind.value,
+        reduction=pb.Reduction.Value(f"REDUCTION_{options.reduction.name}"),
+        gradient_format=pb.GradientFormat.Value(f"GRADIENT_FORMAT_{options.gradient_format.name}"),
+        compute_dtype=tensors.wire_dtype_of_torch(result.compute_dtype),
+    )
+    if kind is not LossKind.GAN_GENERATOR:
+        resolved.kink_subgradient = (
+            pb.KINK_SUBGRADIENT_ONE if params.kink_one else pb.KINK_SUBGRADIENT_ZERO
+        )
+    if kind in (
+        LossKind.BINARY_HINGE,
+        LossKind.MULTICLASS_HINGE,
+        LossKind.CRAMMER_SINGER,
+        LossKind.MARGIN_RANKING,
+        LossKind.GAN_DISCRIMINATOR,
+    ):
+        resolved.margin = params.margin
+    if kind in (
+        LossKind.BINARY_HINGE,
+        LossKind.MULTICLASS_HINGE,
+        LossKind.CRAMMER_SINGER,
+        LossKind.GAN_DISCRIMINATOR,
+        LossKind.MARGIN_RANKING,
+    ):
+        resolved.power = params.power
+    if kind is LossKind.BINARY_HINGE:
+        resolved.label_encoding = (
+            pb.LABEL_ENCODING_ZERO_ONE
+            if options.label_zero_one
+            else pb.LABEL_ENCODING_PLUS_MINUS_ONE
+        )
+    if kind is LossKind.MULTICLASS_HINGE:
+        resolved.class_normalization = (
+            pb.CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES
+            if params.divide_by_num_classes
+            else pb.CLASS_NORMALIZATION_SUM_OVER_CLASSES
+        )
+    if kind is LossKind.CRAMMER_SINGER:
+        resolved.tie_break = (
+            pb.TIE_BREAK_SPLIT_EVENLY if params.split_ties else pb.TIE_BREAK_FIRST_INDEX
+        )
+    if kind is LossKind.GAN_DISCRIMINATOR:
+        resolved.gan_combine = (
+            pb.GAN_COMBINE_POOLED_MEAN if options.pooled_mean else pb.GAN_COMBINE_SUM_OF_MEANS
+        )
+    return resolved
+
+
+def encode_response(job: LossJob, result: JobResult) -> pb.ComputeResponse:
+    """Builds the response message of a computed job."""
+    response = pb.ComputeResponse(
+        request_id=job.request_id,
+        loss=result.loss,
+        sparsity=pb.Sparsity(samples=result.samples, active_samples=result.active),
+        timing=pb.Timing(
+            queue_us=int(result.queue_s * 1e6),
+            compute_us=int(result.batch.compute_s * 1e6),
+            batch_rows=result.batch.rows,
+            batch_requests=result.batch.requests,
+            device=result.batch.device,
+        ),
+        resolved=_resolved(job, result),
+    )
+    for name, grad in zip(job.input_fields, result.grads, strict=False):
+        if isinstance(grad, SparseRows):
+            response.gradients.append(
+                pb.Gradient(
+                    input=name,
+                    row_sparse=pb.RowSparseTensor(
+                        dense_shape=grad.dense_shape,
+                        indices=encode_tensor(grad.indices),
+                        values=encode_tensor(grad.values),
+                    ),
+                )
+            )
+        else:
+            response.gradients.append(pb.Gradient(input=name, dense=encode_tensor(grad)))
+    response.per_sample_losses.extend(encode_tensor(p) for p in result.per_sample)
+    return response
+
+
+def _payload_bytes(result: JobResult) -> int:
+    total = sum(len(p.data) for p in result.per_sample)
+    for grad in result.grads:
+        if isinstance(grad, SparseRows):
+            total += len(grad.indices.data) + len(grad.values.data)
+        else:
+            total += len(grad.data)
+    return total
+
+
+class LossServicer(pb_grpc.LossServiceServicer):
+    """Implements hingeloss.v1.LossService over the Batcher."""
+
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        batching: BatchingConfig,
+        batcher: Batcher,
+        metrics: Metrics,
+        server_info: Callable[[], pb.ServerInfo],
+    ) -> None:
+        self._limits = limits
+        self._batching = batching
+        self._batcher = batcher
+        self._metrics = metrics
+        self._server_info = server_info
+
+    async def _compute_one(
+        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ComputeResponse:
+        """Decodes, queues and encodes one request; raises HingelossError on failure."""
+        started = time.perf_counter()
+        loss = request.WhichOneof("loss") or "none"
+        self._metrics.inflight.inc()
+        try:
+            job = decode_request(request, self._limits)
+            self._metrics.received_bytes.inc(job.nbytes)
+            remaining = context.time_remaining()
+            if remaining is not None:
+                job.deadline = asyncio.get_running_loop().time() + remaining
+            result = await self._batcher.submit(job)
+            response = encode_response(job, result)
+            self._metrics.sent_bytes.inc(_payload_bytes(result))
+            self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
+            self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
+            return response
+        except HingelossError as error:
+            mapping = _mapping(error)
+            self._metrics.request_done(loss, mapping.code, None)
+            if isinstance(error, DeadlineExpiredError):
+                self._metrics.rejected.labels("deadline_exceeded").inc()
+            elif mapping.rejected is not None:
+                self._metrics.rejected.labels(mapping.rejected).inc()
+            raise
+        except asyncio.CancelledError:
+            self._metrics.request_done(loss, grpc.StatusCode.CANCELLED, None)
+            raise
+        finally:
+            self._metrics.inflight.dec()
+
+    async def Compute(  # noqa: N802 - gRPC method name
+        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ComputeResponse:
+        try:
+            return await self._compute_one(request, context)
+        except HingelossError as error:
+            await _abort(context, error, request.request_id)
+            raise  # unreachable: abort raises
+
+    async def ComputeStream(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ComputeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ComputeResponse]:
+        # Requests are submitted as they arrive and answered in order; a window
+        # bounds how many one stream keeps in flight.
+        pending: asyncio.Queue[asyncio.Task[pb.ComputeResponse] | None] = asyncio.Queue(
+            STREAM_WINDOW
+        )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.create_task(self._compute_one(request, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield await task
+                except HingelossError as error:
+                    await _abort(context, error, "")
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def GetServerInfo(  # noqa: N802 - gRPC method name
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
+        return self._server_info()
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: HingelossError, request_id: str) -> None:
+    status = error_status(error)
+    if status.code is grpc.StatusCode.INTERNAL:
+        logger.error("request %r: %s", request_id, error)
+    await context.abort_with_status(status)
+
+
+def server_info(
+    devices: list[str], workers: int, limits: LimitsConfig, batching: BatchingConfig
+) -> pb.ServerInfo:
+    """Describes the server for GetServerInfo."""
+    return pb.ServerInfo(
+        version=__version__,
+        losses=[kind.value for kind in LossKind],
+        score_dtypes=list(FLOAT_WIRE_DTYPES),
+        devices=devices,
+        workers=workers,
+        limits=pb.ServerLimits(
+            max_message_bytes=limits.max_message_bytes,
+            max_request_rows=limits.max_request_rows,
+            max_request_elements=limits.max_request_elements,
+            max_batch_rows=batching.max_batch_rows,
+            max_queue_rows=batching.max_queue_rows,
+            max_queue_bytes=batching.max_queue_bytes,
+            max_dims=limits.max_dims,
+        ),
+        torch_version=torch.__version__,
+        grpc_version=grpc.__version__,
+    )
+
+
+def warm_up_requests() -> list[pb.ComputeRequest]:
+    """One small request per loss, float32 and float64, to warm every kernel up."""
+    import numpy as np
+
+    requests = []
+    for dtype in ("float32", "float64"):
+        scores = np.linspace(-2, 2, 8, dtype=dtype)
+        labels = np.array([1, -1] * 4, dtype="int64")
+        matrix = np.linspace(-2, 2, 24, dtype=dtype).reshape(8, 3)
+        targets = np.arange(8, dtype="int64") % 3
+        enc = tensors.from_numpy
+        requests += [
+            pb.ComputeRequest(binary_hinge=pb.BinaryHinge(scores=enc(scores), labels=enc(labels))),
+            pb.ComputeRequest(
+                multiclass_hinge=pb.MulticlassHinge(scores=enc(matrix), targets=enc(targets))
+            ),
+            pb.ComputeRequest(
+                crammer_singer=pb.CrammerSinger(scores=enc(matrix), targets=enc(targets))
+            ),
+            pb.ComputeRequest(
+                gan_discriminator=pb.GanDiscriminator(
+                    real_scores=enc(scores), fake_scores=enc(scores[:5])
+                )
+            ),
+            pb.ComputeRequest(gan_generator=pb.GanGenerator(fake_scores=enc(scores))),
+            pb.ComputeRequest(
+                margin_ranking=pb.MarginRanking(
+                    scores_a=enc(scores), scores_b=enc(scores[::-1].copy()), labels=enc(labels)
+                ),
+                gradient_format=pb.GRADIENT_FORMAT_ROW_SPARSE,
+            ),
+        ]
+    return requests
+
+
+__all__ = [
+    "SERVICE_NAME",
+    "GradientFormat",
+    "LossServicer",
+    "Reduction",
+    "encode_response",
+    "error_status",
+    "server_info",
+    "warm_up_requests",
+]

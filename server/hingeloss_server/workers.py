@@ -1,0 +1,256 @@
+"""The device worker pool: one thread per worker, one or more workers per device.
+
+Each worker is an event-loop task that takes batches from the Batcher and runs
+them on its own single-thread executor (torch releases the GIL while it computes;
+on CUDA each worker has its own stream, so its work stays ordered). Futures are
+created and resolved on the event loop only. A failing batch is split and each
+job retried alone, so that only the culprit fails and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hingeloss_server.batch_compute import BatchOutput, compute_batch
+from hingeloss_server.batching import Batcher
+from hingeloss_server.config import WorkerConfig
+from hingeloss_server.errors import ComputeFailedError, HingelossError, InvalidInputError
+from hingeloss_server.jobs import JobResult, LossJob
+from hingeloss_server.metrics import Metrics
+from hingeloss_server.prepare import PreparedJob, prepare
+
+logger = logging.getLogger(__name__)
+
+# A test-only hook, called on the worker thread with each batch's jobs before compute.
+# It is set only by code that builds the pool in-process; nothing on the wire reaches it.
+FaultHook = Callable[[Sequence[LossJob]], None]
+
+
+def resolve_devices(config: WorkerConfig) -> list[torch.device]:
+    """The devices to run on. `auto`: every visible CUDA device, else the CPU.
+
+    CUDA_VISIBLE_DEVICES is honoured by torch itself: `cuda:0` is the first visible one.
+    """
+    if config.devices != ("auto",):
+        devices = [torch.device(d) for d in config.devices]
+        for device in devices:
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {device} requested but CUDA is not available")
+            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {device} requested but only {torch.cuda.device_count()} visible"
+                )
+        return devices
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+@dataclass
+class Outcome:
+    """What a worker thread hands back for one job: a result or the error for its caller."""
+
+    job: LossJob
+    result: JobResult | None = None
+    error: HingelossError | None = None
+
+
+class Worker:
+    """One compute thread bound to one device."""
+
+    def __init__(self, name: str, device: torch.device, fault_hook: FaultHook | None) -> None:
+        self.name = name
+        self.device = device
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._fault_hook = fault_hook
+        # Monotonic time the current batch started, or None when idle (read by the watchdog).
+        self.busy_since: float | None = None
+
+    def _stream_context(self) -> AbstractContextManager[object]:
+        if self._stream is None:
+            return nullcontext()
+        return torch.cuda.stream(self._stream)
+
+    def run(self, jobs: Sequence[LossJob]) -> tuple[list[Outcome], BatchOutput | None]:
+        """Validates, computes and encodes a batch. Runs on this worker's thread."""
+        self.busy_since = time.monotonic()
+        try:
+            outcomes: list[Outcome] = []
+            prepared: list[PreparedJob] = []
+            for job in jobs:
+                try:
+                    prepared.append(prepare(job))
+                except InvalidInputError as error:
+                    outcomes.append(Outcome(job, error=error))
+            if not prepared:
+                return outcomes, None
+            with self._stream_context():
+                output = self._compute_isolated(prepared, outcomes)
+            return outcomes, output
+        finally:
+            self.busy_since = None
+
+    def _compute_isolated(
+        self, prepared: list[PreparedJob], outcomes: list[Outcome]
+    ) -> BatchOutput | None:
+        try:
+            output = self._compute(prepared)
+        except Exception as error:
+            if len(prepared) == 1:
+                outcomes.append(Outcome(prepared[0].job, error=_compute_error(prepared[0], error)))
+                return None
+            logger.warning(
+                "batch of %d failed on %s (%s); retrying each request alone",
+                len(prepared),
+                self.device,
+                error,
+            )
+            last = None
+            for one in prepared:
+                last = self._compute_isolated([one], outcomes) or last
+            return last
+        for one, result in zip(prepared, output.results, strict=True):
+            if isinstance(result, InvalidInputError):
+                outcomes.append(Outcome(one.job, error=result))
+            else:
+                outcomes.append(Outcome(one.job, result=result))
+        return output
+
+    def _compute(self, prepared: list[PreparedJob]) -> BatchOutput:
+        if self._fault_hook is not None:
+            self._fault_hook([p.job for p in prepared])
+        with torch.inference_mode():
+            return compute_batch(prepared, self.device)
+
+    def warm_up(self, jobs: Sequence[LossJob]) -> None:
+        """Runs sample jobs once, so that first real requests pay no start-up cost."""
+        for job in jobs:
+            outcomes, _ = self.run([job])
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    raise RuntimeError(f"warm-up failed on {self.device}: {outcome.error}")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _compute_error(prepared: PreparedJob, error: Exception) -> HingelossError:
+    request_id = prepared.job.request_id
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        logger.warning("request %s: CUDA out of memory", request_id)
+        return ComputeFailedError(
+            "the device ran out of memory for this request", out_of_memory=True
+        )
+    logger.exception("request %s failed in compute", request_id, exc_info=error)
+    return ComputeFailedError(f"internal error while computing request {request_id!r}")
+
+
+class WorkerPool:
+    """Runs one loop task per worker, feeding them batches from the Batcher."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        batcher: Batcher,
+        metrics: Metrics,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        self._config = config
+        self._batcher = batcher
+        self._metrics = metrics
+        self.devices = resolve_devices(config)
+        self.workers = [
+            Worker(f"hingeloss-{device}-{i}", device, fault_hook)
+            for device in self.devices
+            for i in range(config.workers_per_device)
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+        _limit_cpu_threads(self.devices, config.workers_per_device)
+
+    @property
+    def device_names(self) -> list[str]:
+        return [str(d) for d in self.devices]
+
+    async def start(self, warm_up_jobs: Sequence[LossJob] = ()) -> None:
+        """Warms every worker up, then starts taking batches."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(w.executor, w.warm_up, warm_up_jobs) for w in self.workers)
+        )
+        for device in self.devices:
+            count = sum(1 for w in self.workers if w.device == device)
+            self._metrics.workers.labels(str(device)).set(count)
+        self._tasks = [asyncio.create_task(self._serve(w), name=w.name) for w in self.workers]
+
+    def stuck_workers(self) -> list[str]:
+        """Workers busy on one batch for longer than the watchdog allows."""
+        now = time.monotonic()
+        limit = self._config.watchdog_seconds
+        return [
+            w.name for w in self.workers if w.busy_since is not None and now - w.busy_since > limit
+        ]
+
+    async def _serve(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._batcher.next_batch()
+            taken_at = loop.time()
+            try:
+                outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
+            except Exception as error:  # never lose a batch's callers, whatever broke
+                logger.exception("worker %s failed outside compute", worker.name)
+                outcomes = [Outcome(job, error=ComputeFailedError(str(error))) for job in jobs]
+                output = None
+            self._deliver(outcomes, taken_at)
+            if output is not None:
+                info = next((o.result.batch for o in outcomes if o.result is not None), None)
+                if info is not None:
+                    self._batcher.record_compute(info.rows, info.compute_s)
+                    margins = output.margins.to(torch.float64).numpy()
+                    self._metrics.batch_done(
+                        info.device,
+                        info.rows,
+                        info.requests,
+                        info.compute_s,
+                        output.kind.value,
+                        np.asarray(margins),
+                    )
+
+    def _deliver(self, outcomes: list[Outcome], taken_at: float) -> None:
+        for outcome in outcomes:
+            future = outcome.job.future
+            if future is None or future.done():
+                continue
+            if outcome.result is not None:
+                outcome.result.queue_s = max(0.0, taken_at - outcome.job.enqueued_at)
+                future.set_result(outcome.result)
+            else:
+                assert outcome.error is not None
+                future.set_exception(outcome.error)
+
+    async def stop(self) -> None:
+        """Stops taking batches once the current ones finish; joins the threads."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, w.close) for w in self.workers))
+
+
+def _limit_cpu_threads(devices: Sequence[torch.device], workers_per_device: int) -> None:
+    """Shares the cores between CPU workers instead of oversubscribing them."""
+    cpu_workers = sum(workers_per_device for d in devices if d.type == "cpu")
+    if cpu_workers and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // cpu_workers))
