@@ -1,0 +1,118 @@
+"""torch autograd integration: `loss = remote(...); loss.backward()` just works.
+
+The forward pass asks the server for the loss and its gradient in one call; the
+backward pass only scales that gradient by grad_output, so no second round trip
+is needed. Every loss here is row-separable (sample i depends only on row i of
+each input), which makes reduction "none" exact too: the per-sample
+grad_output scales each row of the gradient of the sum.
+
+Requires torch (``pip install "hingeloss[server]"`` or any torch install).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import torch
+except ImportError as error:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "hingeloss.torch needs PyTorch; install it (e.g. pip install torch) or use the "
+        "numpy interface of hingeloss.LossClient"
+    ) from error
+
+from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS
+from hingeloss.results import LossResult
+
+__all__ = ["RemoteHingeLoss", "remote_loss"]
+
+
+class _RemoteLoss(torch.autograd.Function):
+    """Autograd node whose gradient was computed by the server in the forward call."""
+
+    @staticmethod
+    def forward(ctx: Any, call: Callable[..., LossResult], none: bool, *scores: torch.Tensor) -> Any:
+        result = call(*scores)
+        if not result.grads:
+            raise ValueError("the remote loss returned no gradient (gradient_format='none')")
+        ctx.save_for_backward(*result.grads)
+        ctx.none = none
+        if none:
+            per_sample = result.per_sample
+            return per_sample[0] if len(per_sample) == 1 else torch.cat(list(per_sample))
+        return torch.tensor(result.loss, dtype=scores[0].dtype, device=scores[0].device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+        grads = ctx.saved_tensors
+        if not ctx.none:
+            scaled = tuple(g * grad_output for g in grads)
+        else:
+            scaled = _scale_rows(grads, grad_output)
+        return (None, None, *scaled)
+
+
+def _scale_rows(grads: tuple[torch.Tensor, ...], grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample grad_output times each row of the gradient of the sum."""
+    if len(grads) == 2 and grads[0].shape[0] + grads[1].shape[0] == grad_output.shape[0]:
+        # GAN discriminator: per-sample losses are real then fake.
+        split = grads[0].shape[0]
+        outputs = (grad_output[:split], grad_output[split:])
+    else:
+        outputs = (grad_output,) * len(grads)
+    return tuple(
+        g * o.reshape(-1, *([1] * (g.dim() - 1))) for g, o in zip(grads, outputs, strict=True)
+    )
+
+
+def remote_loss(client: Any, loss: str, *inputs: Any, **options: Any) -> torch.Tensor:
+    """Computes `loss` remotely as a differentiable torch scalar (or vector for "none").
+
+    Args:
+        client: a LossClient.
+        loss: the loss name, e.g. "multiclass_hinge".
+        inputs: the loss's inputs in contract order (scores first, then labels or
+            targets); score inputs may require grad.
+        options: the loss's keyword options (margin, reduction, ...).
+    """
+    n_scores = len(SCORE_FIELDS[loss])
+    expected = n_scores + len(OTHER_FIELDS[loss])
+    if len(inputs) != expected:
+        raise TypeError(f"{loss} takes {expected} inputs, got {len(inputs)}")
+    scores, others = inputs[:n_scores], inputs[n_scores:]
+    method = getattr(client, loss)
+    none = str(options.get("reduction", "mean")).lower() == "none"
+
+    def call(*detached: torch.Tensor) -> LossResult:
+        result: LossResult = method(*detached, *others, **options)
+        return result
+
+    output: torch.Tensor = _RemoteLoss.apply(call, none, *scores)
+    return output
+
+
+class RemoteHingeLoss(torch.nn.Module):
+    """A loss module computed by a hingeloss server.
+
+    Example:
+        >>> criterion = RemoteHingeLoss(client, "multiclass_hinge",
+        ...                             class_normalization="divide_by_num_classes")
+        >>> loss = criterion(logits, targets)
+        >>> loss.backward()
+    """
+
+    def __init__(self, client: Any, loss: str, **options: Any) -> None:
+        super().__init__()
+        if loss not in SCORE_FIELDS:
+            raise ValueError(f"unknown loss {loss!r}; choose from {sorted(SCORE_FIELDS)}")
+        self.client = client
+        self.loss = loss
+        self.options = options
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        return remote_loss(self.client, self.loss, *inputs, **self.options)
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.loss!r}" + (f", {options}" if options else "")
