@@ -47,7 +47,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
             self._channel = grpc.aio.insecure_channel(target, channel_args, compression)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, channel_args, compression)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
         self._metadata = call_metadata(token)

@@ -66,7 +66,7 @@ class LossClient(LossMethods[LossResult]):
             self._channel = grpc.insecure_channel(target, channel_args, compression)
         else:
             self._channel = grpc.secure_channel(target, credentials, channel_args, compression)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
         self._metadata = call_metadata(token)
@@ -193,9 +193,9 @@ class LossStream(LossMethods["Future[LossResult]"]):
                 except Exception as error:  # a decoding failure belongs to this future
                     future.set_exception(error)
         except grpc.RpcError as rpc_error:
-            error = from_rpc_error(rpc_error)
-            error.__cause__ = rpc_error
-            self._fail_pending(error)
+            failure = from_rpc_error(rpc_error)
+            failure.__cause__ = rpc_error
+            self._fail_pending(failure)
         else:
             self._fail_pending(RuntimeError("the stream ended before answering every request"))
 

@@ -152,10 +152,12 @@ def build_request(
     getattr(request, loss).CopyFrom(message)
     reduction = rest.pop("reduction", None)
     if reduction is not None:
-        request.reduction = enum_value("REDUCTION_", reduction)
+        request.reduction = enum_value("REDUCTION_", reduction)  # type: ignore[assignment]
     gradient_format = rest.pop("gradient_format", None)
     if gradient_format is not None:
-        request.gradient_format = enum_value("GRADIENT_FORMAT_", gradient_format)
+        request.gradient_format = enum_value(  # type: ignore[assignment]
+            "GRADIENT_FORMAT_", gradient_format
+        )
     request.return_per_sample = bool(rest.pop("return_per_sample", False))
     sample_weights = rest.pop("sample_weights", None)
     if sample_weights is not None:

@@ -117,10 +117,10 @@ def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, 
         dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
         dense.index_copy_(0, index, values)
         return dense, index, values
-    values = tensors.to_numpy(sparse.values)
-    dense = np.zeros(shape, dtype=values.dtype)
-    dense[indices] = values
-    return dense, indices, values
+    rows = tensors.to_numpy(sparse.values)
+    dense_array = np.zeros(shape, dtype=rows.dtype)
+    dense_array[indices] = rows
+    return dense_array, indices, rows
 
 
 def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult:

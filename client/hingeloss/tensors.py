@@ -68,7 +68,7 @@ def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
     contiguous = np.ascontiguousarray(array)
     if contiguous.dtype.byteorder == ">":
         contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=info.wire, shape=contiguous.shape, data=contiguous.tobytes())
+    return pb.Tensor(dtype=info.wire, shape=contiguous.shape, data=contiguous.tobytes())  # type: ignore[arg-type]
 
 
 def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
@@ -108,7 +108,7 @@ def from_torch(tensor: torch.Tensor) -> pb.Tensor:
     host = tensor.detach().to("cpu").contiguous()
     # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it).
     data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
-    return pb.Tensor(dtype=wire, shape=host.shape, data=data)
+    return pb.Tensor(dtype=wire, shape=host.shape, data=data)  # type: ignore[arg-type]
 
 
 def to_torch(tensor: pb.Tensor) -> torch.Tensor:

@@ -32,7 +32,9 @@ class _RemoteLoss(torch.autograd.Function):
     """Autograd node whose gradient was computed by the server in the forward call."""
 
     @staticmethod
-    def forward(ctx: Any, call: Callable[..., LossResult], none: bool, *scores: torch.Tensor) -> Any:
+    def forward(
+        ctx: Any, call: Callable[..., LossResult], none: bool, *scores: torch.Tensor
+    ) -> Any:
         result = call(*scores)
         if not result.grads:
             raise ValueError("the remote loss returned no gradient (gradient_format='none')")
@@ -53,8 +55,11 @@ class _RemoteLoss(torch.autograd.Function):
         return (None, None, *scaled)
 
 
-def _scale_rows(grads: tuple[torch.Tensor, ...], grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _scale_rows(
+    grads: tuple[torch.Tensor, ...], grad_output: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """Per-sample grad_output times each row of the gradient of the sum."""
+    outputs: tuple[torch.Tensor, ...]
     if len(grads) == 2 and grads[0].shape[0] + grads[1].shape[0] == grad_output.shape[0]:
         # GAN discriminator: per-sample losses are real then fake.
         split = grads[0].shape[0]
@@ -88,7 +93,7 @@ def remote_loss(client: Any, loss: str, *inputs: Any, **options: Any) -> torch.T
         result: LossResult = method(*detached, *others, **options)
         return result
 
-    output: torch.Tensor = _RemoteLoss.apply(call, none, *scores)
+    output: torch.Tensor = _RemoteLoss.apply(call, none, *scores)  # type: ignore[no-untyped-call]
     return output
 
 

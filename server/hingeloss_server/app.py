@@ -141,7 +141,7 @@ class HingelossServer:
                 self.pool.device_names, len(self.pool.workers), config.limits, config.batching
             ),
         )
-        pb_grpc.add_LossServiceServicer_to_server(servicer, server)
+        pb_grpc.add_LossServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.reflection:
             reflection.enable_server_reflection(

@@ -285,9 +285,9 @@ def _split(
                 )
                 for k in range(len(grads_host))
             )
-        per_sample: tuple[WireArray, ...] = ()
+        per_sample_arrays: tuple[WireArray, ...] = ()
         if options.return_per_sample:
-            per_sample = tuple(
+            per_sample_arrays = tuple(
                 _wire(per_sample_host[s][slice(*spans[s])], wire_dtype)
                 for s in range(len(per_sample_host))
             )
@@ -295,7 +295,7 @@ def _split(
             JobResult(
                 loss=losses_host[j],
                 grads=grads,
-                per_sample=per_sample,
+                per_sample=per_sample_arrays,
                 samples=prepared.samples,
                 active=active_host[j],
                 batch=BatchInfo(rows=0, requests=0, compute_s=0.0, device=""),

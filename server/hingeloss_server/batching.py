@@ -9,6 +9,7 @@ batch's row limit; it adds no delay unless `max_batch_delay_us` asks for one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -104,7 +105,7 @@ class Batcher:
         stats.bytes += job.nbytes
         self._idle.clear()
         # A caller that gives up (cancellation) frees its place at once.
-        future.add_done_callback(lambda f, entry=entry: self._on_done(entry, f))
+        future.add_done_callback(functools.partial(self._on_done, entry))
         self._work.set()
         return future
 

@@ -9,7 +9,8 @@ in `prepare.py`, off the event loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -200,7 +201,7 @@ def _sample_sets(kind: LossKind, inputs: tuple[torch.Tensor, ...]) -> tuple[torc
     return inputs[:1] if kind is LossKind.MARGIN_RANKING else inputs
 
 
-def _options(kind: LossKind, message: object, decoder: _Decoder) -> dict[str, object]:
+def _options(kind: LossKind, message: Any, decoder: _Decoder) -> dict[str, Any]:
     if kind is LossKind.BINARY_HINGE:
         encoding = _enum(
             message.label_encoding,  # type: ignore[attr-defined]
@@ -365,7 +366,7 @@ def _margin_ranking(message: pb.MarginRanking, decoder: _Decoder) -> LossJob:
     return _job(params, (a, b), ("scores_a", "scores_b"), message.scores_a.dtype, labels=labels)
 
 
-_DECODERS = {
+_DECODERS: dict[LossKind, Callable[[Any, _Decoder], LossJob]] = {
     LossKind.BINARY_HINGE: _binary,
     LossKind.MULTICLASS_HINGE: _multiclass,
     LossKind.CRAMMER_SINGER: _crammer_singer,

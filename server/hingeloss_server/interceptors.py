@@ -54,7 +54,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handled = self._metrics.grpc_handled
         handling = self._metrics.grpc_handling.labels(service, method)
 
-        def record(context: grpc.aio.ServicerContext, started: float, error: BaseException | None):
+        def record(
+            context: grpc.aio.ServicerContext, started: float, error: BaseException | None
+        ) -> None:
             handling.observe(time.perf_counter() - started)
             handled.labels(service, method, _code_of(context, error).name).inc()
 

@@ -8,6 +8,7 @@ mirror live state use ``set_function`` so that nothing is paid per request.
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -230,10 +231,10 @@ class Metrics:
             if device.startswith("cuda"):
                 index = torch.device(device).index or 0
                 self.gpu_allocated.labels(device).set_function(
-                    lambda i=index: float(torch.cuda.memory_allocated(i))
+                    functools.partial(_cuda_bytes, torch.cuda.memory_allocated, index)
                 )
                 self.gpu_reserved.labels(device).set_function(
-                    lambda i=index: float(torch.cuda.memory_reserved(i))
+                    functools.partial(_cuda_bytes, torch.cuda.memory_reserved, index)
                 )
 
     def watch_queue(self, requests: Callable[[], float], rows: Callable[[], float]) -> None:
@@ -260,6 +261,10 @@ class Metrics:
         self.batch_rows.observe(rows)
         self.batch_requests.observe(requests)
         self.margins.observe_many(loss, margins)
+
+
+def _cuda_bytes(read: Callable[[int], int], index: int) -> float:
+    return float(read(index))
 
 
 class NoMetrics(Metrics):

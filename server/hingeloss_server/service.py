@@ -102,7 +102,7 @@ def error_status(error: HingelossError) -> grpc.Status:
 
 
 def encode_tensor(array: WireArray) -> pb.Tensor:
-    return pb.Tensor(dtype=array.dtype, shape=array.shape, data=array.data)
+    return pb.Tensor(dtype=array.dtype, shape=array.shape, data=array.data)  # type: ignore[arg-type]
 
 
 def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
@@ -111,9 +111,11 @@ def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
     options = job.options
     resolved = pb.ResolvedOptions(
         loss=kind.value,
-        reduction=pb.Reduction.Value(f"REDUCTION_{options.reduction.name}"),
-        gradient_format=pb.GradientFormat.Value(f"GRADIENT_FORMAT_{options.gradient_format.name}"),
-        compute_dtype=tensors.wire_dtype_of_torch(result.compute_dtype),
+        reduction=f"REDUCTION_{options.reduction.name}",
+        gradient_format=f"GRADIENT_FORMAT_{options.gradient_format.name}",
+    )
+    resolved.compute_dtype = tensors.wire_dtype_of_torch(  # type: ignore[assignment]
+        result.compute_dtype
     )
     if kind is not LossKind.GAN_GENERATOR:
         resolved.kink_subgradient = (

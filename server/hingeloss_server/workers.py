@@ -72,7 +72,11 @@ class Worker:
         self.name = name
         self.device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
+        )
         self._fault_hook = fault_hook
         # Monotonic time the current batch started, or None when idle (read by the watchdog).
         self.busy_since: float | None = None
