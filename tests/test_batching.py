@@ -1,0 +1,210 @@
+"""Batching: the queue alone (no server), then invisibility over a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from cases import positional, random_inputs
+from support import server_config
+
+from hingeloss import AsyncLossClient, LossClient
+from hingeloss.requests import build_request
+from hingeloss_server.batching import Batcher
+from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.decode import decode_request
+from hingeloss_server.errors import DeadlineExpiredError, DrainingError, OverloadedError
+from hingeloss_server.jobs import LossJob
+
+LIMITS = LimitsConfig()
+
+
+def _job(loss: str = "binary_hinge", rows: int = 4, classes: int = 3, **options: Any) -> LossJob:
+    inputs = random_inputs(loss, np.random.default_rng(), rows, classes=classes)
+    request, _ = build_request(loss, inputs, options)
+    return decode_request(request, LIMITS)
+
+
+async def test_groups_by_key_and_respects_row_limit() -> None:
+    batcher = Batcher(BatchingConfig(max_batch_rows=10))
+    jobs = [_job(rows=4) for _ in range(3)] + [_job("multiclass_hinge", rows=2)]
+    for job in jobs:
+        batcher.submit(job)
+    first = await batcher.next_batch()
+    assert first == jobs[:2]  # 4 + 4 rows fit in 10, a third would not
+    second = await batcher.next_batch()
+    assert second == [jobs[2]]
+    third = await batcher.next_batch()
+    assert third == [jobs[3]]
+    assert batcher.stats.requests == 0
+
+
+async def test_never_mixes_options_dtypes_or_class_counts() -> None:
+    batcher = Batcher(BatchingConfig())
+    jobs = [
+        _job("multiclass_hinge", classes=3),
+        _job("multiclass_hinge", classes=4),
+        _job("multiclass_hinge", classes=3, margin=2.0),
+        _job("multiclass_hinge", classes=3, class_normalization="divide_by_num_classes"),
+        _job("multiclass_hinge", classes=3),
+    ]
+    for job in jobs:
+        batcher.submit(job)
+    batches = [await batcher.next_batch() for _ in range(4)]
+    assert sorted(len(b) for b in batches) == [1, 1, 1, 2]
+    assert [jobs[0], jobs[4]] in batches
+
+
+async def test_oversized_job_runs_alone() -> None:
+    batcher = Batcher(BatchingConfig(max_batch_rows=2))
+    job = _job(rows=9)
+    batcher.submit(job)
+    assert await batcher.next_batch() == [job]
+
+
+async def test_earliest_deadline_first() -> None:
+    batcher = Batcher(BatchingConfig())
+    loop = asyncio.get_running_loop()
+    late, urgent = _job("binary_hinge"), _job("gan_generator")
+    late.deadline = loop.time() + 60
+    urgent.deadline = loop.time() + 5
+    batcher.submit(late)
+    batcher.submit(urgent)
+    assert await batcher.next_batch() == [urgent]
+    assert await batcher.next_batch() == [late]
+
+
+async def test_expired_and_cancelled_jobs_are_dropped() -> None:
+    dropped: list[str] = []
+    batcher = Batcher(BatchingConfig(), on_drop=lambda job, reason: dropped.append(reason))
+    loop = asyncio.get_running_loop()
+    expired, cancelled, live = _job(), _job(), _job()
+    expired.deadline = loop.time() - 1
+    expired_future = batcher.submit(expired)
+    cancelled_future = batcher.submit(cancelled)
+    batcher.submit(live)
+    cancelled_future.cancel()
+    await asyncio.sleep(0)  # let the cancellation callback run
+    assert batcher.stats.requests == 2
+    assert await batcher.next_batch() == [live]
+    with pytest.raises(DeadlineExpiredError):
+        expired_future.result()
+    assert sorted(dropped) == ["cancelled", "deadline_exceeded"]
+    assert batcher.stats.rows == 0
+
+
+async def test_bounded_queue_and_draining() -> None:
+    batcher = Batcher(BatchingConfig(max_queue_rows=10))
+    batcher.submit(_job(rows=6))
+    with pytest.raises(OverloadedError) as info:
+        batcher.submit(_job(rows=6))
+    assert info.value.retry_after_s > 0
+    batcher.submit(_job(rows=4))
+    batcher.close()
+    with pytest.raises(DrainingError):
+        batcher.submit(_job(rows=1))
+
+
+async def test_delay_gathers_more_requests() -> None:
+    batcher = Batcher(BatchingConfig(max_batch_delay_us=50_000))
+    first = _job()
+    batcher.submit(first)
+    taking = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0.01)
+    second = _job()
+    batcher.submit(second)
+    assert await taking == [first, second]
+
+
+MIXED = [
+    "binary_hinge",
+    "multiclass_hinge",
+    "crammer_singer",
+    "gan_discriminator",
+    "gan_generator",
+    "margin_ranking",
+]
+
+
+def test_batching_is_invisible(make_server: Any) -> None:
+    """64 concurrent callers, mixed losses and sizes: each gets exactly its solo answer."""
+    # One worker and a short gathering window make batches form reliably on 2 cores.
+    config = server_config(batching=BatchingConfig(max_batch_delay_us=2000))
+    server = make_server(config)
+    rng = np.random.default_rng(secrets.randbits(32))
+    cases = []
+    for i in range(64):
+        loss = MIXED[i % len(MIXED)]
+        cases.append(
+            (
+                loss,
+                random_inputs(
+                    loss,
+                    rng,
+                    int(rng.integers(1, 50)),
+                    classes=5,
+                    fake_rows=int(rng.integers(1, 30)),
+                ),
+            )
+        )
+
+    async def together() -> list[Any]:
+        async with AsyncLossClient(server.target) as client:
+            return await asyncio.gather(
+                *(
+                    client.compute(loss, *positional(loss, inputs), return_per_sample=True)
+                    for loss, inputs in cases
+                )
+            )
+
+    batched = asyncio.run(together())
+    with LossClient(server.target) as client:
+        alone = [
+            client.compute(loss, *positional(loss, inputs), return_per_sample=True)
+            for loss, inputs in cases
+        ]
+    assert max(r.timing.batch_requests for r in batched) > 1
+    assert all(r.timing.batch_requests == 1 for r in alone)
+    for together_result, solo in zip(batched, alone, strict=True):
+        np.testing.assert_allclose(together_result.loss, solo.loss, rtol=1e-12, atol=0)
+        for a, b in zip(
+            together_result.grads + together_result.per_sample,
+            solo.grads + solo.per_sample,
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+        assert together_result.active_samples == solo.active_samples
+
+
+def test_bad_request_in_a_batch_fails_alone(make_server: Any) -> None:
+    """A NaN request batched with valid ones: it gets INVALID_ARGUMENT, they get answers."""
+    server = make_server(server_config(batching=BatchingConfig(max_batch_delay_us=20_000)))
+    rng = np.random.default_rng()
+    good = [random_inputs("binary_hinge", rng, 8) for _ in range(6)]
+    bad = random_inputs("binary_hinge", rng, 8)
+    bad["scores"][5] = np.nan
+    results: dict[int, Any] = {}
+
+    def call(index: int, inputs: dict[str, np.ndarray]) -> None:
+        with LossClient(server.target) as client:
+            try:
+                results[index] = client.binary_hinge(inputs["scores"], inputs["labels"])
+            except Exception as error:  # recorded for the assertions below
+                results[index] = error
+
+    threads = [threading.Thread(target=call, args=(i, x)) for i, x in enumerate([*good, bad])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    from hingeloss import InvalidArgumentError
+
+    assert isinstance(results[6], InvalidArgumentError)
+    assert results[6].field_violations[0].field == "binary_hinge.scores[5]"
+    for i in range(6):
+        assert not isinstance(results[i], Exception), results[i]
+    assert max(results[i].timing.batch_requests for i in range(6)) > 1
