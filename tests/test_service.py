@@ -242,5 +242,6 @@ def test_server_info(shared_server: Any) -> None:
     }
     assert list(info.devices) == ["cpu"]
     assert info.limits.max_message_bytes == 512 << 20
-    assert info.version and info.torch_version == torch.__version__
+    assert info.version
+    assert info.torch_version == torch.__version__
     assert health == "SERVING"
