@@ -87,6 +87,9 @@ def prepare(job: LossJob) -> PreparedJob:
         _check_finite(tensor, f"{prefix}.{name}")
     if job.class_weights is not None:
         _check_non_negative(job.class_weights, f"{prefix}.target_class_weights")
+    # Checked whenever sent, even where the reduction ignores them: a bad weight is a bug.
+    if job.sample_weights is not None:
+        _check_non_negative(job.sample_weights, "sample_weights")
 
     labels = None
     if job.labels is not None:
@@ -151,7 +154,6 @@ def _row_scales(
     # WEIGHTED_MEAN: weights over all samples (GAN: real then fake).
     assert job.sample_weights is not None
     weights = job.sample_weights.to(torch.float64)
-    _check_non_negative(weights, "sample_weights")
     if ignore_mask is not None:
         weights = weights.masked_fill(ignore_mask, 0.0)
     total = float(weights.sum())
