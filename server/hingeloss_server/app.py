@@ -25,6 +25,7 @@ from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import DrainingError
 from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
+from hingeloss_server.parse_guard import ParseGuardInterceptor
 from hingeloss_server.service import SERVICE_NAME, LossServicer, server_info, warm_up_requests
 from hingeloss_server.workers import FaultHook, WorkerPool
 
@@ -127,6 +128,8 @@ class HingelossServer:
         if config.security.auth_token_file is not None:
             token = config.security.auth_token_file.read_text().strip()
             interceptors.append(TokenAuthInterceptor(token, self.metrics))
+        # Innermost, so that unauthenticated garbage is refused as unauthenticated.
+        interceptors.append(ParseGuardInterceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=grpc_options(config),
@@ -181,8 +184,9 @@ class HingelossServer:
     async def _watch_workers(self) -> None:
         """Reports the server unhealthy while a worker is stuck on one batch."""
         healthy = True
+        period = min(WATCHDOG_PERIOD_S, self.config.workers.watchdog_seconds / 2)
         while True:
-            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            await asyncio.sleep(period)
             stuck = self.pool.stuck_workers()
             if stuck and healthy:
                 logger.error("workers stuck: %s; reporting NOT_SERVING", ", ".join(stuck))

@@ -97,6 +97,8 @@ class Worker:
                     prepared.append(prepare(job))
                 except InvalidInputError as error:
                     outcomes.append(Outcome(job, error=error))
+                except Exception as error:  # a bug on one request fails that request only
+                    outcomes.append(Outcome(job, error=_compute_error(job.request_id, error)))
             if not prepared:
                 return outcomes, None
             with self._stream_context():
@@ -112,7 +114,8 @@ class Worker:
             output = self._compute(prepared)
         except Exception as error:
             if len(prepared) == 1:
-                outcomes.append(Outcome(prepared[0].job, error=_compute_error(prepared[0], error)))
+                job = prepared[0].job
+                outcomes.append(Outcome(job, error=_compute_error(job.request_id, error)))
                 return None
             logger.warning(
                 "batch of %d failed on %s (%s); retrying each request alone",
@@ -149,8 +152,9 @@ class Worker:
         self.executor.shutdown(wait=True)
 
 
-def _compute_error(prepared: PreparedJob, error: Exception) -> HingelossError:
-    request_id = prepared.job.request_id
+def _compute_error(request_id: str, error: Exception) -> HingelossError:
+    # Ids are the caller's: echo a bounded prefix only (statuses travel in size-capped metadata).
+    request_id = request_id[:64]
     if isinstance(error, torch.cuda.OutOfMemoryError):
         logger.warning("request %s: CUDA out of memory", request_id)
         return ComputeFailedError(
