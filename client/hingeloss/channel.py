@@ -21,14 +21,25 @@ from hingeloss.errors import HingelossError, OverloadedError
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 DEFAULT_TIMEOUT_S = 30.0
 
-SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# round_robin over every resolved address; client-side health checking (the server's
+# Health.Watch) takes a draining server out of rotation as soon as it says NOT_SERVING.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "hingeloss.v1.LossService"},
+    }
+)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE and RESOURCE_EXHAUSTED with exponential backoff and jitter.
+    """Retries of transient failures with exponential backoff and jitter.
 
-    A server's RetryInfo delay replaces the computed backoff. No attempt starts
+    UNAVAILABLE (no server, or one draining), RESOURCE_EXHAUSTED (load shed) and
+    CANCELLED: the SDK never cancels a call itself, so a CANCELLED status comes
+    from a server that stopped while the request was still arriving. Every call
+    is a pure function of its request, so repeating it is always safe. A
+    server's RetryInfo delay replaces the computed backoff. No attempt starts
     after the call's deadline.
     """
 
@@ -38,7 +49,13 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
     retryable: frozenset[grpc.StatusCode] = field(
-        default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+        default=frozenset(
+            {
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.CANCELLED,
+            }
+        )
     )
 
     def __post_init__(self) -> None:

@@ -1,0 +1,214 @@
+"""The real command: configuration, start-up health, graceful SIGTERM, generated code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from grpc_tools import protoc
+
+from hingeloss import LossClient
+from hingeloss.health import check
+from hingeloss_server.cli import config_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HINGELOSS_MAX_BATCH_ROWS", "128")
+    monkeypatch.setenv("HINGELOSS_DEVICES", "cpu")
+    monkeypatch.setenv("HINGELOSS_REFLECTION", "false")
+    config = config_from_args(["--port", "0", "--workers-per-device", "3"])
+    assert config.batching.max_batch_rows == 128
+    assert config.workers.devices == ("cpu",)
+    assert config.workers.workers_per_device == 3
+    assert config.reflection is False
+    assert config.port == 0
+    # A flag beats its variable.
+    assert config_from_args(["--max-batch-rows", "7"]).batching.max_batch_rows == 7
+
+
+def test_invalid_configuration_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        config_from_args(["--workers-per-device", "0"])
+    assert "workers_per_device must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early with {process.returncode}")
+        time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _inflight(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("hingeloss_inflight_requests "))
+    return float(line.split()[1])
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    port_file = tmp_path / "port"
+    metrics_port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hingeloss_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(metrics_port),
+            "--devices",
+            "cpu",
+            "--max-batch-rows",
+            "2048",
+            "--drain-seconds",
+            "30",
+            "--shutdown-delay-seconds",
+            "0.5",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield process, _wait_for_port(port_file, process), metrics_port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_answers_every_accepted_request(
+    server_process: tuple[subprocess.Popen[bytes], int, int],
+) -> None:
+    process, port, metrics_port = server_process
+    target = f"127.0.0.1:{port}"
+    assert check(target) == "SERVING"
+    rng = np.random.default_rng()
+    scores = rng.normal(size=(2048, 500))
+    targets = rng.integers(0, 500, size=2048)
+    results: list[object] = []
+    started = threading.Barrier(33)
+
+    def caller() -> None:
+        with LossClient(target, timeout=60) as client:
+            client.health()  # connected before the barrier, so the call below starts at once
+            started.wait()
+            try:
+                results.append(client.multiclass_hinge(scores, targets).loss)
+            except Exception as error:  # recorded and asserted on below
+                results.append(error)
+
+    threads = [threading.Thread(target=caller) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    # Accepted: the server holds all 32 (most still queued, one batch computing).
+    deadline = time.monotonic() + 60
+    while _inflight(metrics_port) < 32 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert check(target) == "NOT_SERVING"  # draining: load balancers move away
+    for thread in threads:
+        thread.join(120)
+    assert process.wait(60) == 0
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    assert len(results) == 32
+    assert len({round(float(r), 12) for r in results}) == 1  # type: ignore[arg-type]
+    assert b"stopped" in process.stderr.read()  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_make_serve_starts_a_serving_server(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    env = {
+        **os.environ,
+        "HINGELOSS_HOST": "127.0.0.1",
+        "HINGELOSS_PORT": "0",
+        "HINGELOSS_PORT_FILE": str(port_file),
+        "HINGELOSS_METRICS_PORT": "0",
+    }
+    process = subprocess.Popen(
+        ["make", "--no-print-directory", "serve"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        port = _wait_for_port(port_file, process, timeout=240)
+        health = subprocess.run(
+            [str(BIN / "hingeloss-health"), "--target", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert health.stdout.strip() == "SERVING"
+    finally:
+        # SIGTERM to the server alone (not to make): make then exits with its status.
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        process.wait(60)
+        if not children:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0
+
+
+def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
+    """`make proto` output is committed: regenerating must change nothing."""
+    proto = "hingeloss/v1/loss_service.proto"
+    include = Path(protoc.__file__).parent / "_proto"
+    status = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"-I{include}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(ROOT / "proto" / proto),
+        ]
+    )
+    assert status == 0
+    generated = sorted(p.name for p in (tmp_path / "hingeloss" / "v1").iterdir())
+    assert generated == ["loss_service_pb2.py", "loss_service_pb2.pyi", "loss_service_pb2_grpc.py"]
+    for name in generated:
+        fresh = (tmp_path / "hingeloss" / "v1" / name).read_text()
+        committed = (ROOT / "client" / "hingeloss" / "v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run `make proto`"
