@@ -1,0 +1,308 @@
+"""The SDK over real servers: types in and out, asyncio, streams, errors, retries, balancing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from cases import random_inputs
+from prometheus_client import CollectorRegistry
+from references import reference
+from support import ServerThread, requires_cuda, server_config
+
+import hingeloss
+from hingeloss import (
+    NO_RETRY,
+    AsyncLossClient,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    LossClient,
+    OverloadedError,
+    RetryPolicy,
+    UnavailableError,
+)
+from hingeloss.requests import build_request, enum_value
+from hingeloss_server.config import BatchingConfig
+from hingeloss_server.jobs import LossJob
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_numpy_in_numpy_out(shared_server: ServerThread) -> None:
+    inputs = random_inputs("multiclass_hinge", np.random.default_rng(), 16, classes=4)
+    scores32 = inputs["scores"].astype(np.float32)
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(scores32, inputs["targets"], return_per_sample=True)
+    assert isinstance(result.grad, np.ndarray)
+    assert result.grad.dtype == np.float32
+    assert result.grad.shape == (16, 4)
+    assert result.per_sample[0].dtype == np.float32
+    assert not result.grad.flags.writeable  # a view of the response, never copied
+    expected = reference("multiclass_hinge", {**inputs, "scores": scores32.astype(np.float64)})
+    np.testing.assert_allclose(result.grad, expected.grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_torch_in_torch_out(shared_server: ServerThread, dtype: torch.dtype) -> None:
+    scores = torch.randn(12, dtype=torch.float64).to(dtype)
+    labels = torch.tensor([1, -1] * 6)
+    with LossClient(shared_server.target) as client:
+        result = client.binary_hinge(scores, labels, gradient_format="row_sparse")
+    assert isinstance(result.grad, torch.Tensor)
+    assert result.grad.dtype == dtype
+    assert result.grad.device == scores.device
+    expected = torch.clamp(1 - labels * scores.double(), min=0).mean()
+    assert result.loss == pytest.approx(
+        float(expected), rel=1e-2 if dtype != torch.float64 else 1e-12
+    )
+    result.grad.add_(1)  # torch results are the caller's own memory
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_bfloat16_cuda_tensors(shared_server: ServerThread) -> None:
+    logits = torch.randn(32, 10, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 10, (32,), device="cuda")
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(logits, targets)
+    assert result.grad.device == logits.device
+    assert result.grad.dtype == torch.bfloat16
+    expected = reference(
+        "multiclass_hinge",
+        {"scores": logits.float().cpu().double().numpy(), "targets": targets.cpu().numpy()},
+    )
+    np.testing.assert_allclose(result.grad.float().cpu().numpy(), expected.grads[0], atol=1e-2)
+
+
+def test_async_client_matches_sync(shared_server: ServerThread) -> None:
+    rng = np.random.default_rng()
+    inputs = random_inputs("crammer_singer", rng, 20, classes=6)
+
+    async def run() -> Any:
+        async with AsyncLossClient(shared_server.target) as client:
+            assert await client.health() == "SERVING"
+            info = await client.server_info()
+            assert "crammer_singer" in info.losses
+            return await client.crammer_singer(inputs["scores"], inputs["targets"], power=2)
+
+    async_result = asyncio.run(run())
+    with LossClient(shared_server.target) as client:
+        sync_result = client.crammer_singer(inputs["scores"], inputs["targets"], power=2)
+    assert async_result.loss == sync_result.loss
+    np.testing.assert_array_equal(async_result.grad, sync_result.grad)
+
+
+def _stream_cases(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng()
+    return [random_inputs("binary_hinge", rng, int(rng.integers(1, 30))) for _ in range(count)]
+
+
+def test_sync_stream_pipelines_in_order(shared_server: ServerThread) -> None:
+    cases = _stream_cases(40)
+    with LossClient(shared_server.target) as client:
+        with client.stream(max_in_flight=8) as stream:
+            futures = [
+                stream.binary_hinge(c["scores"], c["labels"], request_id=f"r{i}")
+                for i, c in enumerate(cases)
+            ]
+            results = [f.result(timeout=30) for f in futures]
+        alone = [client.binary_hinge(c["scores"], c["labels"]) for c in cases]
+    assert [r.request_id for r in results] == [f"r{i}" for i in range(40)]
+    for streamed, single in zip(results, alone, strict=True):
+        assert streamed.loss == single.loss
+        np.testing.assert_array_equal(streamed.grad, single.grad)
+
+
+def test_async_stream_pipelines_in_order(shared_server: ServerThread) -> None:
+    cases = _stream_cases(40)
+
+    async def run() -> list[Any]:
+        async with AsyncLossClient(shared_server.target) as client:
+            async with client.stream(max_in_flight=4) as stream:
+                pending = [
+                    stream.binary_hinge(c["scores"], c["labels"], request_id=f"a{i}")
+                    for i, c in enumerate(cases)
+                ]
+                return [await p for p in pending]
+
+    results = asyncio.run(run())
+    assert [r.request_id for r in results] == [f"a{i}" for i in range(40)]
+    for result, case in zip(results, cases, strict=True):
+        expected = reference("binary_hinge", case)
+        np.testing.assert_allclose(result.loss, expected.loss, rtol=1e-12)
+
+
+def test_stream_reports_a_bad_request(shared_server: ServerThread) -> None:
+    cases = _stream_cases(3)
+    cases[1]["labels"] = cases[1]["labels"] * 3
+    with LossClient(shared_server.target) as client, client.stream() as stream:
+        futures = [stream.binary_hinge(c["scores"], c["labels"]) for c in cases]
+        assert futures[0].result(timeout=30).samples == len(cases[0]["scores"])
+        with pytest.raises(InvalidArgumentError) as info:
+            futures[1].result(timeout=30)
+    assert info.value.field_violations[0].field == "binary_hinge.labels[0]"
+
+
+def test_options_take_strings_or_enums() -> None:
+    assert enum_value("CLASS_NORMALIZATION_", "divide_by_num_classes") == 2
+    assert enum_value("CLASS_NORMALIZATION_", "CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES") == 2
+    assert enum_value("KINK_SUBGRADIENT_", 2) == 2
+    with pytest.raises(ValueError, match="choose from"):
+        enum_value("TIE_BREAK_", "random")
+    with pytest.raises(TypeError, match="takes no option 'tie_break'"):
+        build_request(
+            "binary_hinge", {"scores": [1.0], "labels": [1]}, {"tie_break": "first_index"}
+        )
+    with pytest.raises(TypeError, match="unknown option"):
+        build_request("binary_hinge", {"scores": [1.0], "labels": [1]}, {"marginn": 1.0})
+
+
+class _Gate:
+    """Fault hook that holds the worker while a 'blocker' request computes."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.computed: list[str] = []
+
+    def __call__(self, jobs: Sequence[LossJob]) -> None:
+        self.computed += [job.request_id for job in jobs]
+        if any(job.request_id == "blocker" for job in jobs):
+            self.entered.set()
+            self.release.wait(30)
+
+
+def _block(server: ServerThread, gate: _Gate) -> threading.Thread:
+    def blocker() -> None:
+        with LossClient(server.target) as client:
+            client.gan_generator(np.ones(2), request_id="blocker")
+
+    thread = threading.Thread(target=blocker)
+    thread.start()
+    assert gate.entered.wait(30)
+    return thread
+
+
+def test_deadline_exceeded(make_server: Any) -> None:
+    gate = _Gate()
+    server = make_server(fault_hook=gate)
+    blocker = _block(server, gate)
+    try:
+        with LossClient(server.target, timeout=0.3) as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as info:
+                client.gan_generator(np.ones(3), request_id="late")
+        assert time.monotonic() - started < 5
+        assert isinstance(info.value.__cause__, grpc.RpcError)
+    finally:
+        gate.release.set()
+        blocker.join()
+
+
+def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+    gate = _Gate()
+    registry = CollectorRegistry()
+    config = server_config(batching=BatchingConfig(max_queue_rows=3))
+    server = make_server(config, fault_hook=gate, registry=registry)
+    blocker = _block(server, gate)
+    filler = LossClient(server.target)
+    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
+    try:
+        queued.start()
+        while server.server.batcher.stats.rows < 3:
+            time.sleep(0.01)
+        policy = RetryPolicy(max_attempts=3, jitter=0.0)
+        with LossClient(server.target, retry=policy) as client:
+            started = time.monotonic()
+            with pytest.raises(OverloadedError) as info:
+                client.gan_generator(np.ones(2))
+            elapsed = time.monotonic() - started
+        assert info.value.retry_delay is not None
+        assert info.value.retry_delay > 0
+        # Three attempts, each refused at once; the waits between them follow RetryInfo.
+        assert (
+            registry.get_sample_value("hingeloss_requests_rejected_total", {"reason": "queue_full"})
+            == 3
+        )
+        assert elapsed >= 2 * info.value.retry_delay * 0.9
+    finally:
+        gate.release.set()
+        blocker.join()
+        queued.join()
+        filler.close()
+
+
+def test_unavailable_without_a_server() -> None:
+    with LossClient("127.0.0.1:1", timeout=5, retry=NO_RETRY) as client:
+        with pytest.raises(UnavailableError) as info:
+            client.gan_generator(np.ones(2))
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_retry_never_outlives_the_deadline() -> None:
+    policy = RetryPolicy(max_attempts=50, initial_backoff_s=0.2, max_backoff_s=0.2)
+    with LossClient("127.0.0.1:1", timeout=1.0, retry=policy) as client:
+        started = time.monotonic()
+        with pytest.raises((UnavailableError, DeadlineExceededError)):
+            client.gan_generator(np.ones(2))
+    assert time.monotonic() - started < 2.0
+
+
+def test_round_robin_failover_across_three_servers(make_server: Any) -> None:
+    """One client over three servers; one stops mid-run; nothing is lost."""
+    registries = [CollectorRegistry() for _ in range(3)]
+    servers = [
+        make_server(server_config(drain_seconds=5.0, shutdown_delay_seconds=0.3), registry=r)
+        for r in registries
+    ]
+    target = "ipv4:" + ",".join(s.target for s in servers)
+    rng = np.random.default_rng()
+    results: list[float] = []
+    expected: list[float] = []
+    with LossClient(target, retry=RetryPolicy(max_attempts=5)) as client:
+        for i in range(150):
+            if i == 60:
+                servers[1].begin_stop()
+            inputs = random_inputs("binary_hinge", rng, 5)
+            results.append(client.binary_hinge(inputs["scores"], inputs["labels"]).loss)
+            expected.append(reference("binary_hinge", inputs).loss)
+    np.testing.assert_allclose(results, expected, rtol=1e-12)
+    served = [
+        r.get_sample_value("hingeloss_requests_total", {"loss": "binary_hinge", "code": "OK"}) or 0
+        for r in registries
+    ]
+    assert all(count > 0 for count in served), served
+    assert sum(served) == 150
+    assert served[1] < served[0]  # the stopped one took no traffic after the stop
+
+
+def test_numpy_users_need_no_torch(shared_server: ServerThread) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "import numpy as np, hingeloss\n"
+        f"c = hingeloss.LossClient({shared_server.target!r})\n"
+        "r = c.binary_hinge(np.array([0.5, -2.0]), np.array([1, 1]))\n"
+        "assert abs(r.loss - 1.75) < 1e-12, r.loss\n"
+        "print(type(r.grad).__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+
+
+def test_public_surface() -> None:
+    for name in hingeloss.__all__:
+        assert hasattr(hingeloss, name), name
+    assert issubclass(hingeloss.InvalidArgumentError, hingeloss.HingelossError)
