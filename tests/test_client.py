@@ -127,13 +127,15 @@ def test_async_stream_pipelines_in_order(shared_server: ServerThread) -> None:
     cases = _stream_cases(40)
 
     async def run() -> list[Any]:
-        async with AsyncLossClient(shared_server.target) as client:
-            async with client.stream(max_in_flight=4) as stream:
-                pending = [
-                    stream.binary_hinge(c["scores"], c["labels"], request_id=f"a{i}")
-                    for i, c in enumerate(cases)
-                ]
-                return [await p for p in pending]
+        async with (
+            AsyncLossClient(shared_server.target) as client,
+            client.stream(max_in_flight=4) as stream,
+        ):
+            pending = [
+                stream.binary_hinge(c["scores"], c["labels"], request_id=f"a{i}")
+                for i, c in enumerate(cases)
+            ]
+            return [await p for p in pending]
 
     results = asyncio.run(run())
     assert [r.request_id for r in results] == [f"a{i}" for i in range(40)]
@@ -243,9 +245,11 @@ def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
 
 
 def test_unavailable_without_a_server() -> None:
-    with LossClient("127.0.0.1:1", timeout=5, retry=NO_RETRY) as client:
-        with pytest.raises(UnavailableError) as info:
-            client.gan_generator(np.ones(2))
+    with (
+        LossClient("127.0.0.1:1", timeout=5, retry=NO_RETRY) as client,
+        pytest.raises(UnavailableError) as info,
+    ):
+        client.gan_generator(np.ones(2))
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
 
 
