@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hooks import BLOCKER, FaultHook, wait_until
 from support import server_config
 
@@ -20,6 +21,9 @@ from hingeloss import (
     LossResult,
     OverloadedError,
 )
+from hingeloss.requests import build_request
+from hingeloss.results import decode_response
+from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server import workers
 from hingeloss_server.config import WorkerConfig
 from hingeloss_server.jobs import LossJob
@@ -50,13 +54,15 @@ def _batch_behind_blocker(
     client = LossClient(server.target, retry=NO_RETRY)
     pool = ThreadPoolExecutor(len(ids) + 1)
     futures = {BLOCKER: pool.submit(client.binary_hinge, *inputs[BLOCKER], request_id=BLOCKER)}
-    hook.wait_blocked()
-    for request_id in ids:
-        futures[request_id] = pool.submit(
-            client.binary_hinge, *inputs[request_id], request_id=request_id
-        )
-    wait_until(lambda: server.server.batcher.stats.requests == len(ids), what="requests queued")
-    hook.release()
+    try:
+        hook.wait_blocked()
+        for request_id in ids:
+            futures[request_id] = pool.submit(
+                client.binary_hinge, *inputs[request_id], request_id=request_id
+            )
+        wait_until(lambda: server.server.batcher.stats.requests == len(ids), what="queued")
+    finally:
+        hook.release()
     for future in futures.values():
         future.exception(30)
     pool.shutdown()
@@ -170,20 +176,44 @@ def test_bug_while_checking_values_fails_only_that_request(
 
 
 def test_watchdog_reports_a_stuck_worker_and_its_recovery(make_server: Callable[..., Any]) -> None:
+    """NOT_SERVING while a batch runs past watchdog_seconds; SERVING once it finishes.
+
+    A plain channel is used: the SDK's channel health-checks its backends and so
+    (on purpose) sends nothing to a replica that says NOT_SERVING.
+    """
     hook = FaultHook()
     config = server_config(workers=WorkerConfig(devices=("cpu",), watchdog_seconds=0.3))
     server = make_server(config, fault_hook=hook)
     rng = np.random.default_rng(3)
-    with LossClient(server.target, retry=NO_RETRY) as client, ThreadPoolExecutor(2) as pool:
-        assert client.health() == "SERVING"
+    queued_inputs = _inputs(rng)
+    request, kind = build_request(
+        "binary_hinge",
+        {"scores": queued_inputs[0], "labels": queued_inputs[1]},
+        {"request_id": "queued"},
+    )
+
+    def status(service: str = "") -> str:
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    with (
+        grpc.insecure_channel(server.target) as channel,
+        LossClient(server.target, retry=NO_RETRY) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)
+        assert status() == "SERVING"
         stuck = pool.submit(client.binary_hinge, *_inputs(rng), request_id=BLOCKER)
-        hook.wait_blocked()
-        wait_until(lambda: client.health() == "NOT_SERVING", timeout=5, what="NOT_SERVING")
-        assert client.health(SERVICE_NAME) == "NOT_SERVING"
-        queued_inputs = _inputs(rng)
-        queued = pool.submit(client.binary_hinge, *queued_inputs, request_id="queued")
-        hook.release()
-        wait_until(lambda: client.health() == "SERVING", timeout=5, what="SERVING again")
-        assert client.health(SERVICE_NAME) == "SERVING"
+        try:
+            hook.wait_blocked()
+            wait_until(lambda: status() == "NOT_SERVING", timeout=5, what="NOT_SERVING")
+            assert status(SERVICE_NAME) == "NOT_SERVING"
+            queued = pool.submit(stub.Compute, request, timeout=10)
+            wait_until(lambda: server.server.batcher.stats.requests == 1, what="queued")
+        finally:
+            hook.release()
+        wait_until(lambda: status() == "SERVING", timeout=5, what="SERVING again")
+        assert status(SERVICE_NAME) == "SERVING"
         stuck.result(10)
-        _check_correct(queued.result(10), queued_inputs)
+        _check_correct(decode_response(queued.result(10), kind), queued_inputs)
