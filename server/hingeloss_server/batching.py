@@ -23,6 +23,10 @@ from hingeloss_server.jobs import BatchKey, JobResult, LossJob
 
 logger = logging.getLogger(__name__)
 
+# gRPC's deadline timer and the loop clock differ by a little; a cancel this close to
+# the deadline is the deadline's doing.
+DEADLINE_SLACK_S = 0.005
+
 
 @dataclass(order=True)
 class _Entry:
@@ -112,7 +116,10 @@ class Batcher:
     def _on_done(self, entry: _Entry, future: asyncio.Future[JobResult]) -> None:
         if future.cancelled() and entry.live:
             self._remove(entry)
-            self._on_drop(entry.job, "cancelled")
+            # gRPC cancels a call whose deadline passes: count that as an expiry, not a cancel.
+            now = asyncio.get_running_loop().time()
+            expired = entry.deadline - DEADLINE_SLACK_S <= now
+            self._on_drop(entry.job, "deadline_exceeded" if expired else "cancelled")
 
     def _remove(self, entry: _Entry) -> None:
         entry.live = False

@@ -242,9 +242,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except HingelossError as error:
             mapping = _mapping(error)
             self._metrics.request_done(loss, mapping.code, None)
-            if isinstance(error, DeadlineExpiredError):
-                self._metrics.rejected.labels("deadline_exceeded").inc()
-            elif mapping.rejected is not None:
+            # Deadline expiries are counted once, by the batcher that drops them.
+            if mapping.rejected is not None:
                 self._metrics.rejected.labels(mapping.rejected).inc()
             raise
         except asyncio.CancelledError:
