@@ -238,19 +238,23 @@ def _split(
     active = torch.zeros(n_jobs, dtype=torch.int64, device=device)
     bad_rows = torch.zeros(n_jobs, dtype=torch.int64, device=device)
     set_sizes = [[int(p.scales[s].shape[0]) for p in jobs] for s in range(len(scales64))]
+    owners = [_owners(sizes, device) for sizes in set_sizes]
     for s, per_sample in enumerate(output.per_sample):
-        owner = _owners(set_sizes[s], device)
-        losses64.index_add_(0, owner, per_sample.to(torch.float64) * scales64[s])
-        active.index_add_(0, owner, output.active[s].to(torch.int64))
-        bad_rows.index_add_(0, owner, (~torch.isfinite(per_sample)).to(torch.int64))
+        losses64.index_add_(0, owners[s], per_sample.to(torch.float64) * scales64[s])
+        active.index_add_(0, owners[s], output.active[s].to(torch.int64))
     input_sets = _input_sets(kind, len(inputs))
     grads_wire = tuple(g.to(torch_wire) for g in output.grads)
-    for k, grad in enumerate(grads_wire):
-        owner = _owners(set_sizes[input_sets[k]], device)
-        row_bad = ~torch.isfinite(grad)
-        if row_bad.dim() == 2:
-            row_bad = row_bad.any(dim=1)
-        bad_rows.index_add_(0, owner, row_bad.to(torch.int64))
+    # Overflow check. Fast path: finite sums prove every element finite; only a
+    # batch that fails it pays for locating the jobs with non-finite rows.
+    sums = [p.sum() for p in output.per_sample] + [g.sum() for g in grads_wire]
+    if not bool(torch.isfinite(torch.stack([s.to(torch.float64) for s in sums])).all()):
+        for s, per_sample in enumerate(output.per_sample):
+            bad_rows.index_add_(0, owners[s], (~torch.isfinite(per_sample)).to(torch.int64))
+        for k, grad in enumerate(grads_wire):
+            row_bad = ~torch.isfinite(grad)
+            if row_bad.dim() == 2:
+                row_bad = row_bad.any(dim=1)
+            bad_rows.index_add_(0, owners[input_sets[k]], row_bad.to(torch.int64))
     per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample)
     # One device-to-host copy of everything the responses need.
     losses_host = losses64.cpu().tolist()

@@ -45,6 +45,11 @@ def _first(mask: torch.Tensor) -> int | None:
 
 
 def _check_finite(tensor: torch.Tensor, field: str) -> None:
+    # Fast path: one reduction, no temporary. A NaN or Inf anywhere makes the sum
+    # non-finite; a finite sum proves every element finite. Only a non-finite sum
+    # (bad data, or finite values summing past the dtype's range) pays the exact scan.
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return
     bad = _first(~torch.isfinite(tensor))
     if bad is not None:
         value = tensor.reshape(-1)[bad].item()
