@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -245,3 +246,33 @@ def test_server_info(shared_server: Any) -> None:
     assert info.version
     assert info.torch_version == torch.__version__
     assert health == "SERVING"
+
+
+def test_reflection_lists_the_services(shared_server: Any) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(shared_server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"hingeloss.v1.LossService", "grpc.health.v1.Health"} <= services
+
+
+def test_gzip_compression_gives_the_same_answer(shared_server: Any) -> None:
+    inputs = random_inputs("multiclass_hinge", np.random.default_rng(), 64, classes=20)
+    with LossClient(shared_server.target, compression=grpc.Compression.Gzip) as client:
+        compressed = client.multiclass_hinge(inputs["scores"], inputs["targets"])
+    _check(compressed, reference("multiclass_hinge", inputs, {}))
+
+
+def test_health_has_both_names_and_unknown_is_not_found(shared_server: Any) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(shared_server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "hingeloss.v1.LossService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
