@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
@@ -23,8 +24,10 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from hingeloss import __version__
 
@@ -54,35 +57,66 @@ MARGIN_BUCKETS = (-5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 5.0)
 
 
 class BulkHistogram(Collector):
-    """A histogram fed whole arrays at a time (numpy bucketing, not one observe per value)."""
+    """A histogram fed whole arrays at a time (numpy bucketing, not one observe per value).
+
+    Exposes what `prometheus_client.Histogram` would for the same values: cumulative
+    `_bucket` series with inclusive upper bounds (`le`), `_count`, and `_sum` only
+    when no bucket bound is negative (a sum of signed values is no counter, so
+    client_python and OpenMetrics leave it out). NaN values are skipped, as
+    `Histogram.observe` counts them in no bucket.
+    """
 
     def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float]):
+        bounds = np.asarray(buckets, dtype=np.float64)
+        if bounds.ndim != 1 or bounds.size == 0 or np.any(np.diff(bounds) <= 0):
+            raise ValueError(f"buckets must be strictly increasing, got {list(buckets)}")
+        if np.isinf(bounds[-1]):
+            bounds = bounds[:-1]
         self._name = name
         self._documentation = documentation
         self._label = label
-        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._bounds = bounds
+        # The `le` spelling of prometheus_client's Histogram (e.g. "1.0", "1.048576e+06").
+        go_float: Callable[[float], str] = floatToGoString
+        self._bucket_names = [go_float(float(b)) for b in bounds] + ["+Inf"]
+        self._with_sum = bool(bounds.size == 0 or bounds[0] >= 0)
+        # Per label value: per-bucket (non-cumulative) counts and the running sum.
         self._series: dict[str, tuple[np.ndarray, list[float]]] = {}
+        # Observations come from the event loop, collection from the HTTP thread.
+        self._lock = threading.Lock()
 
     def observe_many(self, label_value: str, values: np.ndarray) -> None:
-        counts, total = self._series.setdefault(
-            label_value, (np.zeros(len(self._bounds) + 1, dtype=np.int64), [0.0])
+        """Adds every value of `values` (any shape) to the series `label_value`."""
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        if flat.size and np.isnan(flat).any():
+            flat = flat[~np.isnan(flat)]
+        # Bucket i holds values in (bounds[i-1], bounds[i]]: `le` is inclusive.
+        increments = np.bincount(
+            np.searchsorted(self._bounds, flat, side="left"), minlength=self._bounds.size + 1
         )
-        if values.size:
-            # Bucket i holds values <= bounds[i] (Prometheus `le` semantics).
-            counts += np.bincount(
-                np.searchsorted(self._bounds, values, side="left"), minlength=len(counts)
-            )
-            total[0] += float(values.sum(dtype=np.float64))
+        total = float(flat.sum()) if flat.size else 0.0
+        with self._lock:
+            series = self._series.get(label_value)
+            if series is None:
+                series = (np.zeros(self._bounds.size + 1, dtype=np.int64), [0.0])
+                self._series[label_value] = series
+            series[0][:] += increments
+            series[1][0] += total
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
-        for label_value, (counts, total) in self._series.items():
-            cumulative = np.cumsum(counts)
-            buckets = [
-                (repr(float(b)), int(c)) for b, c in zip(self._bounds, cumulative, strict=False)
+        with self._lock:
+            snapshot = [
+                (label_value, np.cumsum(counts), total[0])
+                for label_value, (counts, total) in self._series.items()
             ]
-            buckets.append(("+Inf", int(cumulative[-1])))
-            family.add_metric([label_value], buckets, total[0])
+        family = Metric(self._name, self._documentation, "histogram")
+        for label_value, cumulative, total in snapshot:
+            labels = {self._label: label_value}
+            for bucket, count in zip(self._bucket_names, cumulative, strict=True):
+                family.add_sample(f"{self._name}_bucket", {**labels, "le": bucket}, float(count))
+            family.add_sample(f"{self._name}_count", labels, float(cumulative[-1]))
+            if self._with_sum:
+                family.add_sample(f"{self._name}_sum", labels, total)
         yield family
 
 
@@ -267,11 +301,56 @@ def _cuda_bytes(read: Callable[[int], int], index: int) -> float:
     return float(read(index))
 
 
+class _Null:
+    """Stands in for every collector of NoMetrics: accepts each update and keeps nothing."""
+
+    def labels(self, *values: object, **labels: object) -> _Null:
+        return self
+
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def dec(self, amount: float = 1.0) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def observe_many(self, label_value: str, values: np.ndarray) -> None:
+        pass
+
+    def info(self, value: dict[str, str]) -> None:
+        pass
+
+
+_NULL = _Null()
+
+
 class NoMetrics(Metrics):
-    """Records nothing: the server with `--metrics-port 0`."""
+    """Records nothing: the server with `--metrics-port 0`.
+
+    Every collector is replaced by a no-op, so the hot path pays a method call and
+    no lock, and the (empty, never served) registry holds nothing.
+    """
 
     def __init__(self) -> None:
         super().__init__(CollectorRegistry(auto_describe=False))
+        for name, value in list(vars(self).items()):
+            if isinstance(value, MetricWrapperBase | BulkHistogram):
+                setattr(self, name, _NULL)
+        self.registry = CollectorRegistry(auto_describe=False)
+
+    def describe_build(self, devices: Iterable[str]) -> None:
+        pass
+
+    def watch_queue(self, requests: Callable[[], float], rows: Callable[[], float]) -> None:
+        pass
 
     def request_done(self, loss: str, code: grpc.StatusCode, seconds: float | None) -> None:
         pass
