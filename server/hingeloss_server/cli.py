@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--max-request-rows", int, limits.max_request_rows, "rows per request at most")
     p.add("--max-request-elements", int, limits.max_request_elements, "elements per tensor at most")
     p.add(
+        "--max-request-bytes",
+        int,
+        limits.max_request_bytes,
+        "tensor bytes per request at most, checked from the shapes before any data is read",
+    )
+    p.add(
         "--max-message-bytes",
         int,
         limits.max_message_bytes,
@@ -158,6 +164,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
                 max_message_bytes=args.max_message_bytes,
                 max_request_rows=args.max_request_rows,
                 max_request_elements=args.max_request_elements,
+                max_request_bytes=args.max_request_bytes,
             ),
             batching=BatchingConfig(
                 max_batch_rows=args.max_batch_rows,

@@ -27,6 +27,8 @@ class LimitsConfig:
     max_message_bytes: int = 512 * MIB
     max_request_rows: int = 1 << 22
     max_request_elements: int = 1 << 28
+    # Tensor data of one request, all tensors together (checked from shapes, before reading).
+    max_request_bytes: int = 512 * MIB
     max_dims: int = 2
 
     def __post_init__(self) -> None:
@@ -40,6 +42,7 @@ class LimitsConfig:
             ">= 1",
             self.max_request_elements,
         )
+        _require(self.max_request_bytes >= 1, "max_request_bytes", ">= 1", self.max_request_bytes)
         _require(self.max_dims >= 2, "max_dims", ">= 2", self.max_dims)
 
 

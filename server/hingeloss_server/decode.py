@@ -108,7 +108,10 @@ class _Decoder:
             )
         shape = list(message.shape)
         if len(shape) > self._limits.max_dims or len(shape) != ndim:
-            raise InvalidInputError(f"{field}.shape", f"must have {ndim} dimension(s), got {shape}")
+            # The count only: a shape of a million dims must not come back in the error.
+            raise InvalidInputError(
+                f"{field}.shape", f"must have {ndim} dimension(s), got {len(shape)}"
+            )
         for index, dim in enumerate(shape):
             if dim < 0:
                 raise InvalidInputError(f"{field}.shape[{index}]", f"must be >= 0, got {dim}")
@@ -131,6 +134,12 @@ class _Decoder:
             raise InvalidInputError(
                 f"{field}.data",
                 f"holds {len(message.data)} bytes; dtype and shape {shape} need {expected}",
+            )
+        if self.nbytes + expected > self._limits.max_request_bytes:
+            raise InvalidInputError(
+                f"{field}.data",
+                f"the request's tensors need more than the server limit of "
+                f"{self._limits.max_request_bytes} bytes",
             )
         self.nbytes += expected
         return tensors.to_torch(message)
@@ -174,7 +183,9 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
         return_per_sample=request.return_per_sample or reduction is Reduction.NONE,
         **option_fields,
     )
-    sample_weights = _Decoder(limits, "").tensor(
+    weights_decoder = _Decoder(limits, "")
+    weights_decoder.nbytes = decoder.nbytes  # one byte budget for the whole request
+    sample_weights = weights_decoder.tensor(
         request.sample_weights, "sample_weights", ndim=1, floats=True, required=False
     )
     rows = sum(int(t.shape[0]) for t in _sample_sets(kind, job.inputs))
