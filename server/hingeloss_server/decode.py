@@ -203,7 +203,7 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     job.options = options
     job.sample_weights = sample_weights
     job.rows = rows
-    job.nbytes = decoder.nbytes + (0 if sample_weights is None else sample_weights.numel() * 8)
+    job.nbytes = weights_decoder.nbytes  # every tensor of the request, weights included
     return job
 
 
