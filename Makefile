@@ -49,8 +49,12 @@ deploy-check: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tests.soak --seconds 60
 
+# atheris is installed here only: `make test` does not need it (its test skips without it).
+FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
-	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=60
+	$(BIN)/pip install --quiet "atheris>=2.3"
+	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS)
+	HINGELOSS_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/test_fuzz.py
 
 docker:
 	docker build -f docker/Dockerfile --target cpu -t hingeloss:cpu .

@@ -161,6 +161,11 @@ def _row_scales(
     weights = job.sample_weights.to(torch.float64)
     if ignore_mask is not None:
         weights = weights.masked_fill(ignore_mask, 0.0)
+    # Divided by the largest first: a sum past float64's range (1e308 + 1e308) would
+    # otherwise make every share 0.
+    largest = float(weights.max())
+    if largest > 0.0:
+        weights = weights / largest
     total = float(weights.sum())
     if total <= 0.0:
         raise InvalidInputError("sample_weights", "the weights of the counted samples sum to 0")
