@@ -46,8 +46,10 @@ gpu-check: $(STAMP)
 deploy-check: $(STAMP)
 	$(BIN)/pytest tests/deploy -q
 
+# The long versions of test_soak.py (10 s) and of the overload test (3 s).
 soak: $(STAMP)
-	$(PY) -m tests.soak --seconds 60
+	$(PY) tests/soak.py --seconds 60
+	HINGELOSS_OVERLOAD_SECONDS=20 $(BIN)/pytest -q tests/test_overload.py -k ten_times
 
 # atheris is installed here only: `make test` does not need it (its test skips without it).
 FUZZ_SECONDS ?= 60
