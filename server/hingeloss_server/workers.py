@@ -50,7 +50,13 @@ def resolve_devices(config: WorkerConfig) -> list[torch.device]:
                 raise ValueError(
                     f"device {device} requested but only {torch.cuda.device_count()} visible"
                 )
-        return devices
+        # A bare "cuda" is the current device: name its index, so labels and timings say cuda:N.
+        return [
+            torch.device("cuda", torch.cuda.current_device())
+            if d.type == "cuda" and d.index is None
+            else d
+            for d in devices
+        ]
     if torch.cuda.is_available():
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [torch.device("cpu")]
@@ -110,6 +116,7 @@ class Worker:
     def _compute_isolated(
         self, prepared: list[PreparedJob], outcomes: list[Outcome]
     ) -> BatchOutput | None:
+        output: BatchOutput | None
         try:
             output = self._compute(prepared)
         except Exception as error:
@@ -117,12 +124,17 @@ class Worker:
                 job = prepared[0].job
                 outcomes.append(Outcome(job, error=_compute_error(job.request_id, error)))
                 return None
+            # The message only: a log record that kept the exception would keep its traceback.
             logger.warning(
                 "batch of %d failed on %s (%s); retrying each request alone",
                 len(prepared),
                 self.device,
-                error,
+                str(error),
             )
+            output = None
+        if output is None:
+            # Retried outside the except clause: until it ends, the traceback keeps the
+            # failed batch's device tensors alive, and a retry after a CUDA OOM needs them freed.
             last = None
             for one in prepared:
                 last = self._compute_isolated([one], outcomes) or last
