@@ -310,3 +310,18 @@ def test_public_surface() -> None:
     for name in hingeloss.__all__:
         assert hasattr(hingeloss, name), name
     assert issubclass(hingeloss.InvalidArgumentError, hingeloss.HingelossError)
+
+
+def test_device_out_of_memory_is_not_retried(make_server: Any) -> None:
+    attempts: list[str] = []
+
+    def out_of_memory(jobs: Sequence[LossJob]) -> None:
+        if any(job.request_id == "huge" for job in jobs):
+            attempts.extend(job.request_id for job in jobs)
+            raise torch.cuda.OutOfMemoryError("simulated: the request does not fit")
+
+    server = make_server(fault_hook=out_of_memory)
+    with LossClient(server.target) as client, pytest.raises(OverloadedError) as info:
+        client.gan_generator(np.ones(4), request_id="huge")
+    assert info.value.reason == "DEVICE_OUT_OF_MEMORY"
+    assert attempts == ["huge"]

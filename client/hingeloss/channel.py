@@ -31,6 +31,11 @@ SERVICE_CONFIG = json.dumps(
 )
 
 
+# Failures that repeating cannot mend: the server already retried the request alone
+# on its device and it still did not fit.
+FINAL_REASONS = frozenset({"DEVICE_OUT_OF_MEMORY"})
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of transient failures with exponential backoff and jitter.
@@ -79,6 +84,8 @@ class RetryPolicy:
     ) -> float | None:
         """The wait before retrying, or None when the error is final."""
         if attempt >= self.max_attempts or error.code not in self.retryable:
+            return None
+        if error.reason in FINAL_REASONS:
             return None
         delay = self.backoff(attempt, error)
         if remaining_s is not None and delay >= remaining_s:
