@@ -256,12 +256,14 @@ def _split(
                 row_bad = row_bad.any(dim=1)
             bad_rows.index_add_(0, owners[input_sets[k]], row_bad.to(torch.int64))
     per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample)
-    # One device-to-host copy of everything the responses need.
-    losses_host = losses64.cpu().tolist()
-    active_host = active.cpu().tolist()
-    bad_host = bad_rows.cpu().tolist()
-    grads_host = tuple(g.cpu() for g in grads_wire)
-    per_sample_host = tuple(p.cpu() for p in per_sample_wire)
+    # Device to host: the large tensors into pinned memory without blocking, then one
+    # blocking copy of the per-job figures, which (same stream) waits for them all.
+    grads_host = tuple(_to_host(g) for g in grads_wire)
+    per_sample_host = tuple(_to_host(p) for p in per_sample_wire)
+    summary = torch.stack([losses64, active.to(torch.float64), bad_rows.to(torch.float64)])
+    losses_host, active_float, bad_float = summary.cpu().tolist()
+    active_host = [int(a) for a in active_float]
+    bad_host = [int(b) for b in bad_float]
 
     results: list[JobResult | InvalidInputError] = []
     offsets = [0] * len(scales64)
@@ -307,6 +309,14 @@ def _split(
             )
         )
     return results
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy started without blocking (pinned memory); the CPU tensor itself on CPU."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _finite(value: float) -> bool:
