@@ -38,7 +38,7 @@ test: $(STAMP) lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(PY) -m tests.bench.run --output bench-results.json
+	$(PY) tests/bench/run.py --output bench-results.json $(BENCH_ARGS)
 
 gpu-check: $(STAMP)
 	bash tests/gpu/gpu_check.sh

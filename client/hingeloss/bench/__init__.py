@@ -1,0 +1,22 @@
+"""hingeloss-bench: the load-testing client (closed and open loop, verified answers).
+
+The load loop needs only the SDK's own dependencies; live progress, tables and
+the plot need the `loadtest` extra (`pip install "hingeloss[loadtest]"`).
+"""
+
+from hingeloss.bench.loadgen import CellSpec, ShareResult, TargetSpec, run_share, run_shares
+from hingeloss.bench.stats import CellResult, merge
+from hingeloss.bench.workload import Workload, WorkloadSpec, parse_shape
+
+__all__ = [
+    "CellResult",
+    "CellSpec",
+    "ShareResult",
+    "TargetSpec",
+    "Workload",
+    "WorkloadSpec",
+    "merge",
+    "parse_shape",
+    "run_share",
+    "run_shares",
+]

@@ -1,0 +1,624 @@
+"""The load loop: closed loop (fixed concurrency) or open loop (a schedule of arrivals).
+
+Requests are serialized once and sent as raw bytes on grpc.aio channels, so the
+generator does no protobuf work per call; responses are kept as bytes and only
+their Timing is read. In the open loop every request has a scheduled send time
+and its latency counts from that time, so a stalled server shows as growing
+latency and never as a silently lower offered rate (no coordinated omission).
+
+One cell runs in this process or in several spawned processes (never forked:
+gRPC must not be forked once started); each takes an even share of the
+concurrency or rate, and their raw samples are merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import multiprocessing
+import queue
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hingeloss.bench import reference
+from hingeloss.bench.wire import response_timing
+from hingeloss.bench.workload import Workload, WorkloadSpec
+from hingeloss.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_options
+
+COMPUTE_METHOD = "/hingeloss.v1.LossService/Compute"
+STREAM_METHOD = "/hingeloss.v1.LossService/ComputeStream"
+# Responses kept for verification per process and cell, at most.
+MAX_VERIFY_SAMPLES = 32
+MISMATCH = "MISMATCH"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where to send and how: address, TLS material (bytes) and bearer token."""
+
+    address: str
+    # TLS with the system's roots, unless root_certificates names others.
+    use_tls: bool = False
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
+    token: str | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def tls(self) -> bool:
+        return (
+            self.use_tls or self.root_certificates is not None or self.certificate_chain is not None
+        )
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One measurement: a workload at one concurrency (closed loop) or rate (open loop).
+
+    Exactly one of `concurrency` and `rate` is set. With `requests`, the cell ends
+    after that many measured requests; otherwise after `duration_s`. The first
+    `warmup_s` seconds run the same load unmeasured.
+    """
+
+    target: TargetSpec
+    workload: WorkloadSpec
+    concurrency: int | None = 1
+    rate: float | None = None
+    arrivals: str = "poisson"
+    mode: str = "unary"
+    duration_s: float = 5.0
+    requests: int | None = None
+    warmup_s: float = 1.0
+    connections: int = 1
+    verify_fraction: float = 0.02
+    timeout_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("set exactly one of concurrency (closed loop) and rate (open loop)")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+        if self.arrivals not in ("poisson", "constant"):
+            raise ValueError(f"arrivals must be poisson or constant, got {self.arrivals!r}")
+        if self.mode not in ("unary", "stream"):
+            raise ValueError(f"mode must be unary or stream, got {self.mode!r}")
+        if self.requests is None and not self.duration_s > 0:
+            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if self.requests is not None and self.requests < 1:
+            raise ValueError(f"requests must be >= 1, got {self.requests}")
+        if self.warmup_s < 0:
+            raise ValueError(f"warmup_s must be >= 0, got {self.warmup_s}")
+        if self.connections < 1:
+            raise ValueError(f"connections must be >= 1, got {self.connections}")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+    @property
+    def label(self) -> str:
+        load = f"c={self.concurrency}" if self.rate is None else f"rate={self.rate:g}/s"
+        return f"{self.workload.loss} {self.workload.shape_text} {self.workload.dtype} {load}"
+
+
+@dataclass
+class ShareResult:
+    """What one load process measured; merged into a CellResult by the caller."""
+
+    latencies_s: np.ndarray[Any, Any]
+    queue_us: np.ndarray[Any, Any]
+    compute_us: np.ndarray[Any, Any]
+    batch_requests: np.ndarray[Any, Any]
+    batch_rows: np.ndarray[Any, Any]
+    send_lag_s: np.ndarray[Any, Any]
+    sent: int
+    ok: int
+    errors: dict[str, int]
+    bytes_up: int
+    bytes_down: int
+    window_s: float
+    verified: int
+    mismatches: list[str]
+
+
+@dataclass
+class _Recorder:
+    """Samples of the measured requests of one process (unmeasured warm-up ones are skipped)."""
+
+    verify_fraction: float
+    rng: random.Random
+    latencies: list[float] = field(default_factory=list)
+    queue_us: list[int] = field(default_factory=list)
+    compute_us: list[int] = field(default_factory=list)
+    batch_requests: list[int] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
+    send_lag: list[float] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    sent: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_done: float = 0.0
+    samples: list[tuple[int, bytes]] = field(default_factory=list)
+    progress: Any = None
+
+    def sending(self, nbytes: int) -> None:
+        self.sent += 1
+        self.bytes_up += nbytes
+
+    def answered(self, started: float, variant: int, payload: bytes) -> None:
+        done = time.perf_counter()
+        self.latencies.append(done - started)
+        self.last_done = max(self.last_done, done)
+        self.bytes_down += len(payload)
+        timing = response_timing(payload)
+        self.queue_us.append(timing.queue_us)
+        self.compute_us.append(timing.compute_us)
+        self.batch_requests.append(timing.batch_requests)
+        self.batch_rows.append(timing.batch_rows)
+        if (
+            self.verify_fraction > 0
+            and len(self.samples) < MAX_VERIFY_SAMPLES
+            and (not self.samples or self.rng.random() < self.verify_fraction)
+        ):
+            self.samples.append((variant, payload))
+        if self.progress is not None:
+            self.progress.value += 1
+
+    def failed(self, code: str) -> None:
+        self.last_done = max(self.last_done, time.perf_counter())
+        self.errors[code] += 1
+        if self.progress is not None:
+            self.progress.value += 1
+
+
+def _code_name(error: BaseException) -> str:
+    code = getattr(error, "code", None)
+    if callable(code):
+        value = code()
+        return str(getattr(value, "name", value))
+    return type(error).__name__
+
+
+def _channel(target: TargetSpec) -> Any:
+    # A private subchannel pool per channel: each channel is its own TCP connection.
+    options = channel_options(target.max_message_bytes, [("grpc.use_local_subchannel_pool", 1)])
+    if target.server_name:
+        options.append(("grpc.ssl_target_name_override", target.server_name))
+    if not target.tls:
+        return grpc.aio.insecure_channel(target.address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=target.root_certificates,
+        private_key=target.private_key,
+        certificate_chain=target.certificate_chain,
+    )
+    return grpc.aio.secure_channel(target.address, credentials, options=options)
+
+
+class _Arrivals:
+    """Scheduled send times of an open-loop share: Poisson or evenly spaced."""
+
+    def __init__(self, rate: float, kind: str, start: float, rng: random.Random) -> None:
+        self._rate = rate
+        self._kind = kind
+        self._rng = rng
+        self._start = start
+        self._count = 0
+        self._next = start
+
+    def __iter__(self) -> _Arrivals:
+        return self
+
+    def __next__(self) -> float:
+        if self._kind == "constant":
+            # Multiplied, not accumulated: the k-th arrival is exactly start + k / rate.
+            current = self._start + self._count / self._rate
+        else:
+            current = self._next
+            self._next += self._rng.expovariate(self._rate)
+        self._count += 1
+        return current
+
+
+class _Share:
+    """One process's part of a cell."""
+
+    def __init__(self, spec: CellSpec, workload: Workload, index: int, count: int) -> None:
+        self.spec = spec
+        self.workload = workload
+        self.payloads = [v.payload for v in workload.variants]
+        self.index = index
+        self.count = count
+        self.rng = random.Random(spec.seed * 1_000_003 + index)
+        self.metadata = call_metadata(spec.target.token) or None
+        self._variant = itertools.cycle(range(len(self.payloads)))
+        self.recorder = _Recorder(spec.verify_fraction, random.Random(spec.seed + 7919 * index))
+        self.window_start = 0.0
+        self.window_end = float("inf")
+        # Measured requests scheduled so far (the `requests` budget counts these).
+        self.claimed = 0
+
+    def _part(self, total: int) -> int:
+        return total // self.count + (1 if self.index < total % self.count else 0)
+
+    @property
+    def concurrency(self) -> int:
+        assert self.spec.concurrency is not None
+        return self._part(self.spec.concurrency)
+
+    @property
+    def requests(self) -> int | None:
+        return None if self.spec.requests is None else self._part(self.spec.requests)
+
+    def next_variant(self) -> int:
+        return next(self._variant)
+
+    def measuring(self, t: float) -> bool:
+        return self.window_start <= t < self.window_end
+
+    def claim(self) -> bool:
+        """Takes one measured request from the `requests` budget; False once it is spent."""
+        limit = self.requests
+        if limit is not None and self.claimed >= limit:
+            return False
+        self.claimed += 1
+        return True
+
+    async def run(self, progress: Any) -> ShareResult:
+        spec = self.spec
+        channels = [_channel(spec.target) for _ in range(spec.connections)]
+        try:
+            await asyncio.gather(
+                *(asyncio.wait_for(ch.channel_ready(), timeout=spec.timeout_s) for ch in channels)
+            )
+            self.recorder.progress = progress
+            start = time.perf_counter()
+            self.window_start = start + spec.warmup_s
+            if spec.requests is None:
+                self.window_end = self.window_start + spec.duration_s
+            if spec.rate is None:
+                await self._closed_loop(channels)
+            else:
+                await self._open_loop(channels, start)
+        finally:
+            await asyncio.gather(*(ch.close() for ch in channels))
+        return self._result()
+
+    # Closed loop -------------------------------------------------------------------------
+
+    async def _closed_loop(self, channels: list[Any]) -> None:
+        if self.spec.mode == "unary":
+            calls = [ch.unary_unary(COMPUTE_METHOD) for ch in channels]
+            workers = [self._unary_worker(calls[i % len(calls)]) for i in range(self.concurrency)]
+            await asyncio.gather(*workers)
+            return
+        lanes = [_StreamLane(self, ch) for ch in channels]
+        windows = [len(range(i, self.concurrency, len(lanes))) for i in range(len(lanes))]
+        pairs = zip(lanes, windows, strict=True)
+        await asyncio.gather(*(lane.closed_loop(window) for lane, window in pairs if window))
+
+    def _more(self) -> tuple[bool, bool]:
+        """(keep going, measure the next request) for a closed-loop sender."""
+        now = time.perf_counter()
+        if now >= self.window_end:
+            return False, False
+        measured = now >= self.window_start
+        if measured and not self.claim():
+            return False, False
+        return True, measured
+
+    async def _unary_worker(self, call: Any) -> None:
+        recorder = self.recorder
+        timeout = self.spec.timeout_s
+        while True:
+            going, measured = self._more()
+            if not going:
+                return
+            variant = self.next_variant()
+            payload = self.payloads[variant]
+            if measured:
+                recorder.sending(len(payload))
+            started = time.perf_counter()
+            try:
+                response = await call(payload, timeout=timeout, metadata=self.metadata)
+            except grpc.RpcError as error:
+                if measured:
+                    recorder.failed(_code_name(error))
+                continue
+            if measured:
+                recorder.answered(started, variant, response)
+
+    # Open loop ---------------------------------------------------------------------------
+
+    async def _open_loop(self, channels: list[Any], start: float) -> None:
+        spec = self.spec
+        assert spec.rate is not None
+        rate = spec.rate / self.count
+        # Even shares interleave: process i starts i / rate later.
+        offset = self.index / spec.rate if spec.arrivals == "constant" else 0.0
+        arrivals = _Arrivals(rate, spec.arrivals, start + offset, self.rng)
+        if spec.mode == "stream":
+            lanes = [_StreamLane(self, ch) for ch in channels]
+            await asyncio.gather(*(lane.open() for lane in lanes))
+            lane_cycle = itertools.cycle(lanes)
+            for scheduled in arrivals:
+                if not await self._wait_for(scheduled):
+                    break
+                await next(lane_cycle).send_scheduled(scheduled, self.measuring(scheduled))
+            await asyncio.gather(*(lane.finish() for lane in lanes))
+            return
+        calls = [ch.unary_unary(COMPUTE_METHOD) for ch in channels]
+        call_cycle = itertools.cycle(calls)
+        pending: set[asyncio.Task[None]] = set()
+        for scheduled in arrivals:
+            if not await self._wait_for(scheduled):
+                break
+            task = asyncio.create_task(
+                self._scheduled_call(next(call_cycle), scheduled, self.measuring(scheduled))
+            )
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def _wait_for(self, scheduled: float) -> bool:
+        """Sleeps until a scheduled time; False once the schedule is complete."""
+        if scheduled >= self.window_end:
+            return False
+        if self.measuring(scheduled) and not self.claim():
+            return False
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return True
+
+    async def _scheduled_call(self, call: Any, scheduled: float, measured: bool) -> None:
+        recorder = self.recorder
+        variant = self.next_variant()
+        payload = self.payloads[variant]
+        if measured:
+            recorder.sending(len(payload))
+            recorder.send_lag.append(time.perf_counter() - scheduled)
+        try:
+            response = await call(payload, timeout=self.spec.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as error:
+            if measured:
+                recorder.failed(_code_name(error))
+            return
+        if measured:
+            recorder.answered(scheduled, variant, response)
+
+    def _result(self) -> ShareResult:
+        recorder = self.recorder
+        mismatches: list[str] = []
+        spec = self.spec.workload
+        for variant, payload in recorder.samples:
+            try:
+                problem = reference.check_response(
+                    spec.loss,
+                    self.workload.variants[variant].inputs,
+                    spec.options,
+                    spec.dtype,
+                    spec.gradient_format,
+                    payload,
+                )
+            except Exception as error:  # a malformed answer is a wrong answer
+                problem = f"unreadable response: {error}"
+            if problem is not None:
+                mismatches.append(problem)
+        if mismatches:
+            recorder.errors[MISMATCH] += len(mismatches)
+        ok = len(recorder.latencies)
+        window = max(0.0, recorder.last_done - self.window_start) if recorder.sent else 0.0
+
+        def ints(values: list[int]) -> np.ndarray[Any, Any]:
+            return np.asarray(values, dtype=np.int64)
+
+        return ShareResult(
+            latencies_s=np.asarray(recorder.latencies, dtype=np.float64),
+            queue_us=ints(recorder.queue_us),
+            compute_us=ints(recorder.compute_us),
+            batch_requests=ints(recorder.batch_requests),
+            batch_rows=ints(recorder.batch_rows),
+            send_lag_s=np.asarray(recorder.send_lag, dtype=np.float64),
+            sent=recorder.sent,
+            ok=ok,
+            errors=dict(recorder.errors),
+            bytes_up=recorder.bytes_up,
+            bytes_down=recorder.bytes_down,
+            window_s=window,
+            verified=len(recorder.samples),
+            mismatches=mismatches[:5],
+        )
+
+
+class _StreamLane:
+    """One ComputeStream call on one channel; answers come back in order (FIFO)."""
+
+    def __init__(self, share: _Share, channel: Any) -> None:
+        self._share = share
+        self._method = channel.stream_stream(STREAM_METHOD)
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        # (reference time, variant, measured) of each request sent and not yet answered.
+        self._pending: collections.deque[tuple[float, int, bool]] = collections.deque()
+        self._slots: asyncio.Semaphore | None = None
+
+    async def open(self) -> None:
+        self._call = self._method(metadata=self._share.metadata)
+        self._reader = asyncio.create_task(self._read(self._call))
+
+    async def _read(self, call: Any) -> None:
+        recorder = self._share.recorder
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                started, variant, measured = self._pending.popleft()
+                if measured:
+                    recorder.answered(started, variant, response)
+                if self._slots is not None:
+                    self._slots.release()
+        except grpc.RpcError as error:
+            self._fail_pending(_code_name(error))
+            return
+        self._fail_pending("STREAM_ENDED")
+
+    def _fail_pending(self, code: str) -> None:
+        while self._pending:
+            _, _, measured = self._pending.popleft()
+            if measured:
+                self._share.recorder.failed(code)
+            if self._slots is not None:
+                self._slots.release()
+
+    @property
+    def broken(self) -> bool:
+        return self._reader is None or self._reader.done()
+
+    async def _write(self, started: float, measured: bool) -> None:
+        share = self._share
+        if self.broken:
+            # A failed request ends its stream: open a new one and go on.
+            await self.open()
+        variant = share.next_variant()
+        payload = share.payloads[variant]
+        if measured:
+            share.recorder.sending(len(payload))
+        self._pending.append((started, variant, measured))
+        # On failure the reader reports the stream's error for every pending request.
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self._call.write(payload)
+
+    async def closed_loop(self, window: int) -> None:
+        self._slots = asyncio.Semaphore(window)
+        await self.open()
+        share = self._share
+        while True:
+            await self._slots.acquire()
+            going, measured = share._more()
+            if not going:
+                break
+            await self._write(time.perf_counter(), measured)
+        await self.finish()
+
+    async def send_scheduled(self, scheduled: float, measured: bool) -> None:
+        if measured:
+            self._share.recorder.send_lag.append(time.perf_counter() - scheduled)
+        await self._write(scheduled, measured)
+
+    async def finish(self) -> None:
+        """Half-closes and waits for the answers (up to the timeout; the rest fail)."""
+        if self._call is None or self._reader is None:
+            return
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), self._share.spec.timeout_s)
+        except asyncio.TimeoutError:
+            self._call.cancel()
+            self._fail_pending("DEADLINE_EXCEEDED")
+            self._reader.cancel()
+
+
+async def run_share(
+    spec: CellSpec, index: int = 0, count: int = 1, progress: Any = None
+) -> ShareResult:
+    """Runs share `index` of `count` of a cell in this process's event loop."""
+    workload = Workload.build(spec.workload)
+    return await _Share(spec, workload, index, count).run(progress)
+
+
+@dataclass
+class _Counter:
+    value: int = 0
+
+
+ProgressHook = Callable[[int, float], None]
+
+
+def _child(spec: CellSpec, index: int, count: int, progress: Any, results: Any) -> None:
+    try:
+        results.put((index, asyncio.run(run_share(spec, index, count, progress))))
+    except BaseException as error:  # reported to the parent, which raises it
+        results.put((index, f"{type(error).__name__}: {error}"))
+
+
+def run_shares(
+    spec: CellSpec, processes: int = 1, on_progress: ProgressHook | None = None
+) -> list[ShareResult]:
+    """Runs a cell in `processes` load processes (spawned) or in this one; returns each share.
+
+    `on_progress(answered, elapsed_s)` is called a few times a second.
+    """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if spec.concurrency is not None and spec.concurrency < processes:
+        raise ValueError(f"concurrency {spec.concurrency} is below the {processes} load processes")
+    started = time.perf_counter()
+    if processes == 1:
+        counter = _Counter()
+
+        async def local() -> ShareResult:
+            task = asyncio.create_task(run_share(spec, 0, 1, counter))
+            while not task.done():
+                if on_progress is not None:
+                    on_progress(counter.value, time.perf_counter() - started)
+                await asyncio.wait({task}, timeout=0.25)
+            return task.result()
+
+        result = asyncio.run(local())
+        if on_progress is not None:
+            on_progress(counter.value, time.perf_counter() - started)
+        return [result]
+
+    context = multiprocessing.get_context("spawn")
+    results: Any = context.Queue()
+    counters = [context.Value("q", 0, lock=False) for _ in range(processes)]
+    children = [
+        context.Process(
+            target=_child,
+            args=(spec, i, processes, counters[i], results),
+            name=f"hingeloss-bench-{i}",
+            daemon=True,
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    collected: dict[int, ShareResult | str] = {}
+    try:
+        while len(collected) < processes:
+            try:
+                index, outcome = results.get(timeout=0.25)
+                collected[index] = outcome
+            except queue.Empty:
+                dead = [c for c in children if not c.is_alive() and c.exitcode not in (0, None)]
+                if dead and len(collected) < processes and results.empty():
+                    raise RuntimeError(
+                        f"load process {dead[0].name} exited with code {dead[0].exitcode}"
+                    ) from None
+            if on_progress is not None:
+                on_progress(sum(c.value for c in counters), time.perf_counter() - started)
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.terminate()
+    failures = [o for o in collected.values() if isinstance(o, str)]
+    if failures:
+        raise RuntimeError(f"a load process failed: {failures[0]}")
+    return [o for _, o in sorted(collected.items()) if not isinstance(o, str)]
