@@ -208,3 +208,15 @@ def test_bad_request_in_a_batch_fails_alone(make_server: Any) -> None:
     for i in range(6):
         assert not isinstance(results[i], Exception), results[i]
     assert max(results[i].timing.batch_requests for i in range(6)) > 1
+
+
+async def test_byte_limit_keeps_large_requests_apart() -> None:
+    small = [_job(rows=4) for _ in range(3)]
+    big = [_job("multiclass_hinge", rows=64, classes=50) for _ in range(2)]
+    limit = big[0].nbytes + 1
+    batcher = Batcher(BatchingConfig(max_batch_bytes=limit))
+    for job in [*big, *small]:
+        batcher.submit(job)
+    assert await batcher.next_batch() == [big[0]]
+    assert await batcher.next_batch() == [big[1]]
+    assert await batcher.next_batch() == small

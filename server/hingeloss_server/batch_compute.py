@@ -59,8 +59,13 @@ class _Staging:
         return host.pin_memory().to(self.device, non_blocking=True)
 
 
-def compute_batch(jobs: Sequence[PreparedJob], device: torch.device) -> BatchOutput:
-    """Computes every job of a batch (all with the same BatchKey) on `device`."""
+def compute_batch(
+    jobs: Sequence[PreparedJob], device: torch.device, margin_rows: int = MARGIN_SAMPLE_ROWS
+) -> BatchOutput:
+    """Computes every job of a batch (all with the same BatchKey) on `device`.
+
+    `margin_rows` rows of the batch (0: none) report their margins for the metrics.
+    """
     started = time.perf_counter()
     key = jobs[0].job.key
     params = key.params
@@ -96,7 +101,7 @@ def compute_batch(jobs: Sequence[PreparedJob], device: torch.device) -> BatchOut
     output = _run_kernel(
         kind, params, inputs, labels, targets, ignore_mask, class_weights, scales, need_grad
     )
-    margins = _sample_margins(kind, inputs, labels, targets)
+    margins = _sample_margins(kind, inputs, labels, targets, margin_rows)
     results = _split(jobs, output, scales64, inputs, key.wire_dtype, dtype)
     if staging.cuda:
         torch.cuda.current_stream(device).synchronize()
@@ -199,9 +204,11 @@ def _sample_margins(
     inputs: tuple[torch.Tensor, ...],
     labels: torch.Tensor | None,
     targets: torch.Tensor | None,
+    rows: int,
 ) -> torch.Tensor:
     """Signed margins of the first rows of the batch (positive: on the right side)."""
-    rows = MARGIN_SAMPLE_ROWS
+    if rows == 0:
+        return inputs[0].new_empty(0)
     if kind is LossKind.BINARY_HINGE:
         assert labels is not None
         return inputs[0][:rows] * labels[:rows]

@@ -3,7 +3,7 @@
 Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
-batch's row limit; it adds no delay unless `max_batch_delay_us` asks for one.
+batch's row and byte limits; it adds no delay unless `max_batch_delay_us` asks for one.
 """
 
 from __future__ import annotations
@@ -135,24 +135,27 @@ class Batcher:
         if rows > 0:
             self._seconds_per_row = 0.8 * self._seconds_per_row + 0.2 * (seconds / rows)
 
-    async def next_batch(self, max_rows: int | None = None) -> list[LossJob]:
+    async def next_batch(self) -> list[LossJob]:
         """Waits for work and takes one batch of jobs sharing a key.
 
-        Expired jobs are failed with DeadlineExpiredError and never returned.
+        A batch holds at most `max_batch_rows` rows and `max_batch_bytes` bytes, but
+        always at least one job. Expired jobs are failed with DeadlineExpiredError and
+        never returned.
         """
-        limit = self._config.max_batch_rows if max_rows is None else max_rows
+        max_rows, max_bytes = self._config.max_batch_rows, self._config.max_batch_bytes
         while True:
             key = self._most_urgent_key()
             if key is None:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            batch = self._take(key, limit)
+            batch = self._take(key, max_rows, max_bytes)
             if batch and self._config.max_batch_delay_us > 0:
                 rows = sum(job.rows for job in batch)
-                if rows < limit:
+                nbytes = sum(job.nbytes for job in batch)
+                if rows < max_rows and nbytes < max_bytes:
                     await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
-                    batch.extend(self._take(key, limit - rows))
+                    batch.extend(self._take(key, max_rows - rows, max_bytes - nbytes))
             batch = [job for job in batch if job.future is not None and not job.future.done()]
             if batch:
                 return batch
@@ -171,17 +174,19 @@ class Batcher:
                 best, best_key = head, key
         return best_key
 
-    def _take(self, key: BatchKey, limit: int) -> list[LossJob]:
+    def _take(self, key: BatchKey, max_rows: int, max_bytes: int) -> list[LossJob]:
         heap = self._queues.get(key)
         taken: list[LossJob] = []
-        rows = 0
+        rows = nbytes = 0
         now = asyncio.get_running_loop().time()
         while heap:
             entry = heap[0]
             if not entry.live:
                 heapq.heappop(heap)
                 continue
-            if taken and rows + entry.job.rows > limit:
+            if taken and (
+                rows + entry.job.rows > max_rows or nbytes + entry.job.nbytes > max_bytes
+            ):
                 break
             heapq.heappop(heap)
             self._remove(entry)
@@ -195,6 +200,7 @@ class Batcher:
                 continue
             taken.append(job)
             rows += job.rows
+            nbytes += job.nbytes
         return taken
 
     def close(self) -> None:

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a batch running longer than this marks the server NOT_SERVING",
     )
     p.add("--max-batch-rows", int, batching.max_batch_rows, "rows per batch at most")
+    p.add("--max-batch-bytes", int, batching.max_batch_bytes, "tensor bytes per batch at most")
     p.add(
         "--max-batch-delay-us",
         int,
@@ -168,6 +169,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
             ),
             batching=BatchingConfig(
                 max_batch_rows=args.max_batch_rows,
+                max_batch_bytes=args.max_batch_bytes,
                 max_batch_delay_us=args.max_batch_delay_us,
                 max_queue_rows=args.max_queue_rows,
                 max_queue_bytes=args.max_queue_bytes,

@@ -51,12 +51,17 @@ class BatchingConfig:
     """How requests queue and group into batches."""
 
     max_batch_rows: int = 65536
+    # Large requests gain nothing from sharing a batch and lose to the extra copies and
+    # cache misses of one huge concatenation (measured: 15 requests of 16 MB together took
+    # 1.1-2.1 s on 2 cores, against 32-60 ms each alone).
+    max_batch_bytes: int = 32 * MIB
     max_batch_delay_us: int = 0
     max_queue_rows: int = 1 << 22
     max_queue_bytes: int = 2048 * MIB
 
     def __post_init__(self) -> None:
         _require(self.max_batch_rows >= 1, "max_batch_rows", ">= 1", self.max_batch_rows)
+        _require(self.max_batch_bytes >= 1, "max_batch_bytes", ">= 1", self.max_batch_bytes)
         _require(
             self.max_batch_delay_us >= 0, "max_batch_delay_us", ">= 0", self.max_batch_delay_us
         )
