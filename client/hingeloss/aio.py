@@ -17,7 +17,7 @@ from hingeloss.channel import (
     DEFAULT_TIMEOUT_S,
     RetryPolicy,
     call_metadata,
-    channel_options,
+    open_channel,
 )
 from hingeloss.errors import HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
@@ -42,11 +42,9 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        channel_args = channel_options(max_message_bytes, options)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, channel_args, compression)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, channel_args, compression)
+        self._channel = open_channel(
+            grpc.aio, target, credentials, compression, max_message_bytes, options
+        )
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout

@@ -111,6 +111,21 @@ def channel_options(
     ]
 
 
+def open_channel(
+    api: Any,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    compression: grpc.Compression | None,
+    max_message_bytes: int,
+    options: Sequence[tuple[str, Any]],
+) -> Any:
+    """A channel from `api` (the `grpc` module or `grpc.aio`), TLS when credentials are given."""
+    args = channel_options(max_message_bytes, options)
+    if credentials is None:
+        return api.insecure_channel(target, args, compression)
+    return api.secure_channel(target, credentials, args, compression)
+
+
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Per-call metadata: the bearer token, when one is set (works with or without TLS)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
