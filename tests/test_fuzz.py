@@ -307,10 +307,10 @@ def test_generated_streams_get_ok_or_invalid_argument(
         _check_refusal(error)
 
 
-def _drain(responses: Iterator[pb.ComputeResponse], answered: list[str]) -> grpc.RpcError | None:
+def _drain(responses: Iterator[Any], answered: list[Any]) -> grpc.RpcError | None:
     try:
         for response in responses:
-            answered.append(response.request_id)
+            answered.append(getattr(response, "request_id", response))
     except grpc.RpcError as error:
         return error
     return None
@@ -358,6 +358,22 @@ def test_raw_bytes_get_ok_or_invalid_argument(channel: grpc.Channel, data: bytes
     error = call.exception()
     if error is not None:
         _check_refusal(error)
+
+
+def test_unparsable_message_ends_a_stream_with_invalid_argument(channel: grpc.Channel) -> None:
+    """The requests before it are answered; the bad one ends the stream, as a bad request does."""
+    good = SEEDS[0]
+    call = channel.stream_stream("/hingeloss.v1.LossService/ComputeStream")
+    responses = call(iter([good, good, b"\xff\xff garbage", good]), timeout=30)
+    answered: list[bytes] = []
+    error = _drain(responses, answered)
+    assert len(answered) == 2
+    assert error is not None
+    _check_refusal(error)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    typed = from_rpc_error(error)
+    assert isinstance(typed, InvalidArgumentError)
+    assert typed.field_violations[0].field == "request"
 
 
 def test_huge_claimed_shapes_allocate_nothing(
