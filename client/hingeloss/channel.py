@@ -34,6 +34,9 @@ SERVICE_CONFIG = json.dumps(
 # Failures that repeating cannot mend: the server already retried the request alone
 # on its device and it still did not fit.
 FINAL_REASONS = frozenset({"DEVICE_OUT_OF_MEMORY"})
+# gRPC's own RESOURCE_EXHAUSTED for a message over a size limit ("Received message
+# larger than max ..."): the same message will never fit.
+_TOO_LARGE = "larger than max"
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class RetryPolicy:
         """The wait before retrying, or None when the error is final."""
         if attempt >= self.max_attempts or error.code not in self.retryable:
             return None
-        if error.reason in FINAL_REASONS:
+        if error.reason in FINAL_REASONS or _TOO_LARGE in error.message:
             return None
         delay = self.backoff(attempt, error)
         if remaining_s is not None and delay >= remaining_s:

@@ -9,14 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(target: str, service: str = "", timeout: float = 2.0) -> str:
+def check(
+    target: str,
+    service: str = "",
+    timeout: float = 2.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> str:
     """Returns the health status name, or the gRPC error code name when the call fails."""
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -31,8 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--service", default="", help='service name ("" = the whole server)')
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM client key (mTLS)")
     args = parser.parse_args(argv)
-    status = check(args.target, args.service, args.timeout)
+    credentials = None
+    if args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+    status = check(args.target, args.service, args.timeout, credentials)
     if not args.quiet:
         print(status)
     return 0 if status == "SERVING" else 1

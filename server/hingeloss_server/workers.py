@@ -75,7 +75,11 @@ class Worker:
     """One compute thread bound to one device."""
 
     def __init__(
-        self, name: str, device: torch.device, fault_hook: FaultHook | None, margin_rows: int
+        self,
+        name: str,
+        device: torch.device,
+        fault_hook: FaultHook | None,
+        margin_rows: int = MARGIN_SAMPLE_ROWS,
     ) -> None:
         self.name = name
         self.device = device
