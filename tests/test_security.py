@@ -361,3 +361,14 @@ def test_nothing_from_a_request_is_unpickled_or_evaluated() -> None:
         if forbidden.search(line)
     ]
     assert offenders == []
+
+
+def test_health_probe_over_tls(make_server: Callable[..., Any], pki: Pki, tmp_path: Path) -> None:
+    from hingeloss.health import main as health_main
+
+    security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    server = make_server(server_config(security=security))
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca_pem)
+    assert health_main(["--target", server.target, "--tls-ca", str(ca), "--quiet"]) == 0
+    assert health_main(["--target", server.target, "--quiet"]) == 1  # plaintext is refused
