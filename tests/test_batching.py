@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -220,3 +221,40 @@ async def test_byte_limit_keeps_large_requests_apart() -> None:
     assert await batcher.next_batch() == [big[0]]
     assert await batcher.next_batch() == [big[1]]
     assert await batcher.next_batch() == small
+
+
+async def test_many_distinct_keys_come_out_earliest_deadline_first() -> None:
+    """Thousands of distinct keys (a client can make them): EDF across keys still holds."""
+    batcher = Batcher(BatchingConfig())
+    loop = asyncio.get_running_loop()
+    template = _job(rows=1)
+    deadlines = np.random.default_rng().permutation(5000)
+    for i, offset in enumerate(deadlines):
+        params = replace(template.key.params, margin=1.0 + i)
+        job = LossJob(
+            request_id=str(i),
+            key=replace(template.key, params=params),
+            options=template.options,
+            inputs=template.inputs,
+            input_fields=template.input_fields,
+            labels=template.labels,
+            rows=1,
+            nbytes=8,
+            deadline=loop.time() + 60 + float(offset),
+        )
+        batcher.submit(job)
+    taken = [(await batcher.next_batch())[0] for _ in range(5000)]
+    assert [job.deadline for job in taken] == sorted(job.deadline for job in taken)
+    assert batcher.stats.requests == 0
+    assert not batcher._queues  # noqa: SLF001 - every key is forgotten once empty
+
+
+async def test_cancelled_keys_are_forgotten() -> None:
+    batcher = Batcher(BatchingConfig())
+    futures = [batcher.submit(_job("multiclass_hinge", classes=c)) for c in range(2, 12)]
+    for future in futures:
+        future.cancel()
+    await asyncio.sleep(0)
+    assert batcher.stats.requests == 0
+    assert not batcher._queues  # noqa: SLF001 - the leak this guards against
+    batcher.fail_all(RuntimeError("nothing left"))

@@ -48,6 +48,11 @@ class QueueStats:
 class Batcher:
     """Bounded, deadline-aware queue of jobs grouped by BatchKey.
 
+    Every entry sits in two heaps ordered by (deadline, arrival): its key's, from
+    which batches are taken, and a global one, whose top names the most urgent
+    key. Both drop taken or cancelled entries lazily, so choosing and taking a
+    batch costs O(log n) however many distinct keys are queued.
+
     Args:
         config: queue bounds and the optional gathering delay.
         on_drop: called with (job, reason) for each job dropped before compute
@@ -62,11 +67,11 @@ class Batcher:
         self._config = config
         self._on_drop = on_drop or (lambda job, reason: None)
         self._queues: dict[BatchKey, list[_Entry]] = {}
-        self._entries: dict[int, _Entry] = {}
+        # Live entries per key: a key whose count drops to 0 is forgotten at once.
+        self._live: dict[BatchKey, int] = {}
+        self._urgent: list[_Entry] = []
         self._seq = itertools.count()
         self._work = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
         self.stats = QueueStats()
         # Smoothed seconds of compute per row, for the retry delay we suggest when full.
@@ -103,11 +108,11 @@ class Batcher:
             job=job,
         )
         heapq.heappush(self._queues.setdefault(job.key, []), entry)
-        self._entries[id(job)] = entry
+        heapq.heappush(self._urgent, entry)
+        self._live[job.key] = self._live.get(job.key, 0) + 1
         stats.requests += 1
         stats.rows += job.rows
         stats.bytes += job.nbytes
-        self._idle.clear()
         # A caller that gives up (cancellation) frees its place at once.
         future.add_done_callback(functools.partial(self._on_done, entry))
         self._work.set()
@@ -123,12 +128,14 @@ class Batcher:
 
     def _remove(self, entry: _Entry) -> None:
         entry.live = False
-        self._entries.pop(id(entry.job), None)
+        key = entry.job.key
+        self._live[key] -= 1
+        if self._live[key] == 0:
+            del self._live[key]
+            del self._queues[key]
         self.stats.requests -= 1
         self.stats.rows -= entry.job.rows
         self.stats.bytes -= entry.job.nbytes
-        if self.stats.requests == 0:
-            self._idle.set()
 
     def record_compute(self, rows: int, seconds: float) -> None:
         """Feeds the compute speed estimate behind suggested retry delays."""
@@ -161,25 +168,16 @@ class Batcher:
                 return batch
 
     def _most_urgent_key(self) -> BatchKey | None:
-        best: tuple[float, int] | None = None
-        best_key = None
-        for key, heap in list(self._queues.items()):
-            while heap and not heap[0].live:
-                heapq.heappop(heap)
-            if not heap:
-                del self._queues[key]
-                continue
-            head = (heap[0].deadline, heap[0].seq)
-            if best is None or head < best:
-                best, best_key = head, key
-        return best_key
+        while self._urgent and not self._urgent[0].live:
+            heapq.heappop(self._urgent)
+        return self._urgent[0].job.key if self._urgent else None
 
     def _take(self, key: BatchKey, max_rows: int, max_bytes: int) -> list[LossJob]:
-        heap = self._queues.get(key)
         taken: list[LossJob] = []
         rows = nbytes = 0
         now = asyncio.get_running_loop().time()
-        while heap:
+        # The key's heap disappears once its last live entry is removed.
+        while heap := self._queues.get(key):
             entry = heap[0]
             if not entry.live:
                 heapq.heappop(heap)
@@ -207,17 +205,12 @@ class Batcher:
         """Refuses new jobs; queued ones still run."""
         self._closed = True
 
-    async def wait_empty(self) -> None:
-        """Returns once nothing is queued."""
-        await self._idle.wait()
-
     def fail_all(self, error: Exception) -> None:
         """Fails every queued job (used when the drain time is up)."""
-        for heap in self._queues.values():
-            for entry in heap:
-                if entry.live:
-                    self._remove(entry)
-                    future = entry.job.future
-                    if future is not None and not future.done():
-                        future.set_exception(error)
-        self._queues.clear()
+        for entry in self._urgent:
+            if entry.live:
+                self._remove(entry)
+                future = entry.job.future
+                if future is not None and not future.done():
+                    future.set_exception(error)
+        self._urgent.clear()
