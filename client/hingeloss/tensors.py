@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,17 +113,24 @@ def from_torch(tensor: torch.Tensor) -> pb.Tensor:
 
 
 def to_torch(tensor: pb.Tensor) -> torch.Tensor:
-    """Decodes a wire tensor into a CPU torch tensor viewing the message's bytes (no copy).
+    """Decodes a wire tensor into a CPU torch tensor over its bytes.
 
-    The view is read-only in spirit: torch cannot mark it so, and callers never write it.
+    Reading a bytes field of a message copies it once (upb); the tensor then views
+    that copy. The view is read-only in spirit: torch cannot mark it so, and callers
+    never write it.
     """
+    return torch_view(tensor.data, tensor.dtype, tuple(tensor.shape))
+
+
+def torch_view(data: bytes, wire: int, shape: Sequence[int]) -> torch.Tensor:
+    """A CPU torch tensor viewing `data` (no copy), of wire dtype `wire` and `shape`."""
     import torch
 
-    dtype = torch_dtype(tensor.dtype)
-    if not tensor.data:
-        return torch.empty(tuple(tensor.shape), dtype=dtype)
+    dtype = torch_dtype(wire)
+    if not data:
+        return torch.empty(tuple(shape), dtype=dtype)
     with warnings.catch_warnings():
         # torch warns that the buffer is not writable; nothing writes into it.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(tensor.data, dtype=dtype)
-    return flat.view(tuple(tensor.shape))
+        flat = torch.frombuffer(data, dtype=dtype)
+    return flat.view(tuple(shape))

@@ -96,7 +96,8 @@ class _Decoder:
         required: bool = True,
     ) -> torch.Tensor | None:
         field = self.field(name)
-        if message.dtype == pb.DTYPE_UNSPECIFIED and not message.shape and not message.data:
+        # ByteSize, not `data`: under upb every read of a bytes field is a fresh copy.
+        if message.ByteSize() == 0:
             if required:
                 raise InvalidInputError(field, "is required")
             return None
@@ -130,10 +131,11 @@ class _Decoder:
                 f"{self._limits.max_request_elements}",
             )
         expected = elements * tensors.BY_WIRE[message.dtype].itemsize
-        if len(message.data) != expected:
+        data = message.data  # the one copy out of the message; the tensor views it
+        if len(data) != expected:
             raise InvalidInputError(
                 f"{field}.data",
-                f"holds {len(message.data)} bytes; dtype and shape {shape} need {expected}",
+                f"holds {len(data)} bytes; dtype and shape {shape} need {expected}",
             )
         if self.nbytes + expected > self._limits.max_request_bytes:
             raise InvalidInputError(
@@ -142,7 +144,7 @@ class _Decoder:
                 f"{self._limits.max_request_bytes} bytes",
             )
         self.nbytes += expected
-        return tensors.to_torch(message)
+        return tensors.torch_view(data, message.dtype, shape)
 
     def same_rows(self, tensor: torch.Tensor, name: str, rows: int, rows_of: str) -> None:
         if tensor.shape[0] != rows:
