@@ -124,14 +124,14 @@ SDK_CASES: dict[str, tuple[Callable[[LossClient], Any], str, str]] = {
         lambda c: c.binary_hinge(
             np.array([1.0, -3e30], dtype=np.float32), np.array([1, 1]), power=2
         ),
-        "binary_hinge.scores",
+        "binary_hinge.scores[1]",
         "overflow",
     ),
     "float16 gradient overflows": (
         lambda c: c.binary_hinge(
             torch.tensor([-60000.0], dtype=torch.float16), np.array([1]), power=2
         ),
-        "binary_hinge.scores",
+        "binary_hinge.scores[0]",
         "overflow",
     ),
     "empty batch": (
@@ -360,3 +360,29 @@ def test_server_keeps_serving_after_bad_input(shared_server: Any) -> None:
                 client.binary_hinge(_with(SCORES, 0, np.nan), LABELS)
         result = client.binary_hinge(SCORES, LABELS)
     assert result.loss == pytest.approx(np.maximum(0.0, 1.0 - LABELS * SCORES).mean(), rel=1e-12)
+
+
+def test_overflow_names_the_first_bad_row(shared_server: Any) -> None:
+    scores = np.array([0.5, 1.0, -3e30, -4e30], dtype=np.float32)
+    error = _sdk(shared_server.target, lambda c: c.binary_hinge(scores, np.ones(4), power=2))
+    assert _field(error) == "binary_hinge.scores[2]"
+
+
+def test_float16_per_sample_overflow_is_caught(shared_server: Any) -> None:
+    """Finite float32 losses that overflow float16 on the way back are refused too."""
+    scores = torch.tensor([-300.0, 0.5], dtype=torch.float16)
+    error = _sdk(
+        shared_server.target,
+        lambda c: c.binary_hinge(scores, np.array([1, 1]), power=2, reduction="none"),
+    )
+    assert _field(error) == "binary_hinge.scores[0]"
+    assert "overflow" in error.field_violations[0].description
+
+
+def test_ignored_rows_never_overflow(shared_server: Any) -> None:
+    scores = np.array([[0.0, 1.0, 2.0], [-3e38, 3e38, 0.0]], dtype=np.float32)
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(scores, np.array([0, -100]), ignore_index=-100)
+    assert result.loss == pytest.approx(5.0)
+    assert result.samples == 1
+    np.testing.assert_array_equal(result.grad[1], np.zeros(3, dtype=np.float32))

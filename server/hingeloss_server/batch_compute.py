@@ -7,10 +7,14 @@ reduction sums only its own rows.
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from hingeloss import tensors
@@ -92,6 +96,9 @@ def compute_batch(
         else None
     )
     ignore_mask = _ignore_mask(jobs, staging)
+    if ignore_mask is not None:
+        # Ignored rows contribute nothing, whatever their scores: not even an overflow.
+        inputs = (inputs[0].masked_fill(ignore_mask.unsqueeze(1), 0.0),)
     class_weights = (
         None
         if jobs[0].job.class_weights is None
@@ -235,56 +242,51 @@ def _split(
     wire_dtype: int,
     dtype: torch.dtype,
 ) -> list[JobResult | InvalidInputError]:
-    """Splits the kernel's output per job: reductions on the device, one copy to the host."""
+    """Splits the kernel's output per job and reduces each job's rows on the host.
+
+    Each job's loss is the correctly rounded sum (math.fsum) of its own scaled
+    per-sample terms: the same bits whatever else shares the batch and in whatever
+    order a device would have added them.
+    """
     kind = jobs[0].job.key.params.kind
-    n_jobs = len(jobs)
-    device = inputs[0].device
     torch_wire = tensors.torch_dtype(wire_dtype)
-    # Per-job sums of scale * per_sample and of active rows via one index_add per set.
-    losses64 = torch.zeros(n_jobs, dtype=torch.float64, device=device)
-    active = torch.zeros(n_jobs, dtype=torch.int64, device=device)
-    bad_rows = torch.zeros(n_jobs, dtype=torch.int64, device=device)
-    set_sizes = [[int(p.scales[s].shape[0]) for p in jobs] for s in range(len(scales64))]
-    owners = [_owners(sizes, device) for sizes in set_sizes]
-    for s, per_sample in enumerate(output.per_sample):
-        losses64.index_add_(0, owners[s], per_sample.to(torch.float64) * scales64[s])
-        active.index_add_(0, owners[s], output.active[s].to(torch.int64))
     input_sets = _input_sets(kind, len(inputs))
     grads_wire = tuple(g.to(torch_wire) for g in output.grads)
-    # Overflow check. Fast path: finite sums prove every element finite; only a
-    # batch that fails it pays for locating the jobs with non-finite rows.
-    sums = [p.sum() for p in output.per_sample] + [g.sum() for g in grads_wire]
-    if not bool(torch.isfinite(torch.stack([s.to(torch.float64) for s in sums])).all()):
-        for s, per_sample in enumerate(output.per_sample):
-            bad_rows.index_add_(0, owners[s], (~torch.isfinite(per_sample)).to(torch.int64))
-        for k, grad in enumerate(grads_wire):
-            row_bad = ~torch.isfinite(grad)
-            if row_bad.dim() == 2:
-                row_bad = row_bad.any(dim=1)
-            bad_rows.index_add_(0, owners[input_sets[k]], row_bad.to(torch.int64))
     per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample)
-    # Device to host: the large tensors into pinned memory without blocking, then one
-    # blocking copy of the per-job figures, which (same stream) waits for them all.
+    bad = _non_finite_rows(output.per_sample, per_sample_wire, grads_wire, input_sets)
+    # Device to host: the large tensors into pinned memory without blocking, then the
+    # per-row figures (N values, not N x C), whose blocking copy waits for them all.
     grads_host = tuple(_to_host(g) for g in grads_wire)
     per_sample_host = tuple(_to_host(p) for p in per_sample_wire)
-    summary = torch.stack([losses64, active.to(torch.float64), bad_rows.to(torch.float64)])
-    losses_host, active_float, bad_float = summary.cpu().tolist()
-    active_host = [int(a) for a in active_float]
-    bad_host = [int(b) for b in bad_float]
+    scaled_host = [
+        (p.to(torch.float64) * scale).cpu().numpy()
+        for p, scale in zip(output.per_sample, scales64, strict=True)
+    ]
+    active_host = [a.cpu().numpy() for a in output.active]
+    bad_host = None if bad is None else [b.cpu().numpy() for b in bad]
 
     results: list[JobResult | InvalidInputError] = []
     offsets = [0] * len(scales64)
-    for j, prepared in enumerate(jobs):
+    for prepared in jobs:
         spans = []
-        for s in range(len(scales64)):
-            spans.append((offsets[s], offsets[s] + set_sizes[s][j]))
-            offsets[s] += set_sizes[s][j]
+        for s, scale in enumerate(prepared.scales):
+            spans.append(slice(offsets[s], offsets[s] + int(scale.shape[0])))
+            offsets[s] += int(scale.shape[0])
         job = prepared.job
-        if bad_host[j] or not _finite(losses_host[j]):
+        overflow = _first_bad_row(bad_host, spans)
+        loss = math.fsum(
+            itertools.chain.from_iterable(
+                scaled_host[s][span].tolist() for s, span in enumerate(spans)
+            )
+        )
+        if overflow is not None or not math.isfinite(loss):
+            set_index, row = overflow if overflow is not None else (0, 0)
+            field = job.input_fields[_first_input_of(input_sets, set_index)]
+            where = f"[{row}]" if overflow is not None else ""
             results.append(
                 InvalidInputError(
-                    f"{kind.value}.{job.input_fields[0]}",
-                    f"overflow: the hinge term or its gradient exceeds the range of "
+                    f"{kind.value}.{field}{where}",
+                    "overflow: the hinge term or its gradient exceeds the range of "
                     f"{str(torch_wire).removeprefix('torch.')}",
                 )
             )
@@ -294,28 +296,68 @@ def _split(
         if options.gradient_format is not GradientFormat.NONE:
             grads = tuple(
                 _encode_grad(
-                    grads_host[k][slice(*spans[input_sets[k]])], wire_dtype, options.gradient_format
+                    grads_host[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
                 )
                 for k in range(len(grads_host))
             )
         per_sample_arrays: tuple[WireArray, ...] = ()
         if options.return_per_sample:
             per_sample_arrays = tuple(
-                _wire(per_sample_host[s][slice(*spans[s])], wire_dtype)
-                for s in range(len(per_sample_host))
+                _wire(per_sample_host[s][span], wire_dtype) for s, span in enumerate(spans)
             )
         results.append(
             JobResult(
-                loss=losses_host[j],
+                loss=loss,
                 grads=grads,
                 per_sample=per_sample_arrays,
                 samples=prepared.samples,
-                active=active_host[j],
+                active=sum(int(active_host[s][span].sum()) for s, span in enumerate(spans)),
                 batch=BatchInfo(rows=0, requests=0, compute_s=0.0, device=""),
                 compute_dtype=dtype,
             )
         )
     return results
+
+
+def _non_finite_rows(
+    per_sample: tuple[torch.Tensor, ...],
+    per_sample_wire: tuple[torch.Tensor, ...],
+    grads_wire: tuple[torch.Tensor, ...],
+    input_sets: tuple[int, ...],
+) -> list[torch.Tensor] | None:
+    """Rows whose loss or gradient overflowed (in compute or wire dtype), per sample set.
+
+    Fast path: finite sums prove every element finite, and None comes back; only a
+    batch that fails it pays for a scan of every row.
+    """
+    sums = [t.sum() for t in (*per_sample, *per_sample_wire, *grads_wire)]
+    if bool(torch.isfinite(torch.stack([x.to(torch.float64) for x in sums])).all()):
+        return None
+    bad = [
+        ~torch.isfinite(p) | ~torch.isfinite(w)
+        for p, w in zip(per_sample, per_sample_wire, strict=True)
+    ]
+    for k, grad in enumerate(grads_wire):
+        rows = ~torch.isfinite(grad)
+        bad[input_sets[k]] |= rows.any(dim=1) if rows.dim() == 2 else rows
+    return bad
+
+
+def _first_bad_row(
+    bad_host: list[np.ndarray[Any, Any]] | None, spans: list[slice]
+) -> tuple[int, int] | None:
+    """(sample set, row within the job) of a job's first overflowing row, or None."""
+    if bad_host is None:
+        return None
+    for s, span in enumerate(spans):
+        rows = np.flatnonzero(bad_host[s][span])
+        if rows.size:
+            return s, int(rows[0])
+    return None
+
+
+def _first_input_of(input_sets: tuple[int, ...], set_index: int) -> int:
+    return input_sets.index(set_index)
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -324,16 +366,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
-
-
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
-
-
-def _owners(sizes: list[int], device: torch.device) -> torch.Tensor:
-    """Row -> job index, for per-job segment sums."""
-    counts = torch.tensor(sizes, dtype=torch.int64)
-    return torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
 
 
 def _input_sets(kind: LossKind, n_inputs: int) -> tuple[int, ...]:
