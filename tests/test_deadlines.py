@@ -27,7 +27,7 @@ from hingeloss_server.batching import Batcher
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import DeadlineExpiredError
-from hingeloss_server.service import error_status
+from hingeloss_server.status import error_status
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
 LABELS = np.array([1.0, -1.0, 1.0, 1.0])

@@ -276,3 +276,58 @@ def test_health_has_both_names_and_unknown_is_not_found(shared_server: Any) -> N
         with pytest.raises(grpc.RpcError) as info:
             stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_stream_error_names_the_failing_request(shared_server: Any) -> None:
+    from hingeloss.errors import from_rpc_error
+    from hingeloss.requests import build_request
+    from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
+
+    good = {"scores": np.array([0.5, -1.0]), "labels": np.array([1, 1])}
+    bad = {"scores": np.array([0.5, -1.0]), "labels": np.array([1, 3])}
+    requests = [
+        build_request("binary_hinge", inputs, {"request_id": rid})[0]
+        for rid, inputs in (("a", good), ("b", bad), ("c", good))
+    ]
+    with grpc.insecure_channel(shared_server.target) as channel:
+        stream = pb_grpc.LossServiceStub(channel).ComputeStream(iter(requests), timeout=10)
+        first = next(stream)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+    assert first.request_id == "a"
+    error = from_rpc_error(info.value)
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "binary_hinge.labels[1]" in str(error)
+    details = _error_info(info.value)
+    assert dict(details.metadata) == {"streamIndex": "1", "requestId": "b"}
+
+
+def _error_info(rpc_error: grpc.RpcError) -> Any:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(rpc_error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo")
+
+
+def test_unary_error_carries_the_request_id(shared_server: Any) -> None:
+    from hingeloss.requests import build_request
+    from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
+
+    request, _ = build_request(
+        "binary_hinge",
+        {"scores": np.array([np.nan]), "labels": np.array([1])},
+        {"request_id": "x" * 500},
+    )
+    with (
+        grpc.insecure_channel(shared_server.target) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        pb_grpc.LossServiceStub(channel).Compute(request, timeout=10)
+    assert dict(_error_info(info.value).metadata) == {"requestId": "x" * 64}

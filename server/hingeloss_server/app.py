@@ -137,7 +137,6 @@ class HingelossServer:
         )
         servicer = LossServicer(
             config.limits,
-            config.batching,
             self.batcher,
             self.metrics,
             lambda: server_info(

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.service import error_status
+from hingeloss_server.status import error_status
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 

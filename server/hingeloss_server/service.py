@@ -1,4 +1,4 @@
-"""The gRPC servicer: decode, submit, encode; one table maps domain errors to statuses.
+"""The gRPC servicer: decode, submit, encode; errors become statuses through status.py.
 
 Thin on purpose: batching, devices and math live below it and know no gRPC.
 """
@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from hingeloss import __version__, tensors
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -23,14 +20,7 @@ from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
-from hingeloss_server.errors import (
-    ComputeFailedError,
-    DeadlineExpiredError,
-    DrainingError,
-    HingelossError,
-    InvalidInputError,
-    OverloadedError,
-)
+from hingeloss_server.errors import ComputeFailedError, HingelossError
 from hingeloss_server.jobs import (
     GradientFormat,
     JobResult,
@@ -41,64 +31,13 @@ from hingeloss_server.jobs import (
     WireArray,
 )
 from hingeloss_server.metrics import Metrics
+from hingeloss_server.status import error_status, status_mapping
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
-ERROR_DOMAIN = "hingeloss.v1"
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
-
-
-@dataclass(frozen=True)
-class _StatusMapping:
-    code: grpc.StatusCode
-    reason: str
-    rejected: str | None
-
-
-def _mapping(error: HingelossError) -> _StatusMapping:
-    if isinstance(error, InvalidInputError):
-        return _StatusMapping(
-            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "invalid_argument"
-        )
-    if isinstance(error, OverloadedError):
-        return _StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", "queue_full")
-    if isinstance(error, DeadlineExpiredError):
-        return _StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
-    if isinstance(error, DrainingError):
-        return _StatusMapping(grpc.StatusCode.UNAVAILABLE, "DRAINING", "draining")
-    if isinstance(error, ComputeFailedError) and error.out_of_memory:
-        return _StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "DEVICE_OUT_OF_MEMORY", None)
-    return _StatusMapping(grpc.StatusCode.INTERNAL, "INTERNAL", None)
-
-
-def error_status(error: HingelossError) -> grpc.Status:
-    """The rich status for a domain error: BadRequest, RetryInfo and ErrorInfo details."""
-    mapping = _mapping(error)
-    details = []
-    if isinstance(error, InvalidInputError):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=error.field, description=error.description
-                    )
-                ]
-            )
-        )
-    if isinstance(error, OverloadedError):
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    details.append(error_details_pb2.ErrorInfo(reason=mapping.reason, domain=ERROR_DOMAIN))
-    packed = []
-    for detail in details:
-        wrapped = any_pb2.Any()
-        wrapped.Pack(detail)
-        packed.append(wrapped)
-    status = status_pb2.Status(code=mapping.code.value[0], message=str(error), details=packed)
-    return rpc_status.to_status(status)
 
 
 def fill_tensor(message: pb.Tensor, array: WireArray) -> None:
@@ -211,13 +150,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def __init__(
         self,
         limits: LimitsConfig,
-        batching: BatchingConfig,
         batcher: Batcher,
         metrics: Metrics,
         server_info: Callable[[], pb.ServerInfo],
     ) -> None:
         self._limits = limits
-        self._batching = batching
         self._batcher = batcher
         self._metrics = metrics
         self._server_info = server_info
@@ -242,7 +179,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
             return response
         except HingelossError as error:
-            mapping = _mapping(error)
+            mapping = status_mapping(error)
             self._metrics.request_done(loss, mapping.code, None)
             # Deadline expiries are counted once, by the batcher that drops them.
             if mapping.rejected is not None:
@@ -251,6 +188,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except asyncio.CancelledError:
             self._metrics.request_done(loss, grpc.StatusCode.CANCELLED, None)
             raise
+        except Exception as error:
+            # A bug, never the caller's fault: INTERNAL, logged here with the request id.
+            logger.exception("request %r failed", _short(request.request_id))
+            self._metrics.request_done(loss, grpc.StatusCode.INTERNAL, None)
+            raise ComputeFailedError(
+                f"internal error in request {_short(request.request_id)!r}"
+            ) from error
         finally:
             self._metrics.inflight.dec()
 
@@ -260,7 +204,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         try:
             return await self._compute_one(request, context)
         except HingelossError as error:
-            await _abort(context, error, request.request_id)
+            await _abort(context, error, {"requestId": _short(request.request_id)})
             raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
@@ -268,32 +212,52 @@ class LossServicer(pb_grpc.LossServiceServicer):
         request_iterator: AsyncIterator[pb.ComputeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ComputeResponse]:
-        # Requests are submitted as they arrive and answered in order; a window
-        # bounds how many one stream keeps in flight.
-        pending: asyncio.Queue[asyncio.Task[pb.ComputeResponse] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
+        """Submits requests as they arrive and answers them in order.
+
+        A window bounds how many one stream keeps in flight. The first failing
+        request ends the stream with its status, whose ErrorInfo names it
+        (`streamIndex`, `requestId`); the answers before it are all sent first.
+        """
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
+        read_error: list[BaseException] = []
 
         async def read() -> None:
             try:
+                index = 0
                 async for request in request_iterator:
-                    await pending.put(asyncio.create_task(self._compute_one(request, context)))
+                    await window.acquire()  # before the task exists: nothing is orphaned
+                    task = asyncio.create_task(self._compute_one(request, context))
+                    pending.put_nowait(_StreamItem(index, request.request_id, task))
+                    index += 1
+            except Exception as error:  # the request stream itself broke
+                read_error.append(error)
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (task := await pending.get()) is not None:
+            while (item := await pending.get()) is not None:
                 try:
-                    yield await task
+                    response = await item.task
                 except HingelossError as error:
-                    await _abort(context, error, "")
+                    metadata = {
+                        "streamIndex": str(item.index),
+                        "requestId": _short(item.request_id),
+                    }
+                    await _abort(context, error, metadata)
+                finally:
+                    window.release()
+                yield response
+            if read_error:
+                logger.error("request stream failed: %s", read_error[0])
+                await _abort(context, ComputeFailedError("the request stream failed"), {})
         finally:
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
                 if leftover is not None:
-                    leftover.cancel()
+                    leftover.task.cancel()
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -301,10 +265,27 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return self._server_info()
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: HingelossError, request_id: str) -> None:
-    status = error_status(error)
+@dataclass(frozen=True)
+class _StreamItem:
+    index: int
+    request_id: str
+    task: asyncio.Task[pb.ComputeResponse]
+
+
+# Request ids are the caller's: at most this much of one goes into a log or a status.
+REQUEST_ID_ECHO_CHARS = 64
+
+
+def _short(request_id: str) -> str:
+    return request_id[:REQUEST_ID_ECHO_CHARS]
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, error: HingelossError, metadata: dict[str, str]
+) -> None:
+    status = error_status(error, metadata)
     if status.code is grpc.StatusCode.INTERNAL:
-        logger.error("request %r: %s", request_id, error)
+        logger.error("request %r: %s", metadata.get("requestId", ""), error)
     await context.abort_with_status(status)
 
 

@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from hingeloss_server.batch_compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
 from hingeloss_server.batching import Batcher
 from hingeloss_server.config import WorkerConfig
-from hingeloss_server.errors import ComputeFailedError, HingelossError, InvalidInputError
+from hingeloss_server.errors import (
+    ComputeFailedError,
+    DrainingError,
+    HingelossError,
+    InvalidInputError,
+)
 from hingeloss_server.jobs import JobResult, LossJob
 from hingeloss_server.metrics import Metrics, NoMetrics
 from hingeloss_server.prepare import PreparedJob, prepare
@@ -171,11 +175,24 @@ class Worker:
         self.executor.shutdown(wait=True)
 
 
+def _fail_unresolved(jobs: Sequence[LossJob], error: HingelossError) -> None:
+    for job in jobs:
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(error)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """CUDA's, or the CPU allocator's (a RuntimeError that says so)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def _compute_error(request_id: str, error: Exception) -> HingelossError:
     # Ids are the caller's: echo a bounded prefix only (statuses travel in size-capped metadata).
     request_id = request_id[:64]
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        logger.warning("request %s: CUDA out of memory", request_id)
+    if _out_of_memory(error):
+        logger.warning("request %s: out of device memory", request_id)
         return ComputeFailedError(
             "the device ran out of memory for this request", out_of_memory=True
         )
@@ -231,30 +248,32 @@ class WorkerPool:
         ]
 
     async def _serve(self, worker: Worker) -> None:
+        """Takes and runs batches until stopped. Every job taken is resolved, whatever fails."""
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._batcher.next_batch()
             taken_at = loop.time()
             try:
                 outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
-            except Exception as error:  # never lose a batch's callers, whatever broke
+                self._deliver(outcomes, taken_at)
+                if output is not None:
+                    self._record(outcomes, output)
+            except asyncio.CancelledError:
+                _fail_unresolved(jobs, DrainingError("the server stopped during this request"))
+                raise
+            except Exception:  # never lose a batch's callers, nor the worker, whatever broke
                 logger.exception("worker %s failed outside compute", worker.name)
-                outcomes = [Outcome(job, error=ComputeFailedError(str(error))) for job in jobs]
-                output = None
-            self._deliver(outcomes, taken_at)
-            if output is not None:
-                info = next((o.result.batch for o in outcomes if o.result is not None), None)
-                if info is not None:
-                    self._batcher.record_compute(info.rows, info.compute_s)
-                    margins = output.margins.to(torch.float64).numpy()
-                    self._metrics.batch_done(
-                        info.device,
-                        info.rows,
-                        info.requests,
-                        info.compute_s,
-                        output.kind.value,
-                        np.asarray(margins),
-                    )
+            _fail_unresolved(jobs, ComputeFailedError("internal error while serving this request"))
+
+    def _record(self, outcomes: list[Outcome], output: BatchOutput) -> None:
+        info = next((o.result.batch for o in outcomes if o.result is not None), None)
+        if info is None:
+            return
+        self._batcher.record_compute(info.rows, info.compute_s)
+        margins = output.margins.to(torch.float64).numpy()
+        self._metrics.batch_done(
+            info.device, info.rows, info.requests, info.compute_s, output.kind.value, margins
+        )
 
     def _deliver(self, outcomes: list[Outcome], taken_at: float) -> None:
         for outcome in outcomes:

@@ -1,0 +1,85 @@
+"""The one table from domain errors to gRPC statuses, with their rich details.
+
+INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field; load shedding a
+RetryInfo; every status an ErrorInfo (reason UPPER_SNAKE, domain hingeloss.v1, and
+lowerCamel metadata such as the failing request of a stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from hingeloss_server.errors import (
+    ComputeFailedError,
+    DeadlineExpiredError,
+    DrainingError,
+    HingelossError,
+    InvalidInputError,
+    OverloadedError,
+)
+
+ERROR_DOMAIN = "hingeloss.v1"
+
+
+@dataclass(frozen=True)
+class StatusMapping:
+    """How one domain error is reported: its code, ErrorInfo reason and metrics label."""
+
+    code: grpc.StatusCode
+    reason: str
+    # Label of hingeloss_requests_rejected_total, or None when it is not a rejection.
+    rejected: str | None
+
+
+def status_mapping(error: HingelossError) -> StatusMapping:
+    if isinstance(error, InvalidInputError):
+        return StatusMapping(
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "invalid_argument"
+        )
+    if isinstance(error, OverloadedError):
+        return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", "queue_full")
+    if isinstance(error, DeadlineExpiredError):
+        return StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
+    if isinstance(error, DrainingError):
+        return StatusMapping(grpc.StatusCode.UNAVAILABLE, "DRAINING", "draining")
+    if isinstance(error, ComputeFailedError) and error.out_of_memory:
+        return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "DEVICE_OUT_OF_MEMORY", None)
+    return StatusMapping(grpc.StatusCode.INTERNAL, "INTERNAL", None)
+
+
+def error_status(error: HingelossError, metadata: Mapping[str, str] | None = None) -> grpc.Status:
+    """The rich status for a domain error; `metadata` goes into its ErrorInfo."""
+    mapping = status_mapping(error)
+    details = []
+    if isinstance(error, InvalidInputError):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=error.field, description=error.description
+                    )
+                ]
+            )
+        )
+    if isinstance(error, OverloadedError):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details.append(
+        error_details_pb2.ErrorInfo(
+            reason=mapping.reason, domain=ERROR_DOMAIN, metadata=dict(metadata or {})
+        )
+    )
+    packed = []
+    for detail in details:
+        wrapped = any_pb2.Any()
+        wrapped.Pack(detail)
+        packed.append(wrapped)
+    status = status_pb2.Status(code=mapping.code.value[0], message=str(error), details=packed)
+    return rpc_status.to_status(status)
