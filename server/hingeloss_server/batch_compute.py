@@ -21,6 +21,7 @@ from hingeloss import tensors
 from hingeloss_server import losses
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
+    INPUT_SETS,
     BatchInfo,
     GradientFormat,
     JobResult,
@@ -250,7 +251,7 @@ def _split(
     """
     kind = jobs[0].job.key.params.kind
     torch_wire = tensors.torch_dtype(wire_dtype)
-    input_sets = _input_sets(kind, len(inputs))
+    input_sets = INPUT_SETS[kind]
     grads_wire = tuple(g.to(torch_wire) for g in output.grads)
     per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample)
     bad = _non_finite_rows(output.per_sample, per_sample_wire, grads_wire, input_sets)
@@ -366,13 +367,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
-
-
-def _input_sets(kind: LossKind, n_inputs: int) -> tuple[int, ...]:
-    """The sample set each score input belongs to."""
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        return (0, 1)
-    return (0,) * n_inputs
 
 
 def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:

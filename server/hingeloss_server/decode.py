@@ -26,6 +26,7 @@ from hingeloss_server.jobs import (
     LossParams,
     Reduction,
     RequestOptions,
+    set_rows,
 )
 
 FLOAT_WIRE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
@@ -190,7 +191,7 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     sample_weights = weights_decoder.tensor(
         request.sample_weights, "sample_weights", ndim=1, floats=True, required=False
     )
-    rows = sum(int(t.shape[0]) for t in _sample_sets(kind, job.inputs))
+    rows = sum(set_rows(kind, job.inputs))
     if reduction is Reduction.WEIGHTED_MEAN and sample_weights is None:
         raise InvalidInputError("sample_weights", "is required by REDUCTION_WEIGHTED_MEAN")
     if sample_weights is not None and sample_weights.shape[0] != rows:
@@ -207,11 +208,6 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     job.rows = rows
     job.nbytes = weights_decoder.nbytes  # every tensor of the request, weights included
     return job
-
-
-def _sample_sets(kind: LossKind, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The inputs that each define one set of samples (ranking's b shares a's samples)."""
-    return inputs[:1] if kind is LossKind.MARGIN_RANKING else inputs
 
 
 def _options(kind: LossKind, message: Any, decoder: _Decoder) -> dict[str, Any]:

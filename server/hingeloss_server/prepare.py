@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import LossJob, LossKind, Reduction
+from hingeloss_server.jobs import LossJob, LossKind, Reduction, set_rows
 
 
 @dataclass
@@ -104,13 +104,11 @@ def prepare(job: LossJob) -> PreparedJob:
     if job.targets is not None:
         targets, ignore_mask = _class_targets(job, f"{prefix}.targets")
 
-    set_rows = [int(t.shape[0]) for t in job.inputs]
-    if kind is LossKind.MARGIN_RANKING:
-        set_rows = set_rows[:1]
+    rows_per_set = set_rows(kind, job.inputs)
     counted = job.rows if ignore_mask is None else job.rows - int(ignore_mask.sum())
     if counted == 0:
         raise InvalidInputError(f"{prefix}.targets", "every sample is ignored (ignore_index)")
-    scales = _row_scales(job, set_rows, ignore_mask, counted)
+    scales = _row_scales(job, rows_per_set, ignore_mask, counted)
     return PreparedJob(
         job=job,
         labels=labels,
@@ -144,18 +142,18 @@ def _class_targets(job: LossJob, field: str) -> tuple[torch.Tensor, torch.Tensor
 
 def _row_scales(
     job: LossJob,
-    set_rows: list[int],
+    rows_per_set: list[int],
     ignore_mask: torch.Tensor | None,
     counted: int,
 ) -> tuple[torch.Tensor, ...]:
     reduction = job.options.reduction
     kind = job.key.params.kind
     if reduction in (Reduction.SUM, Reduction.NONE):
-        return tuple(_fill(rows, 1.0) for rows in set_rows)
+        return tuple(_fill(rows, 1.0) for rows in rows_per_set)
     if reduction is Reduction.MEAN:
         if kind is LossKind.GAN_DISCRIMINATOR and not job.options.pooled_mean:
-            return tuple(_fill(rows, 1.0 / rows) for rows in set_rows)
-        return tuple(_fill(rows, 1.0 / counted) for rows in set_rows)
+            return tuple(_fill(rows, 1.0 / rows) for rows in rows_per_set)
+        return tuple(_fill(rows, 1.0 / counted) for rows in rows_per_set)
     # WEIGHTED_MEAN: weights over all samples (GAN: real then fake).
     assert job.sample_weights is not None
     weights = job.sample_weights.to(torch.float64)
@@ -169,4 +167,4 @@ def _row_scales(
     total = float(weights.sum())
     if total <= 0.0:
         raise InvalidInputError("sample_weights", "the weights of the counted samples sum to 0")
-    return tuple(part / total for part in torch.split(weights, set_rows))
+    return tuple(part / total for part in torch.split(weights, rows_per_set))
