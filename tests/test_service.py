@@ -331,3 +331,13 @@ def test_unary_error_carries_the_request_id(shared_server: Any) -> None:
     ):
         pb_grpc.LossServiceStub(channel).Compute(request, timeout=10)
     assert dict(_error_info(info.value).metadata) == {"requestId": "x" * 64}
+
+
+def test_server_info_reports_every_limit(shared_server: Any) -> None:
+    from hingeloss_server.config import BatchingConfig, LimitsConfig
+
+    with LossClient(shared_server.target) as client:
+        limits = client.server_info().limits
+    assert limits.max_request_bytes == LimitsConfig().max_request_bytes
+    assert limits.max_batch_bytes == BatchingConfig().max_batch_bytes
+    assert limits.max_request_rows == LimitsConfig().max_request_rows

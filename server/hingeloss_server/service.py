@@ -307,6 +307,8 @@ def server_info(
             max_queue_rows=batching.max_queue_rows,
             max_queue_bytes=batching.max_queue_bytes,
             max_dims=limits.max_dims,
+            max_request_bytes=limits.max_request_bytes,
+            max_batch_bytes=batching.max_batch_bytes,
         ),
         torch_version=torch.__version__,
         grpc_version=grpc.__version__,

@@ -324,7 +324,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., score_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., devices: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., torch_version: _Optional[str] = ..., grpc_version: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_request_rows", "max_request_elements", "max_batch_rows", "max_queue_rows", "max_queue_bytes", "max_dims")
+    __slots__ = ("max_message_bytes", "max_request_rows", "max_request_elements", "max_batch_rows", "max_queue_rows", "max_queue_bytes", "max_dims", "max_request_bytes", "max_batch_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,8 @@ class ServerLimits(_message.Message):
     MAX_QUEUE_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DIMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_request_rows: int
     max_request_elements: int
@@ -339,4 +341,6 @@ class ServerLimits(_message.Message):
     max_queue_rows: int
     max_queue_bytes: int
     max_dims: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., max_request_elements: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    max_batch_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., max_request_elements: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
