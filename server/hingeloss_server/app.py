@@ -1,9 +1,10 @@
 """Assembles and runs one server: config -> engine -> servicer -> grpc.aio server.
 
-Start-up order: metrics, batcher and worker pool (warmed up), servicer, health and
-reflection, interceptors, bind, start, then health SERVING. Shutdown runs the
-other way: health NOT_SERVING, optional delay for load balancers, stop taking
-work, drain in-flight requests, stop the server, then the workers.
+Start-up order: metrics, batcher and worker pool, servicer, health (NOT_SERVING)
+and reflection, interceptors, bind, start, warm every worker up, then health
+SERVING: the port answers health checks during warm-up. Shutdown runs the other
+way: health NOT_SERVING, optional delay for load balancers, stop taking work,
+drain in-flight requests, stop the server, then the workers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from hingeloss_server.errors import DrainingError
 from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
 from hingeloss_server.parse_guard import ParseGuardInterceptor
-from hingeloss_server.service import SERVICE_NAME, LossServicer, server_info, warm_up_requests
+from hingeloss_server.service import SERVICE_NAME, LossServicer, server_info
+from hingeloss_server.warmup import warm_up_requests
 from hingeloss_server.workers import FaultHook, WorkerPool
 
 logger = logging.getLogger(__name__)
