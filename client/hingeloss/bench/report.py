@@ -95,6 +95,7 @@ def write_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     dpi = 100
     figure, axes = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
@@ -133,6 +134,10 @@ def write_plot(
         axes.set_ylabel("latency (ms)")
         if any(r.ok for rs in series.values() for r in rs):
             axes.set_yscale("log")
+            # Plain numbers (0.5, 2, 40), not 4x10^0, on both major and minor ticks.
+            plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+            axes.yaxis.set_major_formatter(plain)
+            axes.yaxis.set_minor_formatter(plain)
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
         axes.set_title(title or "latency against throughput")
