@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from cases import random_inputs
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 from references import reference
 from support import ServerThread, requires_cuda, server_config
@@ -29,9 +31,15 @@ from hingeloss import (
     LossClient,
     OverloadedError,
     RetryPolicy,
+    StreamAbortedError,
     UnavailableError,
+    tensors,
 )
-from hingeloss.requests import build_request, enum_value
+from hingeloss.channel import Retrier
+from hingeloss.errors import from_rpc_error
+from hingeloss.requests import InputKind, build_request, enum_value
+from hingeloss.results import decode_response
+from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
 from hingeloss_server.jobs import LossJob
 
@@ -325,3 +333,202 @@ def test_device_out_of_memory_is_not_retried(make_server: Any) -> None:
         client.gan_generator(np.ones(4), request_id="huge")
     assert info.value.reason == "DEVICE_OUT_OF_MEMORY"
     assert attempts == ["huge"]
+
+
+# -- retries: only real load shedding, throttled per client --------------------------------
+
+
+def test_resource_exhausted_is_retried_only_when_the_server_sheds_load() -> None:
+    policy = RetryPolicy()
+    shedding = [
+        OverloadedError("the queue is full", reason="QUEUE_FULL"),
+        OverloadedError("busy", retry_delay=0.1),
+        OverloadedError("Concurrent RPC limit exceeded!"),
+    ]
+    final = [
+        OverloadedError("Received message larger than max (600 vs. 512)"),
+        OverloadedError("Sent message larger than max (600 vs. 512)"),
+        OverloadedError("the request does not fit", reason="DEVICE_OUT_OF_MEMORY"),
+        OverloadedError("some quota ran out"),
+    ]
+    assert all(policy.is_retryable(e) for e in shedding)
+    assert not any(policy.is_retryable(e) for e in final)
+    assert all(policy.next_delay(1, e, None) is not None for e in shedding)
+    assert all(policy.next_delay(1, e, None) is None for e in final)
+    assert policy.is_retryable(UnavailableError("draining", reason="DRAINING"))
+    assert not policy.is_retryable(InvalidArgumentError("bad"))
+
+
+def test_retry_throttle_follows_grpc_token_bucket() -> None:
+    retrier = Retrier(RetryPolicy(max_attempts=100, jitter=0.0))
+    shed = OverloadedError("the queue is full", reason="QUEUE_FULL", retry_delay=0.01)
+    allowed = [retrier.failed(1, shed, None) is not None for _ in range(7)]
+    # 10 tokens; each failure costs one; retries only while more than 5 are left.
+    assert allowed == [True, True, True, True, False, False, False]
+    for _ in range(40):  # 0.1 token per success: 3 tokens become 7
+        retrier.succeeded()
+    assert retrier.failed(1, shed, None) is not None  # 6 left
+    assert retrier.failed(1, shed, None) is None  # 5 left: not more than half
+
+    # Failures that are not worth retrying cost nothing.
+    assert retrier.throttle is not None
+    tokens = retrier.throttle.tokens
+    assert retrier.failed(1, InvalidArgumentError("bad"), None) is None
+    assert retrier.throttle.tokens == tokens
+    assert Retrier(RetryPolicy(throttle_max_tokens=None)).throttle is None
+    with pytest.raises(ValueError, match="throttle_max_tokens"):
+        RetryPolicy(throttle_max_tokens=0)
+
+
+def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> None:
+    gate = _Gate()
+    registry = CollectorRegistry()
+    config = server_config(batching=BatchingConfig(max_queue_rows=3))
+    server = make_server(config, fault_hook=gate, registry=registry)
+    blocker = _block(server, gate)
+    filler = LossClient(server.target)
+    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
+
+    def shed() -> float:
+        labels = {"reason": "queue_full"}
+        return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
+
+    try:
+        queued.start()
+        while server.server.batcher.stats.rows < 3:
+            time.sleep(0.01)
+        policy = RetryPolicy(max_attempts=5, jitter=0.0)
+        with LossClient(server.target, retry=policy) as client:
+            for _ in range(3):
+                with pytest.raises(OverloadedError):
+                    client.gan_generator(np.ones(2))
+        # 5 attempts (tokens 10 -> 5), then the bucket allows first attempts only.
+        assert shed() == 5 + 1 + 1
+        unthrottled = RetryPolicy(max_attempts=5, jitter=0.0, throttle_max_tokens=None)
+        with LossClient(server.target, retry=unthrottled) as client:
+            for _ in range(2):
+                with pytest.raises(OverloadedError):
+                    client.gan_generator(np.ones(2))
+        assert shed() == 7 + 5 + 5
+    finally:
+        gate.release.set()
+        blocker.join()
+        queued.join()
+        filler.close()
+
+
+# -- errors carry the server's ErrorInfo metadata -------------------------------------------
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, status: status_pb2.Status) -> None:
+        self._status = status
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return self._status.message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self._status.SerializeToString()),)
+
+
+def test_error_info_metadata_is_parsed() -> None:
+    info = error_details_pb2.ErrorInfo(
+        reason="INVALID_ARGUMENT",
+        domain="hingeloss.v1",
+        metadata={"streamIndex": "3", "requestId": "r3"},
+    )
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status = status_pb2.Status(code=3, message="bad labels", details=[packed])
+    error = from_rpc_error(_FakeRpcError(status))
+    assert isinstance(error, InvalidArgumentError)
+    assert error.reason == "INVALID_ARGUMENT"
+    assert error.metadata == {"streamIndex": "3", "requestId": "r3"}
+    aborted = StreamAbortedError(error)
+    assert aborted.culprit is error
+    assert aborted.__cause__ is error
+    assert "bad labels" in str(aborted)
+
+
+def test_unary_errors_name_their_request(shared_server: ServerThread) -> None:
+    with LossClient(shared_server.target) as client, pytest.raises(InvalidArgumentError) as info:
+        client.binary_hinge(np.ones(2), np.array([3, 1]), request_id="bad-1")
+    # Servers that name the failing request in ErrorInfo say which (older ones do not).
+    assert info.value.metadata.get("requestId", "bad-1") == "bad-1"
+
+
+# -- requests are filled in place; answers are the caller's own ---------------------------
+
+
+def test_tensors_are_filled_in_place() -> None:
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
+    message = pb.Tensor()
+    tensors.fill_from_numpy(message, scores)
+    assert message == tensors.from_numpy(scores)
+    np.testing.assert_array_equal(tensors.to_numpy(message), scores)
+    big_endian = np.arange(3, dtype=">f8")
+    np.testing.assert_array_equal(tensors.to_numpy(tensors.from_numpy(big_endian)), [0, 1, 2])
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        value = torch.arange(6).to(dtype).reshape(2, 3).t()
+        message = pb.Tensor()
+        tensors.fill_from_torch(message, value)
+        assert message == tensors.from_torch(value)
+        assert list(message.shape) == [3, 2]
+        torch.testing.assert_close(tensors.to_torch(message), value.contiguous())
+
+    weights = np.array([1.0, 2.0, 3.0])
+    request, _ = build_request(
+        "multiclass_hinge",
+        {"scores": scores, "targets": np.array([0, 1, 1])},
+        {"class_weights": weights, "sample_weights": weights, "request_id": "in-place"},
+    )
+    assert request.WhichOneof("loss") == "multiclass_hinge"
+    assert request.request_id == "in-place"
+    assert request.multiclass_hinge.scores == tensors.from_numpy(scores)
+    assert request.multiclass_hinge.target_class_weights == tensors.from_numpy(weights)
+    assert request.sample_weights == tensors.from_numpy(weights)
+    empty, _ = build_request("gan_generator", {"fake_scores": np.zeros(0)}, {})
+    assert empty.WhichOneof("loss") == "gan_generator"
+
+
+def _response(values: np.ndarray) -> pb.ComputeResponse:
+    response = pb.ComputeResponse(request_id="r", loss=0.5)
+    tensors.fill_from_numpy(response.gradients.add().dense, values)
+    return response
+
+
+def test_torch_answers_are_owned_and_writable() -> None:
+    values = np.linspace(-1, 1, 8, dtype=np.float32)
+    response = _response(values)
+    kind = InputKind(is_torch=True, device=torch.device("cpu"), dtype=torch.float32)
+    first = decode_response(response, kind).grad
+    second = decode_response(response, kind).grad
+    first.add_(10)
+    torch.testing.assert_close(second, torch.from_numpy(values))
+    np.testing.assert_array_equal(tensors.to_numpy(response.gradients[0].dense), values)
+    half = InputKind(is_torch=True, device=torch.device("cpu"), dtype=torch.float16)
+    converted = decode_response(response, half).grad
+    assert converted.dtype == torch.float16
+    converted.mul_(2)
+
+
+def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
+    """A newer server may resolve options or dtypes this SDK version does not know."""
+    response = _response(np.ones(2))
+    response.resolved.loss = "binary_hinge"
+    response.resolved.reduction = 99  # type: ignore[assignment]
+    response.resolved.tie_break = 7  # type: ignore[assignment]
+    response.resolved.compute_dtype = 42  # type: ignore[assignment]
+    result = decode_response(response, InputKind(is_torch=False))
+    assert result.resolved["reduction"] == "unknown(99)"
+    assert result.resolved["tie_break"] == "unknown(7)"
+    assert result.resolved["compute_dtype"] == "unknown(42)"
+    np.testing.assert_array_equal(result.grad, [1.0, 1.0])
+    # Only a tensor actually decoded in an unknown dtype fails, and says why.
+    response.gradients[0].dense.dtype = 42  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
+        decode_response(response, InputKind(is_torch=False))

@@ -17,6 +17,7 @@ from hingeloss.errors import (  # noqa: E402
     InternalError,
     InvalidArgumentError,
     OverloadedError,
+    StreamAbortedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "LossStream",
     "OverloadedError",
     "RetryPolicy",
+    "StreamAbortedError",
     "Timing",
     "UnauthenticatedError",
     "UnavailableError",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 from collections.abc import Awaitable, Sequence
 from types import TracebackType
@@ -15,14 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hingeloss.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT_S,
+    Retrier,
     RetryPolicy,
     call_metadata,
     open_channel,
 )
-from hingeloss.errors import HingelossError, from_rpc_error
+from hingeloss.errors import CancelledError, HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
 from hingeloss.requests import InputKind, build_request
 from hingeloss.results import LossResult, decode_response
+from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -49,7 +50,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
         self._metadata = call_metadata(token)
-        self._retry = retry or RetryPolicy()
+        self._retry = Retrier(retry or RetryPolicy())
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
@@ -71,14 +72,16 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
                 response = await self._stub.Compute(
                     request, timeout=remaining, metadata=self._metadata
                 )
-                return decode_response(response, kind)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 remaining = None if deadline is None else deadline - loop.time()
-                delay = self._retry.next_delay(attempt, error, remaining)
+                delay = self._retry.failed(attempt, error, remaining)
                 if delay is None:
                     raise error from rpc_error
                 await asyncio.sleep(delay)
+            else:
+                self._retry.succeeded()
+                return decode_response(response, kind)
 
     async def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
@@ -100,9 +103,28 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
             raise from_rpc_error(rpc_error) from rpc_error
         return info
 
-    def stream(self, max_in_flight: int = 16, timeout: float | None = None) -> AsyncLossStream:
-        """Opens a ComputeStream (use `async with`); methods return awaitables in order."""
-        return AsyncLossStream(self._stub, max_in_flight, timeout, self._metadata)
+    def stream(
+        self,
+        max_in_flight: int = 16,
+        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
+        *,
+        stream_timeout: float | None = None,
+    ) -> AsyncLossStream:
+        """Opens a ComputeStream (use `async with`); methods return futures, answered in order.
+
+        Args:
+            max_in_flight: futures unresolved at once; later requests wait,
+                queued in call order, for a slot.
+            timeout: seconds each request may wait for its answer (default: the
+                client's timeout); its future then fails with
+                DeadlineExceededError and the stream goes on. None: no limit.
+            stream_timeout: deadline of the whole call (default: none, so a
+                stream may live as long as the training run).
+        """
+        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
+        return AsyncLossStream(
+            self._stub, max_in_flight, per_request, stream_timeout, self._metadata
+        )
 
     async def close(self) -> None:
         await self._channel.close()
@@ -120,10 +142,22 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
 
 
 class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
-    """Pipelined requests on one ComputeStream call.
+    """Pipelined requests on one ComputeStream call; use `async with`.
 
-    Each method returns a task that sends at once (waiting only while
-    `max_in_flight` answers are outstanding); await it for the answer.
+    Each method returns an `asyncio.Future` at once, without waiting: the
+    request is queued in call order, and one writer task writes the queue in
+    that order, taking a slot for each request (at most `max_in_flight` futures
+    are unresolved at a time; later requests wait in the queue for a slot).
+    Await a future for its answer. Cancelling it (`asyncio.wait_for` included)
+    affects only that request: unsent, it is never sent; sent, its answer is
+    dropped. Either way its slot is free again.
+
+    Each future fails with DeadlineExceededError when its answer has not come
+    within `timeout` seconds of the call (the client's per-call timeout unless
+    `stream(timeout=...)` says otherwise; None: no limit), while the stream
+    itself stays open for later calls. When a request fails on the server, the
+    stream ends: that request's future gets the error, the requests after it get
+    StreamAbortedError (safe to resubmit), and later calls fail at once.
     """
 
     def __init__(
@@ -131,18 +165,25 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         stub: pb_grpc.LossServiceStub,
         max_in_flight: int,
         timeout: float | None,
+        stream_timeout: float | None,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self._call = stub.ComputeStream(timeout=timeout, metadata=metadata)
-        self._pending: collections.deque[tuple[asyncio.Future[LossResult], InputKind]] = (
-            collections.deque()
-        )
+        self._loop = asyncio.get_running_loop()
         self._slots = asyncio.BoundedSemaphore(max_in_flight)
-        self._write_lock = asyncio.Lock()
-        self._error: BaseException | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = timeout
+        self._state: StreamState[asyncio.Future[LossResult]] = StreamState(
+            release_slot=self._slots.release,
+            on_change=self._changed,
+            clock=self._loop.time,
+            timeout=timeout,
+        )
+        self._call = stub.ComputeStream(timeout=stream_timeout, metadata=metadata)
+        self._writer = asyncio.create_task(self._write_all())
+        self._reader = asyncio.create_task(self._read_all())
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
@@ -150,60 +191,106 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         if options.pop("timeout", None) is not None:
             raise TypeError("stream calls take no per-call timeout; set it on stream()")
         request, kind = build_request(loss, inputs, options)
-        # A task, so that the request is sent now and the caller awaits it when it likes.
-        return asyncio.ensure_future(self._send(request, kind))
+        future: asyncio.Future[LossResult] = self._loop.create_future()
+        self._state.submit(future, kind, request, deadline=self._state.deadline())
+        return future
 
-    async def _send(self, request: pb.ComputeRequest, kind: InputKind) -> LossResult:
-        if self._error is not None:
-            raise self._error
-        await self._slots.acquire()
-        future: asyncio.Future[LossResult] = asyncio.get_running_loop().create_future()
-        # One write at a time, in the order the answers will come back.
-        async with self._write_lock:
-            self._pending.append((future, kind))
-            if self._reader is None:
-                self._reader = asyncio.create_task(self._read())
-            try:
-                await self._call.write(request)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                error.__cause__ = rpc_error
-                self._fail_pending(error)
-        return await future
+    def _changed(self) -> None:
+        self._wake.set()
+        if self._timer is None and not self._state.ended:
+            self._on_timer()
 
-    async def _read(self) -> None:
+    def _on_timer(self) -> None:
+        self._timer = None
+        upcoming = self._state.expire()
+        if upcoming is not None:
+            self._timer = self._loop.call_at(upcoming, self._on_timer)
+
+    async def _write_all(self) -> None:
+        have_slot = False
+        try:
+            while True:
+                if not have_slot:
+                    await self._slots.acquire()
+                    have_slot = True
+                step = self._state.next_write(slot=True)
+                if step is Step.WAIT:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if step is Step.STOP:
+                    return
+                have_slot = False  # the request holds it until its future is done
+                if not await self._write(step.take_request()):
+                    return
+        finally:
+            if have_slot:
+                self._slots.release()
+
+    async def _write(self, request: pb.ComputeRequest) -> bool:
+        """Writes one request; on failure ends the stream (unless the reader will) and says so."""
+        try:
+            await self._call.write(request)
+        except grpc.RpcError as rpc_error:
+            self._state.finish(_stream_error(rpc_error))
+            return False
+        except asyncio.CancelledError:
+            self._state.finish(CancelledError("the stream was cancelled"))
+            if not self._call.cancelled():
+                raise  # this task itself was cancelled
+            return False
+        except Exception as error:
+            # asyncio.InvalidStateError: the call is over; the reader reports its status.
+            if not self._call.done():
+                failure = HingelossError(f"writing to the stream failed: {error!r}")
+                failure.__cause__ = error
+                self._state.finish(failure)
+                self._call.cancel()
+            return False
+        return True
+
+    async def _read_all(self) -> None:
         try:
             while True:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
-                    break
-                future, kind = self._pending.popleft()
-                self._slots.release()
-                if not future.done():
-                    future.set_result(decode_response(response, kind))
+                    self._state.finish_eof()
+                    return
+                self._state.answer(response)
         except grpc.RpcError as rpc_error:
-            error = from_rpc_error(rpc_error)
-            error.__cause__ = rpc_error
-            self._fail_pending(error)
-            return
-        self._fail_pending(RuntimeError("the stream ended before answering every request"))
-
-    def _fail_pending(self, error: BaseException) -> None:
-        if isinstance(error, HingelossError):
-            self._error = error
-        while self._pending:
-            future, _ = self._pending.popleft()
-            self._slots.release()
-            if not future.done():
-                future.set_exception(error)
+            self._state.finish(_stream_error(rpc_error))
+        except asyncio.CancelledError:
+            self._state.finish(CancelledError("the stream was cancelled"))
+            if not self._call.cancelled():
+                self._call.cancel()
+                raise  # this task itself was cancelled
+        except Exception as error:
+            failure = HingelossError(f"reading the stream failed: {error!r}")
+            failure.__cause__ = error
+            self._state.finish(failure)
+            self._call.cancel()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     async def close(self) -> None:
-        """Half-closes the stream and waits for every outstanding answer."""
-        # On failure the reader reports the stream's error to the pending futures.
-        with contextlib.suppress(grpc.RpcError):
+        """Writes every queued request, half-closes, and waits for every answer.
+
+        With a timeout, waits at most that long for the server to finish the
+        stream once everything is written; then every answer still missing fails
+        with DeadlineExceededError and the call is cancelled.
+        """
+        self._state.close()
+        # asyncio.wait, unlike await, leaves the tasks running if close() is cancelled.
+        await asyncio.wait({self._writer})
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await self._call.done_writing()
-        if self._reader is not None:
-            await self._reader
+        done, _ = await asyncio.wait({self._reader}, timeout=self._timeout)
+        if not done:
+            self._state.expire()
+            self._call.cancel()
+            await asyncio.wait({self._reader})
 
     async def __aenter__(self) -> AsyncLossStream:
         return self
@@ -217,3 +304,9 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         if exc is not None:
             self._call.cancel()
         await self.close()
+
+
+def _stream_error(rpc_error: grpc.RpcError) -> HingelossError:
+    error = from_rpc_error(rpc_error)
+    error.__cause__ = rpc_error
+    return error

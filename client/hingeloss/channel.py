@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,24 +32,41 @@ SERVICE_CONFIG = json.dumps(
 )
 
 
-# Failures that repeating cannot mend: the server already retried the request alone
-# on its device and it still did not fit.
-FINAL_REASONS = frozenset({"DEVICE_OUT_OF_MEMORY"})
-# gRPC's own RESOURCE_EXHAUSTED for a message over a size limit ("Received message
-# larger than max ..."): the same message will never fit.
-_TOO_LARGE = "larger than max"
+# RESOURCE_EXHAUSTED is retried only when the server says it is shedding load: its
+# queue is full (ErrorInfo reason), it names a wait (RetryInfo), or gRPC's own
+# maximum_concurrent_rpcs guard refused the call. Any other RESOURCE_EXHAUSTED (a
+# message over a size limit, a request that does not fit on the device) would
+# fail again the same way.
+LOAD_SHEDDING_REASONS = frozenset({"QUEUE_FULL"})
+_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
+
+
+def is_load_shedding(error: HingelossError) -> bool:
+    """Whether a RESOURCE_EXHAUSTED error says "busy, come back later"."""
+    return (
+        error.reason in LOAD_SHEDDING_REASONS
+        or (isinstance(error, OverloadedError) and error.retry_delay is not None)
+        or _CONCURRENCY_LIMIT in error.message
+    )
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of transient failures with exponential backoff and jitter.
 
-    UNAVAILABLE (no server, or one draining), RESOURCE_EXHAUSTED (load shed) and
-    CANCELLED: the SDK never cancels a call itself, so a CANCELLED status comes
-    from a server that stopped while the request was still arriving. Every call
-    is a pure function of its request, so repeating it is always safe. A
-    server's RetryInfo delay replaces the computed backoff. No attempt starts
-    after the call's deadline.
+    UNAVAILABLE (no server, or one draining), RESOURCE_EXHAUSTED when the server is
+    shedding load (see `is_load_shedding`), and CANCELLED: the SDK never cancels
+    a call itself, so a CANCELLED status comes from a server that stopped while
+    the request was still arriving. Every call is a pure function of its
+    request, so repeating it is always safe. A server's RetryInfo delay replaces
+    the computed backoff. No attempt starts after the call's deadline.
+
+    Retries are throttled per client like gRPC's `retryThrottling`: the client
+    holds `throttle_max_tokens` tokens; each failed attempt that could be retried
+    costs one, each success gives back `throttle_token_ratio`, and retries are
+    allowed only while more than half the tokens are left. A server shedding
+    load thus sees first attempts only, not three times the traffic.
+    `throttle_max_tokens=None` turns throttling off.
     """
 
     max_attempts: int = 3
@@ -65,12 +83,28 @@ class RetryPolicy:
             }
         )
     )
+    throttle_max_tokens: float | None = 10.0
+    throttle_token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.throttle_max_tokens is not None and self.throttle_max_tokens <= 0:
+            raise ValueError(
+                f"throttle_max_tokens must be > 0 or None, got {self.throttle_max_tokens}"
+            )
+        if self.throttle_token_ratio <= 0:
+            raise ValueError(f"throttle_token_ratio must be > 0, got {self.throttle_token_ratio}")
+
+    def is_retryable(self, error: HingelossError) -> bool:
+        """Whether the error is transient: a later attempt may succeed."""
+        if error.code not in self.retryable:
+            return False
+        if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return is_load_shedding(error)
+        return True
 
     def backoff(self, attempt: int, error: HingelossError) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempts count from 1)."""
@@ -85,15 +119,68 @@ class RetryPolicy:
     def next_delay(
         self, attempt: int, error: HingelossError, remaining_s: float | None
     ) -> float | None:
-        """The wait before retrying, or None when the error is final."""
-        if attempt >= self.max_attempts or error.code not in self.retryable:
-            return None
-        if error.reason in FINAL_REASONS or _TOO_LARGE in error.message:
+        """The wait before retrying, or None when the error is final (throttling aside)."""
+        if attempt >= self.max_attempts or not self.is_retryable(error):
             return None
         delay = self.backoff(attempt, error)
         if remaining_s is not None and delay >= remaining_s:
             return None
         return delay
+
+
+class RetryThrottle:
+    """gRPC's retry throttling: a token bucket shared by every call of one client.
+
+    Counted in thousandths of a token, as gRPC does, so that ratios like 0.1 add
+    up exactly. Thread-safe: the sync client's calls may come from many threads.
+    """
+
+    def __init__(self, max_tokens: float, token_ratio: float) -> None:
+        self._max = round(max_tokens * 1000)
+        self._ratio = max(1, round(token_ratio * 1000))
+        self._milli_tokens = self._max
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> float:
+        with self._lock:
+            return self._milli_tokens / 1000
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._milli_tokens = min(self._max, self._milli_tokens + self._ratio)
+
+    def failed(self) -> bool:
+        """Counts a failed attempt; returns whether a retry is still allowed."""
+        with self._lock:
+            self._milli_tokens = max(0, self._milli_tokens - 1000)
+            return self._milli_tokens * 2 > self._max
+
+
+class Retrier:
+    """One client's retry state: its policy and its throttle (shared by sync and asyncio)."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.throttle = (
+            None
+            if policy.throttle_max_tokens is None
+            else RetryThrottle(policy.throttle_max_tokens, policy.throttle_token_ratio)
+        )
+
+    def succeeded(self) -> None:
+        if self.throttle is not None:
+            self.throttle.succeeded()
+
+    def failed(
+        self, attempt: int, error: HingelossError, remaining_s: float | None
+    ) -> float | None:
+        """Counts a failed attempt; returns the wait before retrying, or None to give up."""
+        if not self.policy.is_retryable(error):
+            return None
+        if self.throttle is not None and not self.throttle.failed():
+            return None
+        return self.policy.next_delay(attempt, error, remaining_s)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)

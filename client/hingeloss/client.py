@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,14 +15,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hingeloss.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT_S,
+    Retrier,
     RetryPolicy,
     call_metadata,
     open_channel,
 )
-from hingeloss.errors import HingelossError, from_rpc_error
+from hingeloss.errors import DeadlineExceededError, HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
-from hingeloss.requests import InputKind, build_request
+from hingeloss.requests import build_request
 from hingeloss.results import LossResult, decode_response
+from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -40,7 +40,8 @@ class LossClient(LossMethods[LossResult]):
         token: bearer token sent as `authorization` metadata.
         compression: e.g. grpc.Compression.Gzip (off by default).
         max_message_bytes: send and receive limit (the server's default: 512 MiB).
-        retry: retries of UNAVAILABLE and RESOURCE_EXHAUSTED (see RetryPolicy).
+        retry: retries of UNAVAILABLE and load shedding, throttled per client
+            (see RetryPolicy).
         options: extra channel arguments.
 
     Example:
@@ -68,7 +69,7 @@ class LossClient(LossMethods[LossResult]):
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
         self._metadata = call_metadata(token)
-        self._retry = retry or RetryPolicy()
+        self._retry = Retrier(retry or RetryPolicy())
 
     def _submit(self, loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> LossResult:
         timeout = options.pop("timeout", self._timeout)
@@ -85,14 +86,16 @@ class LossClient(LossMethods[LossResult]):
                 response: pb.ComputeResponse = self._stub.Compute(
                     request, timeout=remaining, metadata=self._metadata
                 )
-                return response
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 remaining = None if deadline is None else deadline - time.monotonic()
-                delay = self._retry.next_delay(attempt, error, remaining)
+                delay = self._retry.failed(attempt, error, remaining)
                 if delay is None:
                     raise error from rpc_error
                 time.sleep(delay)
+            else:
+                self._retry.succeeded()
+                return response
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
@@ -114,13 +117,26 @@ class LossClient(LossMethods[LossResult]):
             raise from_rpc_error(rpc_error) from rpc_error
         return info
 
-    def stream(self, max_in_flight: int = 16, timeout: float | None = None) -> LossStream:
+    def stream(
+        self,
+        max_in_flight: int = 16,
+        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
+        *,
+        stream_timeout: float | None = None,
+    ) -> LossStream:
         """Opens a ComputeStream: methods return futures, answered in order.
 
-        At most `max_in_flight` requests are outstanding; a further call blocks
-        until an answer arrives. `timeout` bounds the whole stream.
+        Args:
+            max_in_flight: futures unresolved at once; a further call blocks
+                until one resolves.
+            timeout: seconds each request may wait for its answer (default: the
+                client's timeout); its future then fails with
+                DeadlineExceededError and the stream goes on. None: no limit.
+            stream_timeout: deadline of the whole call (default: none, so a
+                stream may live as long as the training run).
         """
-        return LossStream(self._stub, max_in_flight, timeout, self._metadata)
+        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
+        return LossStream(self._stub, max_in_flight, per_request, stream_timeout, self._metadata)
 
     def close(self) -> None:
         self._channel.close()
@@ -138,30 +154,67 @@ class LossClient(LossMethods[LossResult]):
 
 
 class LossStream(LossMethods["Future[LossResult]"]):
-    """Many requests pipelined on one ComputeStream call; use as a context manager."""
+    """Many requests pipelined on one ComputeStream call; use as a context manager.
+
+    Each method returns a `concurrent.futures.Future` at once; requests are
+    written in call order and answered in that order. At most `max_in_flight`
+    futures are unresolved at a time: a further call blocks until one resolves
+    (or until its own deadline passes, when its future fails with
+    DeadlineExceededError).
+
+    Each future fails with DeadlineExceededError when its answer has not come
+    within `timeout` seconds of the call (the client's per-call timeout unless
+    `stream(timeout=...)` says otherwise; None: no limit), while the stream
+    itself stays open for later calls. When a request fails on the server, the
+    stream ends: that request's future gets the error, the requests after it get
+    StreamAbortedError (safe to resubmit), and later calls fail at once.
+    """
 
     def __init__(
         self,
         stub: pb_grpc.LossServiceStub,
         max_in_flight: int,
         timeout: float | None,
+        stream_timeout: float | None,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self._outgoing: queue.Queue[pb.ComputeRequest | None] = queue.Queue()
-        self._pending: collections.deque[tuple[Future[LossResult], InputKind]] = collections.deque()
         self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._lock = threading.Lock()
-        self._error: HingelossError | None = None
-        self._closed = False
-        self._responses = stub.ComputeStream(self._requests(), timeout=timeout, metadata=metadata)
+        self._wake = threading.Event()  # the request iterator: something to write
+        self._tick = threading.Event()  # the deadline watcher: something changed
+        self._state: StreamState[Future[LossResult]] = StreamState(
+            release_slot=self._slots.release,
+            on_change=self._changed,
+            clock=time.monotonic,
+            timeout=timeout,
+        )
+        self._timeout = timeout
+        self._responses = stub.ComputeStream(
+            self._requests(), timeout=stream_timeout, metadata=metadata
+        )
         self._reader = threading.Thread(target=self._read, name="hingeloss-stream", daemon=True)
         self._reader.start()
+        if timeout is not None:
+            threading.Thread(
+                target=self._watch_deadlines, name="hingeloss-stream-deadlines", daemon=True
+            ).start()
+
+    def _changed(self) -> None:
+        self._wake.set()
+        self._tick.set()
 
     def _requests(self) -> Iterator[pb.ComputeRequest]:
-        while (request := self._outgoing.get()) is not None:
-            yield request
+        # gRPC drains this iterator on its own thread; returning half-closes the call.
+        while True:
+            self._wake.clear()
+            step = self._state.next_write(slot=False)
+            if step is Step.STOP:
+                return
+            if step is Step.WAIT:
+                self._wake.wait()
+                continue
+            yield step.take_request()
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
@@ -169,53 +222,60 @@ class LossStream(LossMethods["Future[LossResult]"]):
         if options.pop("timeout", None) is not None:
             raise TypeError("stream calls take no per-call timeout; set it on stream()")
         request, kind = build_request(loss, inputs, options)
-        self._slots.acquire()
         future: Future[LossResult] = Future()
-        with self._lock:
-            if self._closed or self._error is not None:
-                self._slots.release()
-                future.set_exception(self._error or RuntimeError("the stream is closed"))
-                return future
-            self._pending.append((future, kind))
-            self._outgoing.put(request)
+        deadline = self._state.deadline()
+        refusal = self._state.refusal()
+        if refusal is not None:
+            future.set_exception(refusal)
+            return future
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._slots.acquire(timeout=wait):
+            future.set_exception(
+                DeadlineExceededError(
+                    f"no free slot on the stream within {self._timeout:g} s "
+                    f"(max_in_flight answers still outstanding)"
+                )
+            )
+            return future
+        # The stream may have ended while this call waited: submit() checks again.
+        self._state.submit(future, kind, request, deadline=deadline, holds_slot=True)
         return future
 
     def _read(self) -> None:
         try:
             for response in self._responses:
-                with self._lock:
-                    future, kind = self._pending.popleft()
-                self._slots.release()
-                try:
-                    future.set_result(decode_response(response, kind))
-                except Exception as error:  # a decoding failure belongs to this future
-                    future.set_exception(error)
+                self._state.answer(response)
         except grpc.RpcError as rpc_error:
             failure = from_rpc_error(rpc_error)
             failure.__cause__ = rpc_error
-            self._fail_pending(failure)
+            self._state.finish(failure)
+        except Exception as error:  # the stream is unusable; say why to every caller
+            failure = HingelossError(f"reading the stream failed: {error!r}")
+            failure.__cause__ = error
+            self._state.finish(failure)
+            self._responses.cancel()
         else:
-            self._fail_pending(RuntimeError("the stream ended before answering every request"))
+            self._state.finish_eof()
 
-    def _fail_pending(self, error: BaseException) -> None:
-        with self._lock:
-            if isinstance(error, HingelossError):
-                self._error = error
-            pending = list(self._pending)
-            self._pending.clear()
-        for future, _ in pending:
-            self._slots.release()
-            if not future.done():
-                future.set_exception(error)
+    def _watch_deadlines(self) -> None:
+        while not self._state.ended:
+            self._tick.clear()
+            upcoming = self._state.expire()
+            self._tick.wait(None if upcoming is None else max(0.0, upcoming - time.monotonic()))
 
     def close(self) -> None:
-        """Ends the request stream and waits for every outstanding answer."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._outgoing.put(None)
-        self._reader.join()
+        """Ends the request stream and waits for every outstanding answer.
+
+        With a timeout, waits at most that long for the server to finish the
+        stream; then every answer still missing fails with DeadlineExceededError
+        and the call is cancelled.
+        """
+        self._state.close()
+        self._reader.join(self._timeout)
+        if self._reader.is_alive():
+            self._state.expire()
+            self._responses.cancel()
+            self._reader.join()
 
     def __enter__(self) -> LossStream:
         return self

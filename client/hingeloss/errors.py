@@ -5,6 +5,7 @@ Each is raised ``from`` the original ``grpc.RpcError``, so nothing is hidden.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -22,14 +23,24 @@ class FieldViolation:
 
 
 class HingelossError(Exception):
-    """Base class of every error the SDK raises for a failed call."""
+    """Base class of every error the SDK raises for a failed call.
+
+    Attributes:
+        message: the status message.
+        reason: the server's ErrorInfo reason (UPPER_SNAKE), or "".
+        metadata: the server's ErrorInfo metadata, e.g. `streamIndex` and
+            `requestId` of the request that ended a stream; empty when absent.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, reason: str = "", metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
 
 
 class InvalidArgumentError(HingelossError, ValueError):
@@ -38,9 +49,14 @@ class InvalidArgumentError(HingelossError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(
-        self, message: str, *, reason: str = "", field_violations: tuple[FieldViolation, ...] = ()
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: tuple[FieldViolation, ...] = (),
     ) -> None:
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, metadata=metadata)
         self.field_violations = field_violations
 
 
@@ -49,8 +65,15 @@ class OverloadedError(HingelossError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, reason: str = "", retry_delay: float | None = None) -> None:
-        super().__init__(message, reason=reason)
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.retry_delay = retry_delay
 
 
@@ -84,6 +107,32 @@ class InternalError(HingelossError):
     code = grpc.StatusCode.INTERNAL
 
 
+class StreamAbortedError(HingelossError):
+    """A stream ended on another request's error before this request was answered.
+
+    The server ends a ComputeStream at its first failing request, after answering
+    every request before it; that request's future gets the error itself, and the
+    requests after it get this one. Their answers were never delivered, and
+    every call is a pure function of its request, so resubmitting them (on a
+    new stream) is safe.
+
+    Attributes:
+        culprit: the error of the request that ended the stream (also `__cause__`).
+    """
+
+    code = grpc.StatusCode.ABORTED
+    safe_to_resubmit = True
+
+    def __init__(self, culprit: HingelossError) -> None:
+        super().__init__(
+            f"the stream ended before this request was answered, on another request's "
+            f"{culprit.code.name}: {culprit.message}",
+            reason="STREAM_ABORTED",
+        )
+        self.culprit = culprit
+        self.__cause__ = culprit
+
+
 _BY_CODE: dict[grpc.StatusCode, type[HingelossError]] = {
     cls.code: cls
     for cls in (
@@ -115,6 +164,7 @@ def from_rpc_error(error: grpc.RpcError) -> HingelossError:
     violations: list[FieldViolation] = []
     retry_delay: float | None = None
     reason = ""
+    metadata: dict[str, str] = {}
     status = _status_details(error)
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -129,12 +179,15 @@ def from_rpc_error(error: grpc.RpcError) -> HingelossError:
             error_info = error_details_pb2.ErrorInfo()
             detail.Unpack(error_info)
             reason = error_info.reason
+            metadata = dict(error_info.metadata)
     cls = _BY_CODE.get(code, HingelossError)
     if cls is InvalidArgumentError:
-        return InvalidArgumentError(message, reason=reason, field_violations=tuple(violations))
+        return InvalidArgumentError(
+            message, reason=reason, metadata=metadata, field_violations=tuple(violations)
+        )
     if cls is OverloadedError:
-        return OverloadedError(message, reason=reason, retry_delay=retry_delay)
-    result = cls(message, reason=reason)
+        return OverloadedError(message, reason=reason, metadata=metadata, retry_delay=retry_delay)
+    result = cls(message, reason=reason, metadata=metadata)
     if cls is HingelossError:
         result.code = code
     return result

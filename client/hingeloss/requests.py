@@ -106,14 +106,22 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def encode(value: Any, name: str) -> pb.Tensor:
-    """Encodes one input for the wire."""
+def fill(message: pb.Tensor, value: Any, name: str) -> None:
+    """Writes one input into its Tensor field of a request, in place."""
     if _is_torch(value):
-        return tensors.from_torch(value)
+        tensors.fill_from_torch(message, value)
+        return
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     if array.dtype == np.bool_:
         raise TypeError(f"{name}: boolean arrays are not accepted; use integers or floats")
-    return tensors.from_numpy(array)
+    tensors.fill_from_numpy(message, array)
+
+
+def encode(value: Any, name: str) -> pb.Tensor:
+    """Encodes one input for the wire as a new Tensor message."""
+    message = pb.Tensor()
+    fill(message, value, name)
+    return message
 
 
 def build_request(
@@ -132,14 +140,18 @@ def build_request(
     """
     if loss not in _MESSAGES:
         raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_MESSAGES)}")
-    message = _MESSAGES[loss]()
     first = inputs[SCORE_FIELDS[loss][0]]
-    for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
-        getattr(message, field).CopyFrom(encode(inputs[field], field))
     rest = dict(options)
+    # Every field is written where it lives in the request: a Tensor built apart and
+    # then CopyFrom'd into its parent would copy its bytes again at each level.
+    request = pb.ComputeRequest(request_id=str(rest.pop("request_id", None) or uuid.uuid4().hex))
+    message = getattr(request, loss)
+    message.SetInParent()
+    for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
+        fill(getattr(message, field), inputs[field], field)
     class_weights = rest.pop("class_weights", None)
     if class_weights is not None:
-        message.target_class_weights.CopyFrom(encode(class_weights, "class_weights"))
+        fill(message.target_class_weights, class_weights, "class_weights")
     for option, (field, prefix) in _LOSS_OPTIONS.items():
         value = rest.pop(option, None)
         if value is None:
@@ -148,8 +160,6 @@ def build_request(
             raise TypeError(f"{loss} takes no option {option!r}")
         setattr(message, field, enum_value(prefix, value) if prefix else value)
 
-    request = pb.ComputeRequest(request_id=str(rest.pop("request_id", None) or uuid.uuid4().hex))
-    getattr(request, loss).CopyFrom(message)
     reduction = rest.pop("reduction", None)
     if reduction is not None:
         request.reduction = enum_value("REDUCTION_", reduction)  # type: ignore[assignment]
@@ -161,7 +171,7 @@ def build_request(
     request.return_per_sample = bool(rest.pop("return_per_sample", False))
     sample_weights = rest.pop("sample_weights", None)
     if sample_weights is not None:
-        request.sample_weights.CopyFrom(encode(sample_weights, "sample_weights"))
+        fill(request.sample_weights, sample_weights, "sample_weights")
     if rest:
         raise TypeError(f"unknown option(s) for {loss}: {sorted(rest)}")
 

@@ -1,9 +1,14 @@
 """Decodes ComputeResponses into LossResults of the caller's own array type.
 
-numpy in -> read-only numpy views of the response bytes (no copy); torch in ->
-tensors on the caller's device and dtype (one copy, so that autograd may later
-accumulate into them). Row-sparse gradients are densified, and also kept as
-(indices, values) for callers that want them.
+numpy in -> read-only numpy views of the response bytes (no copy beyond the one
+read out of the message); torch in -> tensors on the caller's device and dtype,
+the caller's own writable memory (one copy beyond that read, so that autograd
+may later accumulate into them). Row-sparse gradients are densified, and also
+kept as (indices, values) for callers that want them.
+
+A newer server may send enum values or dtypes this SDK does not know: `resolved`
+reports such a value as "unknown(N)", and only a tensor actually decoded in an
+unknown dtype fails (with a message that says to upgrade).
 """
 
 from __future__ import annotations
@@ -80,30 +85,42 @@ _ENUM_FIELDS = {
 }
 
 
+def _unknown(number: int) -> str:
+    return f"unknown({number})"
+
+
 def _resolved(options: pb.ResolvedOptions) -> dict[str, Any]:
     resolved: dict[str, Any] = {"loss": options.loss}
     for name, prefix in _ENUM_FIELDS.items():
         number = getattr(options, name)
         if number:
-            resolved[name] = enum_name(prefix, number)
+            try:
+                resolved[name] = enum_name(prefix, number)
+            except ValueError:  # added to the contract after this SDK version
+                resolved[name] = _unknown(number)
     if options.loss != "gan_generator":
         resolved["margin"] = options.margin
     if options.power:
         resolved["power"] = options.power
     if options.compute_dtype:
-        resolved["compute_dtype"] = tensors.dtype_info(options.compute_dtype).name
+        info = tensors.BY_WIRE.get(options.compute_dtype)
+        resolved["compute_dtype"] = info.name if info else _unknown(options.compute_dtype)
     return resolved
 
 
 def _to_caller(tensor: pb.Tensor, kind: InputKind) -> Any:
     if not kind.is_torch:
         return tensors.to_numpy(tensor)
-    decoded = tensors.to_torch(tensor)
-    if decoded.dtype != kind.dtype and decoded.is_floating_point():
-        decoded = decoded.to(kind.dtype)
-    if str(kind.device) == "cpu":
-        return decoded.clone()
-    return decoded.to(kind.device, non_blocking=False)
+    import torch
+
+    view = tensors.to_torch(tensor)  # views the one read of the message's bytes
+    dtype = kind.dtype if view.is_floating_point() else view.dtype
+    if str(kind.device) != "cpu" or dtype != view.dtype:
+        # The move or the conversion makes the one copy, into new memory.
+        return view.to(device=kind.device, dtype=dtype)
+    owned = torch.empty(view.shape, dtype=dtype)
+    owned.copy_(view)
+    return owned
 
 
 def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, Any, Any]:

@@ -1,9 +1,11 @@
 """Conversions between numpy arrays / torch tensors and the wire `Tensor` message.
 
-The wire format is C-contiguous little-endian bytes. Decoding never copies:
-arrays are read-only views of the message's bytes. Encoding copies once, into
-the ``bytes`` object that protobuf requires. torch is optional here: its
-functions import it lazily so that numpy users never need it.
+The wire format is C-contiguous little-endian bytes. Decoding to numpy never
+copies beyond the one read of the message's bytes: arrays are read-only views
+of them. Encoding fills the fields of a message in place (`fill_from_numpy`,
+`fill_from_torch`): building a Tensor and then copying it into its parent would
+copy the bytes again at every level. torch is optional here: its functions
+import it lazily so that numpy users never need it.
 """
 
 from __future__ import annotations
@@ -49,8 +51,19 @@ BY_NAME: dict[str, DTypeInfo] = {d.name: d for d in _DTYPES}
 
 
 def dtype_info(wire: int) -> DTypeInfo:
-    """Returns the info of a wire dtype; raises KeyError for unknown or unspecified ones."""
-    return BY_WIRE[wire]
+    """Returns the info of a wire dtype.
+
+    Raises:
+        ValueError: the dtype is unspecified, or unknown to this SDK version (a
+            newer server may send dtypes added since).
+    """
+    info = BY_WIRE.get(wire)
+    if info is None:
+        raise ValueError(
+            f"tensor dtype {wire} is unknown to this version of the hingeloss SDK "
+            f"(known: {', '.join(sorted(BY_NAME))}); upgrade the SDK to decode it"
+        )
+    return info
 
 
 def expected_nbytes(tensor: pb.Tensor) -> int:
@@ -61,15 +74,25 @@ def expected_nbytes(tensor: pb.Tensor) -> int:
     return count * BY_WIRE[tensor.dtype].itemsize
 
 
-def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
-    """Encodes a numpy array (any layout; copied once into the message's bytes)."""
+def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
+    """Writes a numpy array (any layout) into a Tensor message in place."""
     info = BY_NAME.get(array.dtype.name)
     if info is None:
         raise TypeError(f"unsupported numpy dtype {array.dtype}; use one of {sorted(BY_NAME)}")
     contiguous = np.ascontiguousarray(array)
     if contiguous.dtype.byteorder == ">":
         contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=info.wire, shape=contiguous.shape, data=contiguous.tobytes())  # type: ignore[arg-type]
+    message.dtype = info.wire  # type: ignore[assignment]
+    del message.shape[:]
+    message.shape.extend(contiguous.shape)
+    message.data = contiguous.tobytes()
+
+
+def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
+    """Encodes a numpy array as a new Tensor message (see `fill_from_numpy`)."""
+    message = pb.Tensor()
+    fill_from_numpy(message, array)
+    return message
 
 
 def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
@@ -77,7 +100,7 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
 
     bfloat16 has no numpy type: it decodes to float32 (a copy).
     """
-    info = BY_WIRE[tensor.dtype]
+    info = dtype_info(tensor.dtype)
     shape = tuple(tensor.shape)
     if info.numpy is None:
         raw = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
@@ -89,7 +112,7 @@ def torch_dtype(wire: int) -> torch.dtype:
     """The torch dtype of a wire dtype."""
     import torch
 
-    return getattr(torch, BY_WIRE[wire].name)  # type: ignore[no-any-return]
+    return getattr(torch, dtype_info(wire).name)  # type: ignore[no-any-return]
 
 
 def wire_dtype_of_torch(dtype: torch.dtype) -> int:
@@ -101,15 +124,24 @@ def wire_dtype_of_torch(dtype: torch.dtype) -> int:
     return info.wire
 
 
-def from_torch(tensor: torch.Tensor) -> pb.Tensor:
-    """Encodes a torch tensor (any device; moved to the CPU and copied once into bytes)."""
+def fill_from_torch(message: pb.Tensor, tensor: torch.Tensor) -> None:
+    """Writes a torch tensor (any device; moved to the CPU) into a Tensor message in place."""
     import torch
 
     wire = wire_dtype_of_torch(tensor.dtype)
     host = tensor.detach().to("cpu").contiguous()
+    message.dtype = wire  # type: ignore[assignment]
+    del message.shape[:]
+    message.shape.extend(host.shape)
     # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it).
-    data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
-    return pb.Tensor(dtype=wire, shape=host.shape, data=data)  # type: ignore[arg-type]
+    message.data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
+
+
+def from_torch(tensor: torch.Tensor) -> pb.Tensor:
+    """Encodes a torch tensor as a new Tensor message (see `fill_from_torch`)."""
+    message = pb.Tensor()
+    fill_from_torch(message, tensor)
+    return message
 
 
 def to_torch(tensor: pb.Tensor) -> torch.Tensor:
