@@ -58,10 +58,13 @@ class _Staging:
         self.cuda = device.type == "cuda"
 
     def cat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        host = parts[0] if len(parts) == 1 else torch.cat(list(parts))
         if not self.cuda:
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+            return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+        # One copy into pinned memory (the concatenation itself), then a non-blocking upload.
+        rows = sum(int(p.shape[0]) for p in parts)
+        pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+        torch.cat(list(parts), out=pinned)
+        return pinned.to(self.device, non_blocking=True)
 
 
 def compute_batch(
