@@ -96,8 +96,12 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], in
             str(metrics_port),
             "--devices",
             "cpu",
-            "--max-batch-rows",
-            "2048",
+            # Each batch waits 200 ms for company (and never fills up): requests stay in
+            # flight long enough for SIGTERM to land among them, however fast the machine.
+            "--max-batch-delay-us",
+            "200000",
+            "--max-batch-bytes",
+            str(1 << 30),
             "--drain-seconds",
             "30",
             "--shutdown-delay-seconds",
