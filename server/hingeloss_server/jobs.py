@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-class LossKind(str, enum.Enum):
+class LossKind(enum.StrEnum):
     """The losses, named as the request's `loss` oneof fields."""
 
     BINARY_HINGE = "binary_hinge"
@@ -38,14 +38,14 @@ def set_rows(kind: LossKind, inputs: tuple[torch.Tensor, ...]) -> list[int]:
     return [int(inputs[sets.index(s)].shape[0]) for s in range(max(sets) + 1)]
 
 
-class Reduction(str, enum.Enum):
+class Reduction(enum.StrEnum):
     MEAN = "mean"
     SUM = "sum"
     NONE = "none"
     WEIGHTED_MEAN = "weighted_mean"
 
 
-class GradientFormat(str, enum.Enum):
+class GradientFormat(enum.StrEnum):
     DENSE = "dense"
     ROW_SPARSE = "row_sparse"
     NONE = "none"

@@ -853,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "gpu_skipped": gpu_skipped,
         "environment": environment(cuda),

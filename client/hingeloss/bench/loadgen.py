@@ -528,7 +528,7 @@ class _StreamLane:
             await self._call.done_writing()
         try:
             await asyncio.wait_for(asyncio.shield(self._reader), self._share.spec.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             self._fail_pending("DEADLINE_EXCEEDED")
             self._reader.cancel()
