@@ -51,14 +51,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         service, method = _split_method(handler_call_details.method)
-        handled = self._metrics.grpc_handled
-        handling = self._metrics.grpc_handling.labels(service, method)
+        metrics = self._metrics
+        handling = metrics.child(metrics.grpc_handling, service, method)
 
         def record(
             context: grpc.aio.ServicerContext, started: float, error: BaseException | None
         ) -> None:
             handling.observe(time.perf_counter() - started)
-            handled.labels(service, method, _code_of(context, error).name).inc()
+            code = _code_of(context, error).name
+            metrics.child(metrics.grpc_handled, service, method, code).inc()
 
         if handler.unary_unary is not None:
             behaviour = handler.unary_unary
