@@ -314,3 +314,27 @@ def test_request_byte_limit_flag_and_environment(monkeypatch: pytest.MonkeyPatch
     assert config_from_args([]).limits.max_request_bytes == 8192
     with pytest.raises(SystemExit):
         config_from_args(["--max-request-bytes", "0"])
+
+
+def test_inflight_byte_budget_sheds_with_retry_info(make_server: Callable[..., Any]) -> None:
+    """Everything held for requests is bounded, not only the queue: beyond it, shed."""
+    hook = FaultHook()
+    scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of 2 KiB
+    config = server_config(batching=BatchingConfig(max_inflight_bytes=3 * 1024))
+    server = make_server(config, fault_hook=hook)
+    with (
+        LossClient(server.target, retry=NO_RETRY) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        blocker = pool.submit(client.binary_hinge, scores, np.ones(64), request_id=BLOCKER)
+        hook.wait_blocked()
+        with pytest.raises(OverloadedError) as info:
+            client.binary_hinge(scores, np.ones(64))
+        hook.release()
+        blocker.result(timeout=30)
+        after = client.binary_hinge(scores, np.ones(64))
+    assert info.value.reason == "INFLIGHT_FULL"
+    assert info.value.retry_delay is not None
+    assert after.loss == pytest.approx(1.0)
+    assert server.server.batcher.stats.bytes == 0
+    assert server.server.budget.used == 0

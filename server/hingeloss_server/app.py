@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, gc_collector, platform_collecto
 
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
+from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import ServerConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import DrainingError
@@ -104,6 +105,7 @@ class HingelossServer:
         else:
             self.metrics = Metrics(registry or default_registry())
         self.batcher = Batcher(config.batching, on_drop=self._on_drop)
+        self.budget = ByteBudget(config.batching.max_inflight_bytes)
         self.pool = WorkerPool(config.workers, self.batcher, self.metrics, fault_hook)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -140,6 +142,7 @@ class HingelossServer:
         servicer = LossServicer(
             config.limits,
             self.batcher,
+            self.budget,
             self.metrics,
             lambda: server_info(
                 self.pool.device_names, len(self.pool.workers), config.limits, config.batching

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add("--max-queue-rows", int, batching.max_queue_rows, "queued rows before shedding load")
     p.add("--max-queue-bytes", int, batching.max_queue_bytes, "queued bytes before shedding load")
+    p.add(
+        "--max-inflight-bytes",
+        int,
+        batching.max_inflight_bytes,
+        "bytes held for requests (2x their tensors, queued to answered) before shedding load",
+    )
     p.add("--max-request-rows", int, limits.max_request_rows, "rows per request at most")
     p.add("--max-request-elements", int, limits.max_request_elements, "elements per tensor at most")
     p.add(
@@ -173,6 +179,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
                 max_batch_delay_us=args.max_batch_delay_us,
                 max_queue_rows=args.max_queue_rows,
                 max_queue_bytes=args.max_queue_bytes,
+                max_inflight_bytes=args.max_inflight_bytes,
             ),
             workers=WorkerConfig(
                 devices=args.devices,

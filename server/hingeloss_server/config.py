@@ -58,6 +58,9 @@ class BatchingConfig:
     max_batch_delay_us: int = 0
     max_queue_rows: int = 1 << 22
     max_queue_bytes: int = 2048 * MIB
+    # Everything held for requests (queued, computing, answers not yet sent), at twice
+    # each request's tensor bytes; beyond it requests are shed like a full queue.
+    max_inflight_bytes: int = 4096 * MIB
 
     def __post_init__(self) -> None:
         _require(self.max_batch_rows >= 1, "max_batch_rows", ">= 1", self.max_batch_rows)
@@ -67,6 +70,9 @@ class BatchingConfig:
         )
         _require(self.max_queue_rows >= 1, "max_queue_rows", ">= 1", self.max_queue_rows)
         _require(self.max_queue_bytes >= 1, "max_queue_bytes", ">= 1", self.max_queue_bytes)
+        _require(
+            self.max_inflight_bytes >= 1, "max_inflight_bytes", ">= 1", self.max_inflight_bytes
+        )
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from hingeloss import __version__, tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
+from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
-from hingeloss_server.errors import ComputeFailedError, HingelossError
+from hingeloss_server.errors import ComputeFailedError, HingelossError, OverloadedError
 from hingeloss_server.jobs import (
     GradientFormat,
     JobResult,
@@ -36,6 +37,8 @@ from hingeloss_server.status import error_status, status_mapping
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+# Suggested wait when the in-flight byte budget is spent (answers drain in milliseconds).
+INFLIGHT_RETRY_S = 0.05
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
 
@@ -151,11 +154,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self,
         limits: LimitsConfig,
         batcher: Batcher,
+        budget: ByteBudget,
         metrics: Metrics,
         server_info: Callable[[], pb.ServerInfo],
     ) -> None:
         self._limits = limits
         self._batcher = batcher
+        self._budget = budget
         self._metrics = metrics
         self._server_info = server_info
 
@@ -166,9 +171,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
         started = time.perf_counter()
         loss = request.WhichOneof("loss") or "none"
         self._metrics.inflight.inc()
+        charge = 0
         try:
             job = decode_request(request, self._limits)
             self._metrics.received_bytes.inc(job.nbytes)
+            if not self._budget.try_acquire(2 * job.nbytes):
+                raise OverloadedError(
+                    "inflight_full",
+                    INFLIGHT_RETRY_S,
+                    f"the server holds {self._budget.used} bytes for requests in flight; "
+                    f"retry in {INFLIGHT_RETRY_S}s",
+                )
+            charge = 2 * job.nbytes
             remaining = context.time_remaining()
             if remaining is not None:
                 job.deadline = asyncio.get_running_loop().time() + remaining
@@ -196,6 +210,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 f"internal error in request {_short(request.request_id)!r}"
             ) from error
         finally:
+            self._budget.release(charge)
             self._metrics.inflight.dec()
 
     async def Compute(  # noqa: N802 - gRPC method name

@@ -43,7 +43,8 @@ def status_mapping(error: HingelossError) -> StatusMapping:
             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "invalid_argument"
         )
     if isinstance(error, OverloadedError):
-        return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", "queue_full")
+        # The SDK retries QUEUE_FULL and INFLIGHT_FULL (load shed), with RetryInfo.
+        return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, error.reason.upper(), error.reason)
     if isinstance(error, DeadlineExpiredError):
         return StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
     if isinstance(error, DrainingError):
