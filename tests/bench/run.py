@@ -74,7 +74,7 @@ QUICK = Settings(
     large_requests=6,
 )
 
-# Issue targets, reported (never asserted).
+# Performance targets, reported (never asserted).
 TARGETS = {
     "service_over_echo": 0.9,
     "batched_over_unbatched": 1.4,
@@ -370,7 +370,7 @@ def print_summary(
             + f" {s['kernel_only_s'] * 1e3:8.3f}"
         )
     print()
-    print("ratios (throughput; targets from issue 5, reported, never asserted)")
+    print("ratios (throughput; against the performance targets, reported, never asserted)")
     print(
         f"{'shape':>10} {'c':>3} {'service/echo':>13} {'':>7} {'batched/unbatched':>18} "
         f"{'':>7} {'1 thread/default':>17}"

@@ -1,7 +1,7 @@
 """The GPU check itself, in its CPU mode: `make test` exercises the script and the benchmark.
 
 The GPU-only parts of the report (decisions, the table's GPU rows) run here on a
-synthetic report, so that a session with a GPU finds them working.
+synthetic report, so that they are known to work before a CUDA machine runs them.
 """
 
 from __future__ import annotations
