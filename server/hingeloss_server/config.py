@@ -56,7 +56,11 @@ class BatchingConfig:
     # 1.1-2.1 s on 2 cores, against 32-60 ms each alone).
     max_batch_bytes: int = 32 * MIB
     max_batch_delay_us: int = 0
-    max_queue_rows: int = 1 << 22
+    # Four times the largest request in rows and bytes (max_request_rows, and
+    # max_request_bytes against max_queue_bytes): a request that does not fit beside
+    # the queue waits for it to drain, so a largest request still gets in whenever the
+    # queue is at most three quarters full, and is not starved by a stream of small ones.
+    max_queue_rows: int = 1 << 24
     max_queue_bytes: int = 2048 * MIB
     # Everything held for requests (queued, computing, answers not yet sent), at twice
     # each request's tensor bytes; beyond it requests are shed like a full queue.
