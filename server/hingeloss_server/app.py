@@ -19,7 +19,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
 from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import ServerConfig
@@ -28,7 +27,7 @@ from hingeloss_server.errors import DrainingError
 from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
 from hingeloss_server.parse_guard import ParseGuardInterceptor
-from hingeloss_server.service import SERVICE_NAME, LossServicer, server_info
+from hingeloss_server.service import SERVICE_NAME, LossServicer, add_to_server, server_info
 from hingeloss_server.warmup import warm_up_requests
 from hingeloss_server.workers import FaultHook, WorkerPool
 
@@ -148,7 +147,7 @@ class HingelossServer:
                 self.pool.device_names, len(self.pool.workers), config.limits, config.batching
             ),
         )
-        pb_grpc.add_LossServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.reflection:
             reflection.enable_server_reflection(

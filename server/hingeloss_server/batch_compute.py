@@ -374,9 +374,9 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:
     shape = tuple(int(d) for d in tensor.shape)
-    contiguous = tensor.contiguous()
-    data = contiguous.view(torch.uint8).numpy().tobytes() if contiguous.numel() else b""
-    return WireArray(dtype=wire_dtype, shape=shape, data=data)
+    # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+    return WireArray(dtype=wire_dtype, shape=shape, data=raw.data)
 
 
 def _encode_grad(

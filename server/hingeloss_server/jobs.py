@@ -114,11 +114,14 @@ class LossJob:
 
 @dataclass(frozen=True)
 class WireArray:
-    """An encoded tensor ready for the response: wire dtype, shape, little-endian bytes."""
+    """A tensor ready for the response: wire dtype, shape, little-endian bytes.
+
+    `data` views the result tensor's own memory (no copy); it keeps the tensor alive.
+    """
 
     dtype: int
     shape: tuple[int, ...]
-    data: bytes
+    data: memoryview
 
 
 @dataclass(frozen=True)

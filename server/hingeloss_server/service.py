@@ -10,11 +10,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
 
-from hingeloss import __version__, tensors
+from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
@@ -22,17 +23,10 @@ from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
 from hingeloss_server.errors import ComputeFailedError, HingelossError, OverloadedError
-from hingeloss_server.jobs import (
-    GradientFormat,
-    JobResult,
-    LossJob,
-    LossKind,
-    Reduction,
-    SparseRows,
-    WireArray,
-)
+from hingeloss_server.jobs import JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.status import error_status, status_mapping
+from hingeloss_server.wire import encode_response
 
 logger = logging.getLogger(__name__)
 
@@ -41,100 +35,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 INFLIGHT_RETRY_S = 0.05
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
-
-
-def fill_tensor(message: pb.Tensor, array: WireArray) -> None:
-    """Writes an array into a message in place.
-
-    Building sub-messages and then appending them copies their bytes again at each
-    level (24 ms for a 16 MB gradient); filling fields in place copies them once.
-    """
-    message.dtype = array.dtype  # type: ignore[assignment]
-    message.shape.extend(array.shape)
-    message.data = array.data
-
-
-def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
-    params = job.key.params
-    kind = params.kind
-    options = job.options
-    resolved = pb.ResolvedOptions(
-        loss=kind.value,
-        reduction=f"REDUCTION_{options.reduction.name}",
-        gradient_format=f"GRADIENT_FORMAT_{options.gradient_format.name}",
-    )
-    resolved.compute_dtype = tensors.wire_dtype_of_torch(  # type: ignore[assignment]
-        result.compute_dtype
-    )
-    if kind is not LossKind.GAN_GENERATOR:
-        resolved.kink_subgradient = (
-            pb.KINK_SUBGRADIENT_ONE if params.kink_one else pb.KINK_SUBGRADIENT_ZERO
-        )
-    if kind in (
-        LossKind.BINARY_HINGE,
-        LossKind.MULTICLASS_HINGE,
-        LossKind.CRAMMER_SINGER,
-        LossKind.MARGIN_RANKING,
-        LossKind.GAN_DISCRIMINATOR,
-    ):
-        resolved.margin = params.margin
-    if kind in (
-        LossKind.BINARY_HINGE,
-        LossKind.MULTICLASS_HINGE,
-        LossKind.CRAMMER_SINGER,
-        LossKind.GAN_DISCRIMINATOR,
-        LossKind.MARGIN_RANKING,
-    ):
-        resolved.power = params.power
-    if kind is LossKind.BINARY_HINGE:
-        resolved.label_encoding = (
-            pb.LABEL_ENCODING_ZERO_ONE
-            if options.label_zero_one
-            else pb.LABEL_ENCODING_PLUS_MINUS_ONE
-        )
-    if kind is LossKind.MULTICLASS_HINGE:
-        resolved.class_normalization = (
-            pb.CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES
-            if params.divide_by_num_classes
-            else pb.CLASS_NORMALIZATION_SUM_OVER_CLASSES
-        )
-    if kind is LossKind.CRAMMER_SINGER:
-        resolved.tie_break = (
-            pb.TIE_BREAK_SPLIT_EVENLY if params.split_ties else pb.TIE_BREAK_FIRST_INDEX
-        )
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        resolved.gan_combine = (
-            pb.GAN_COMBINE_POOLED_MEAN if options.pooled_mean else pb.GAN_COMBINE_SUM_OF_MEANS
-        )
-    return resolved
-
-
-def encode_response(job: LossJob, result: JobResult) -> pb.ComputeResponse:
-    """Builds the response message of a computed job."""
-    response = pb.ComputeResponse(
-        request_id=job.request_id,
-        loss=result.loss,
-        sparsity=pb.Sparsity(samples=result.samples, active_samples=result.active),
-        timing=pb.Timing(
-            queue_us=int(result.queue_s * 1e6),
-            compute_us=int(result.batch.compute_s * 1e6),
-            batch_rows=result.batch.rows,
-            batch_requests=result.batch.requests,
-            device=result.batch.device,
-        ),
-        resolved=_resolved(job, result),
-    )
-    for name, grad in zip(job.input_fields, result.grads, strict=False):
-        gradient = response.gradients.add(input=name)
-        if isinstance(grad, SparseRows):
-            gradient.row_sparse.dense_shape.extend(grad.dense_shape)
-            fill_tensor(gradient.row_sparse.indices, grad.indices)
-            fill_tensor(gradient.row_sparse.values, grad.values)
-        else:
-            fill_tensor(gradient.dense, grad)
-    for per_sample in result.per_sample:
-        fill_tensor(response.per_sample_losses.add(), per_sample)
-    return response
 
 
 def _payload_bytes(result: JobResult) -> int:
@@ -166,7 +66,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _compute_one(
         self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ComputeResponse:
+    ) -> bytes:
         """Decodes, queues and encodes one request; raises HingelossError on failure."""
         started = time.perf_counter()
         loss = request.WhichOneof("loss") or "none"
@@ -215,7 +115,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def Compute(  # noqa: N802 - gRPC method name
         self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ComputeResponse:
+    ) -> bytes:
         try:
             return await self._compute_one(request, context)
         except HingelossError as error:
@@ -226,7 +126,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self,
         request_iterator: AsyncIterator[pb.ComputeRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ComputeResponse]:
+    ) -> AsyncIterator[bytes]:
         """Submits requests as they arrive and answers them in order.
 
         A window bounds how many one stream keeps in flight. The first failing
@@ -284,7 +184,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 class _StreamItem:
     index: int
     request_id: str
-    task: asyncio.Task[pb.ComputeResponse]
+    task: asyncio.Task[bytes]
 
 
 # Request ids are the caller's: at most this much of one goes into a log or a status.
@@ -330,12 +230,38 @@ def server_info(
     )
 
 
-__all__ = [
-    "SERVICE_NAME",
-    "GradientFormat",
-    "LossServicer",
-    "Reduction",
-    "encode_response",
-    "error_status",
-    "server_info",
-]
+def _serialize(response: bytes | Any) -> bytes:
+    """Compute answers come serialized already (wire.py); other messages do not."""
+    if isinstance(response, bytes):
+        return response
+    serialized: bytes = response.SerializeToString()
+    return serialized
+
+
+def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
+    """Registers the service, with responses that may come pre-serialized.
+
+    The generated `add_LossServiceServicer_to_server` would serialize every answer
+    itself, and so copy each gradient twice more.
+    """
+    handlers = {
+        "Compute": grpc.unary_unary_rpc_method_handler(
+            servicer.Compute,
+            request_deserializer=pb.ComputeRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "ComputeStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ComputeStream,
+            request_deserializer=pb.ComputeRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=_serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+__all__ = ["SERVICE_NAME", "LossServicer", "add_to_server", "error_status", "server_info"]

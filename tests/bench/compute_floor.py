@@ -137,7 +137,7 @@ def server_stages(batch: int, classes: int) -> dict[str, Any]:
     from hingeloss_server.config import LimitsConfig
     from hingeloss_server.decode import decode_request
     from hingeloss_server.prepare import prepare
-    from hingeloss_server.service import encode_response
+    from hingeloss_server.wire import encode_response
 
     rng = np.random.default_rng(0)
     request, _ = build_request(
@@ -158,7 +158,6 @@ def server_stages(batch: int, classes: int) -> dict[str, Any]:
         output = compute_batch([prepared], device)
     result = output.results[0]
     assert not isinstance(result, Exception), result
-    response = encode_response(job, result)
 
     def compute() -> None:
         with torch.inference_mode():
@@ -169,8 +168,8 @@ def server_stages(batch: int, classes: int) -> dict[str, Any]:
         "decode_s": per_call_s(lambda: decode_request(parsed, limits)),
         "prepare_s": per_call_s(lambda: prepare(job)),
         "compute_batch_s": per_call_s(compute),
+        # Encoding yields the serialized answer: there is no separate serialize step.
         "encode_s": per_call_s(lambda: encode_response(job, result)),
-        "serialize_s": per_call_s(response.SerializeToString),
     }
     scores, targets = _inputs(batch, classes)
     stages["kernel_only_s"] = per_call_s(lambda: closed_form(scores, targets))

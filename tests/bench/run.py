@@ -358,7 +358,7 @@ def print_summary(
         )
     print()
     print("server stages, one request in-process (ms): where the time goes without transport")
-    keys = ("parse_s", "decode_s", "prepare_s", "compute_batch_s", "encode_s", "serialize_s")
+    keys = ("parse_s", "decode_s", "prepare_s", "compute_batch_s", "encode_s")
     print(f"{'shape':>10} " + " ".join(f"{k[:-2]:>13}" for k in keys) + f" {'kernel':>8}")
     for s in stages:
         if "error" in s:

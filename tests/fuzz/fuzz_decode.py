@@ -39,8 +39,8 @@ with _instrumented:
     from hingeloss_server.decode import decode_request
     from hingeloss_server.errors import InvalidInputError
     from hingeloss_server.prepare import prepare
-    from hingeloss_server.service import encode_response
     from hingeloss_server.warmup import warm_up_requests
+    from hingeloss_server.wire import encode_response
 
 # Small limits keep each run fast; the logic under test is the same at any size.
 LIMITS = LimitsConfig(
@@ -67,7 +67,7 @@ def one_input(data: bytes) -> None:
     result = output.results[0]
     if isinstance(result, InvalidInputError):
         return
-    encode_response(job, result).SerializeToString()
+    encode_response(job, result)
 
 
 def seeds() -> list[bytes]:

@@ -28,10 +28,11 @@ from support import ServerThread, server_config
 from hingeloss import NO_RETRY, LossClient, LossResult
 from hingeloss.requests import SCORE_FIELDS, build_request
 from hingeloss.results import decode_response
+from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server import losses
 from hingeloss_server.config import LimitsConfig, WorkerConfig
 from hingeloss_server.decode import decode_request
-from hingeloss_server.service import encode_response
+from hingeloss_server.wire import encode_response
 from hingeloss_server.workers import Worker
 
 DEVICE = str(torch.device(os.environ.get("HINGELOSS_GPU_TEST_DEVICE", "cuda:0")))
@@ -256,7 +257,8 @@ def engine(worker: Worker, cases: list[Case]) -> list[LossResult]:
         if outcome.error is not None:
             raise AssertionError(f"{job.request_id}: {outcome.error}")
         assert outcome.result is not None
-        results.append(decode_response(encode_response(job, outcome.result), kind))
+        answer = pb.ComputeResponse.FromString(encode_response(job, outcome.result))
+        results.append(decode_response(answer, kind))
     return results
 
 
