@@ -95,8 +95,10 @@ class _Decoder:
         ndim: int,
         floats: bool,
         required: bool = True,
+        top_level: bool = False,
     ) -> torch.Tensor | None:
-        field = self.field(name)
+        """Checks and wraps one tensor; `top_level` names a field of the request itself."""
+        field = name if top_level else self.field(name)
         # ByteSize, not `data`: under upb every read of a bytes field is a fresh copy.
         if message.ByteSize() == 0:
             if required:
@@ -186,10 +188,13 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
         return_per_sample=request.return_per_sample or reduction is Reduction.NONE,
         **option_fields,
     )
-    weights_decoder = _Decoder(limits, "")
-    weights_decoder.nbytes = decoder.nbytes  # one byte budget for the whole request
-    sample_weights = weights_decoder.tensor(
-        request.sample_weights, "sample_weights", ndim=1, floats=True, required=False
+    sample_weights = decoder.tensor(
+        request.sample_weights,
+        "sample_weights",
+        ndim=1,
+        floats=True,
+        required=False,
+        top_level=True,
     )
     rows = sum(set_rows(kind, job.inputs))
     if reduction is Reduction.WEIGHTED_MEAN and sample_weights is None:
@@ -206,7 +211,7 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     job.options = options
     job.sample_weights = sample_weights
     job.rows = rows
-    job.nbytes = weights_decoder.nbytes  # every tensor of the request, weights included
+    job.nbytes = decoder.nbytes  # every tensor of the request, weights included
     return job
 
 
