@@ -159,10 +159,10 @@ def test_bug_while_checking_values_fails_only_that_request(
 ) -> None:
     """An unexpected exception in value checks (before compute) is isolated too."""
 
-    def buggy_prepare(job: LossJob) -> PreparedJob:
+    def buggy_prepare(job: LossJob, **options: Any) -> PreparedJob:
         if job.request_id == "bad":
             raise ZeroDivisionError("a bug")
-        return prepare(job)
+        return prepare(job, **options)
 
     monkeypatch.setattr(workers, "prepare", buggy_prepare)
     hook = FaultHook()

@@ -105,7 +105,9 @@ class HingelossServer:
             self.metrics = Metrics(registry or default_registry())
         self.batcher = Batcher(config.batching, on_drop=self._on_drop)
         self.budget = ByteBudget(config.batching.max_inflight_bytes)
-        self.pool = WorkerPool(config.workers, self.batcher, self.metrics, fault_hook)
+        self.pool = WorkerPool(
+            config.workers, self.batcher, self.metrics, fault_hook, config.batching
+        )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: object | None = None
@@ -185,12 +187,12 @@ class HingelossServer:
         return self.port
 
     async def _watch_workers(self) -> None:
-        """Reports the server unhealthy while a worker is stuck on one batch."""
+        """Reports NOT_SERVING while a worker is stuck on one batch or its device has failed."""
         healthy = True
         period = min(WATCHDOG_PERIOD_S, self.config.workers.watchdog_seconds / 2)
         while True:
             await asyncio.sleep(period)
-            stuck = self.pool.stuck_workers()
+            stuck = self.pool.stuck_workers() + self.pool.broken_workers()
             if stuck and healthy:
                 logger.error("workers stuck: %s; reporting NOT_SERVING", ", ".join(stuck))
                 await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -30,7 +30,8 @@ from hingeloss_server.jobs import (
     SparseRows,
     WireArray,
 )
-from hingeloss_server.prepare import PreparedJob
+from hingeloss_server.prepare import PreparedJob, check_scores_finite
+from hingeloss_server.staging import DeviceStaging, HostLease
 
 # Rows of each batch whose margins feed the margin histogram (a sample keeps it cheap).
 MARGIN_SAMPLE_ROWS = 256
@@ -50,72 +51,79 @@ def compute_dtype(wire_dtype: int) -> torch.dtype:
     return torch.float64 if tensors.torch_dtype(wire_dtype) == torch.float64 else torch.float32
 
 
-class _Staging:
-    """Moves host tensors to the device: pinned memory and non-blocking copies on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def cat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not self.cuda:
-            return parts[0] if len(parts) == 1 else torch.cat(list(parts))
-        # One copy into pinned memory (the concatenation itself), then a non-blocking upload.
-        rows = sum(int(p.shape[0]) for p in parts)
-        pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
-        torch.cat(list(parts), out=pinned)
-        return pinned.to(self.device, non_blocking=True)
-
-
 def compute_batch(
-    jobs: Sequence[PreparedJob], device: torch.device, margin_rows: int = MARGIN_SAMPLE_ROWS
+    jobs: Sequence[PreparedJob],
+    device: torch.device,
+    margin_rows: int = MARGIN_SAMPLE_ROWS,
+    staging: DeviceStaging | None = None,
+    *,
+    scores_checked: bool = True,
 ) -> BatchOutput:
     """Computes every job of a batch (all with the same BatchKey) on `device`.
 
-    `margin_rows` rows of the batch (0: none) report their margins for the metrics.
+    On CUDA the host waits for the device once: per-row figures (losses, activity,
+    overflow flags, margins) come back packed in one tensor, beside the gradients.
+
+    Args:
+        jobs: The batch, validated.
+        device: Where to compute.
+        margin_rows: Rows of the batch (0: none) whose margins feed the metrics.
+        staging: The worker's transfers (pinned buffers, cached class weights); a
+            throwaway one with pageable memory when None.
+        scores_checked: False where `prepare` left the finiteness of the scores to
+            this batch (GPU workers): rows are flagged on the device, and a flagged
+            job gets the same error as the host check would give.
     """
     started = time.perf_counter()
+    staging = staging if staging is not None else DeviceStaging(device)
+    staging.begin()
     key = jobs[0].job.key
     params = key.params
     kind = params.kind
     dtype = compute_dtype(key.wire_dtype)
-    staging = _Staging(device)
     need_grad = any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs)
+    need_per_sample = any(p.job.options.return_per_sample for p in jobs)
 
     inputs = tuple(
-        staging.cat([p.job.inputs[k] for p in jobs]).to(dtype)
+        staging.upload([p.job.inputs[k] for p in jobs]).to(dtype)
         for k in range(len(jobs[0].job.inputs))
     )
-    n_sets = len(jobs[0].scales)
-    scales64 = tuple(staging.cat([p.scales[s] for p in jobs]) for s in range(n_sets))
-    scales = tuple(s.to(dtype) for s in scales64)
+    scales = tuple(_row_scale(jobs, s, dtype, staging) for s in range(len(jobs[0].scales)))
     labels = (
-        staging.cat([p.labels for p in jobs if p.labels is not None]).to(dtype)
-        if (jobs[0].labels is not None)
-        else None
+        None
+        if jobs[0].labels is None
+        else staging.upload([p.labels for p in jobs if p.labels is not None]).to(dtype)
     )
     targets = (
-        staging.cat([p.targets for p in jobs if p.targets is not None])
-        if (jobs[0].targets is not None)
-        else None
+        None
+        if jobs[0].targets is None
+        else staging.upload([p.targets for p in jobs if p.targets is not None])
     )
     ignore_mask = _ignore_mask(jobs, staging)
     if ignore_mask is not None:
         # Ignored rows contribute nothing, whatever their scores: not even an overflow.
         inputs = (inputs[0].masked_fill(ignore_mask.unsqueeze(1), 0.0),)
-    class_weights = (
-        None
-        if jobs[0].job.class_weights is None
-        else jobs[0].job.class_weights.to(device=device, dtype=dtype)
-    )
+    class_weights = None
+    if jobs[0].job.class_weights is not None:
+        weights = jobs[0].job.class_weights
+        class_weights = staging.cached(
+            (params.class_weights, dtype), lambda: weights.to(dtype=dtype)
+        )
 
     output = _run_kernel(
         kind, params, inputs, labels, targets, ignore_mask, class_weights, scales, need_grad
     )
+    torch_wire = tensors.torch_dtype(key.wire_dtype)
+    grads_wire = tuple(g.to(torch_wire) for g in output.grads)
+    per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample) if need_per_sample else ()
+    flags = _row_flags(
+        output, grads_wire, per_sample_wire, INPUT_SETS[kind], inputs, not scores_checked
+    )
     margins = _sample_margins(kind, inputs, labels, targets, margin_rows)
-    results = _split(jobs, output, scales64, inputs, key.wire_dtype, dtype)
-    if staging.cuda:
-        torch.cuda.current_stream(device).synchronize()
+    downloads = _download(staging, output, flags, margins, grads_wire, per_sample_wire)
+    staging.wait()
+    figures = downloads.read_figures()
+    results = _split(jobs, figures, downloads, key.wire_dtype, dtype)
     elapsed = time.perf_counter() - started
     info = BatchInfo(
         rows=sum(p.job.rows for p in jobs),
@@ -126,17 +134,137 @@ def compute_batch(
     for result in results:
         if isinstance(result, JobResult):
             result.batch = info
-    return BatchOutput(results=results, margins=margins.cpu(), kind=kind)
+    return BatchOutput(results=results, margins=figures.margins, kind=kind)
 
 
-def _ignore_mask(jobs: Sequence[PreparedJob], staging: _Staging) -> torch.Tensor | None:
+def _row_scale(
+    jobs: Sequence[PreparedJob], set_index: int, dtype: torch.dtype, staging: DeviceStaging
+) -> torch.Tensor:
+    """r_i of one sample set for every row of the batch, in the compute dtype.
+
+    Where each job has one scale for all its rows (every reduction but WEIGHTED_MEAN),
+    only one value and one count per job travel; the rows are filled on the device.
+    """
+    scales = [p.scales[set_index] for p in jobs]
+    rows = [p.set_rows[set_index] for p in jobs]
+    if all(isinstance(s, float) for s in scales):
+        values = torch.tensor(scales, dtype=torch.float64).to(dtype)
+        counts = torch.tensor(rows, dtype=torch.int64)
+        return torch.repeat_interleave(
+            staging.upload([values]), staging.upload([counts]), output_size=sum(rows)
+        )
+    parts = [
+        torch.full((n,), s, dtype=dtype) if isinstance(s, float) else s.to(dtype)
+        for s, n in zip(scales, rows, strict=True)
+    ]
+    return staging.upload(parts)
+
+
+# Bits of the per-row flags (one value per row of each sample set).
+_LOSS_OVERFLOW = 1  # the loss in the compute dtype
+_GRAD_OVERFLOW = 2  # the gradient in the wire dtype (matters to jobs that asked for it)
+_PER_SAMPLE_OVERFLOW = 4  # the per-sample loss in the wire dtype (likewise)
+_SCORES_NOT_FINITE = 8  # a score input holds NaN or Inf (only where not checked on the host)
+
+
+def _row_flags(
+    output: losses.LossOutput,
+    grads_wire: tuple[torch.Tensor, ...],
+    per_sample_wire: tuple[torch.Tensor, ...],
+    input_sets: tuple[int, ...],
+    inputs: tuple[torch.Tensor, ...],
+    check_scores: bool,
+) -> list[torch.Tensor]:
+    """Per row of each sample set, which of the things that can go wrong did (bit set).
+
+    Computed on the device with a few vectorised passes and never read there: the
+    host reads them with the losses, after the batch's one wait.
+    """
+    flags = [(~torch.isfinite(p)).to(torch.uint8) for p in output.per_sample]
+    for k, grad in enumerate(grads_wire):
+        flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
+    for s, wire in enumerate(per_sample_wire):
+        flags[s] |= (~torch.isfinite(wire)).to(torch.uint8) * _PER_SAMPLE_OVERFLOW
+    if check_scores:
+        for k, scores in enumerate(inputs):
+            flags[input_sets[k]] |= _not_finite_rows(scores).to(torch.uint8) * _SCORES_NOT_FINITE
+    return flags
+
+
+def _not_finite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows holding a NaN or Inf: one pass, no (N, C) temporary (the max norm keeps NaN)."""
+    if tensor.dim() == 1:
+        return ~torch.isfinite(tensor)
+    return ~torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"), dim=1))
+
+
+@dataclass
+class _Figures:
+    """The per-row figures of a batch on the host, one array per sample set."""
+
+    per_sample: list[np.ndarray[Any, Any]]
+    active: list[np.ndarray[Any, Any]]
+    flags: list[np.ndarray[Any, Any]]
+    margins: torch.Tensor
+
+
+@dataclass
+class _Downloads:
+    """The batch's host copies, started; read only after the batch's wait."""
+
+    figures: list[torch.Tensor]
+    set_sizes: list[int]
+    grads: tuple[torch.Tensor, ...]
+    per_sample: tuple[torch.Tensor, ...]
+    lease: HostLease | None
+
+    def read_figures(self) -> _Figures:
+        n = len(self.set_sizes)
+        pieces = self.figures
+        if len(pieces) == 1:  # packed on the device: split on the host
+            sizes = [*self.set_sizes, *self.set_sizes, *self.set_sizes]
+            pieces = list(torch.split(pieces[0], [*sizes, pieces[0].shape[0] - sum(sizes)]))
+        return _Figures(
+            per_sample=[t.numpy() for t in pieces[:n]],
+            active=[t.numpy() for t in pieces[n : 2 * n]],
+            flags=[t.numpy() for t in pieces[2 * n : 3 * n]],
+            margins=pieces[3 * n],
+        )
+
+
+def _download(
+    staging: DeviceStaging,
+    output: losses.LossOutput,
+    flags: list[torch.Tensor],
+    margins: torch.Tensor,
+    grads_wire: tuple[torch.Tensor, ...],
+    per_sample_wire: tuple[torch.Tensor, ...],
+) -> _Downloads:
+    """Starts every device-to-host copy of the batch; on CUDA the figures go packed in one."""
+    dtype = output.per_sample[0].dtype
+    figures = [*output.per_sample, *(a.to(dtype) for a in output.active)]
+    figures += [f.to(dtype) for f in flags] + [margins]
+    if staging.cuda:
+        figures = [torch.cat(figures)]
+    hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire])
+    grads_end = len(figures) + len(grads_wire)
+    return _Downloads(
+        figures=hosts[: len(figures)],
+        set_sizes=[int(p.shape[0]) for p in output.per_sample],
+        grads=tuple(hosts[len(figures) : grads_end]),
+        per_sample=tuple(hosts[grads_end:]),
+        lease=lease,
+    )
+
+
+def _ignore_mask(jobs: Sequence[PreparedJob], staging: DeviceStaging) -> torch.Tensor | None:
     if all(p.ignore_mask is None for p in jobs):
         return None
     parts = [
         p.ignore_mask if p.ignore_mask is not None else torch.zeros(p.job.rows, dtype=torch.bool)
         for p in jobs
     ]
-    return staging.cat(parts)
+    return staging.upload(parts)
 
 
 def _run_kernel(
@@ -240,74 +368,45 @@ def _sample_margins(
 
 def _split(
     jobs: Sequence[PreparedJob],
-    output: losses.LossOutput,
-    scales64: tuple[torch.Tensor, ...],
-    inputs: tuple[torch.Tensor, ...],
+    figures: _Figures,
+    downloads: _Downloads,
     wire_dtype: int,
     dtype: torch.dtype,
 ) -> list[JobResult | InvalidInputError]:
-    """Splits the kernel's output per job and reduces each job's rows on the host.
+    """Splits the batch's host figures per job and reduces each job's rows.
 
     Each job's loss is the correctly rounded sum (math.fsum) of its own scaled
     per-sample terms: the same bits whatever else shares the batch and in whatever
     order a device would have added them.
     """
     kind = jobs[0].job.key.params.kind
-    torch_wire = tensors.torch_dtype(wire_dtype)
     input_sets = INPUT_SETS[kind]
-    grads_wire = tuple(g.to(torch_wire) for g in output.grads)
-    per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample)
-    bad = _non_finite_rows(output.per_sample, per_sample_wire, grads_wire, input_sets)
-    # Device to host: the large tensors into pinned memory without blocking, then the
-    # per-row figures (N values, not N x C), whose blocking copy waits for them all.
-    grads_host = tuple(_to_host(g) for g in grads_wire)
-    per_sample_host = tuple(_to_host(p) for p in per_sample_wire)
-    scaled_host = [
-        (p.to(torch.float64) * scale).cpu().numpy()
-        for p, scale in zip(output.per_sample, scales64, strict=True)
-    ]
-    active_host = [a.cpu().numpy() for a in output.active]
-    bad_host = None if bad is None else [b.cpu().numpy() for b in bad]
-
     results: list[JobResult | InvalidInputError] = []
-    offsets = [0] * len(scales64)
+    offsets = [0] * len(figures.per_sample)
     for prepared in jobs:
         spans = []
-        for s, scale in enumerate(prepared.scales):
-            spans.append(slice(offsets[s], offsets[s] + int(scale.shape[0])))
-            offsets[s] += int(scale.shape[0])
-        job = prepared.job
-        overflow = _first_bad_row(bad_host, spans)
-        loss = math.fsum(
-            itertools.chain.from_iterable(
-                scaled_host[s][span].tolist() for s, span in enumerate(spans)
-            )
-        )
-        if overflow is not None or not math.isfinite(loss):
-            set_index, row = overflow if overflow is not None else (0, 0)
-            field = job.input_fields[_first_input_of(input_sets, set_index)]
-            where = f"[{row}]" if overflow is not None else ""
-            results.append(
-                InvalidInputError(
-                    f"{kind.value}.{field}{where}",
-                    "overflow: the hinge term or its gradient exceeds the range of "
-                    f"{str(torch_wire).removeprefix('torch.')}",
-                )
-            )
+        for s, rows in enumerate(prepared.set_rows):
+            spans.append(slice(offsets[s], offsets[s] + rows))
+            offsets[s] += rows
+        loss = _job_loss(prepared, figures, spans)
+        error = _job_error(prepared, figures, spans, input_sets, wire_dtype, loss)
+        if error is not None:
+            results.append(error)
             continue
+        job = prepared.job
         options = job.options
         grads: tuple[WireArray | SparseRows, ...] = ()
         if options.gradient_format is not GradientFormat.NONE:
             grads = tuple(
                 _encode_grad(
-                    grads_host[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
+                    downloads.grads[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
                 )
-                for k in range(len(grads_host))
+                for k in range(len(downloads.grads))
             )
         per_sample_arrays: tuple[WireArray, ...] = ()
         if options.return_per_sample:
             per_sample_arrays = tuple(
-                _wire(per_sample_host[s][span], wire_dtype) for s, span in enumerate(spans)
+                _wire(downloads.per_sample[s][span], wire_dtype) for s, span in enumerate(spans)
             )
         results.append(
             JobResult(
@@ -315,61 +414,72 @@ def _split(
                 grads=grads,
                 per_sample=per_sample_arrays,
                 samples=prepared.samples,
-                active=sum(int(active_host[s][span].sum()) for s, span in enumerate(spans)),
+                active=sum(int(figures.active[s][span].sum()) for s, span in enumerate(spans)),
                 batch=BatchInfo(rows=0, requests=0, compute_s=0.0, device=""),
                 compute_dtype=dtype,
+                host_lease=downloads.lease,
             )
         )
     return results
 
 
-def _non_finite_rows(
-    per_sample: tuple[torch.Tensor, ...],
-    per_sample_wire: tuple[torch.Tensor, ...],
-    grads_wire: tuple[torch.Tensor, ...],
-    input_sets: tuple[int, ...],
-) -> list[torch.Tensor] | None:
-    """Rows whose loss or gradient overflowed (in compute or wire dtype), per sample set.
-
-    Fast path: finite sums prove every element finite, and None comes back; only a
-    batch that fails it pays for a scan of every row.
-    """
-    sums = [t.sum() for t in (*per_sample, *per_sample_wire, *grads_wire)]
-    if bool(torch.isfinite(torch.stack([x.to(torch.float64) for x in sums])).all()):
-        return None
-    bad = [
-        ~torch.isfinite(p) | ~torch.isfinite(w)
-        for p, w in zip(per_sample, per_sample_wire, strict=True)
-    ]
-    for k, grad in enumerate(grads_wire):
-        rows = ~torch.isfinite(grad)
-        bad[input_sets[k]] |= rows.any(dim=1) if rows.dim() == 2 else rows
-    return bad
-
-
-def _first_bad_row(
-    bad_host: list[np.ndarray[Any, Any]] | None, spans: list[slice]
-) -> tuple[int, int] | None:
-    """(sample set, row within the job) of a job's first overflowing row, or None."""
-    if bad_host is None:
-        return None
+def _job_loss(prepared: PreparedJob, figures: _Figures, spans: list[slice]) -> float:
+    """sum(r_i * l_i) over the job's rows, in float64 and correctly rounded (inf past range)."""
+    terms = []
     for s, span in enumerate(spans):
-        rows = np.flatnonzero(bad_host[s][span])
+        scale = prepared.scales[s]
+        values = figures.per_sample[s][span].astype(np.float64)
+        terms.append(values * (scale if isinstance(scale, float) else scale.numpy()))
+    try:
+        return math.fsum(itertools.chain.from_iterable(t.tolist() for t in terms))
+    except OverflowError:
+        return math.inf
+
+
+def _job_error(
+    prepared: PreparedJob,
+    figures: _Figures,
+    spans: list[slice],
+    input_sets: tuple[int, ...],
+    wire_dtype: int,
+    loss: float,
+) -> InvalidInputError | None:
+    """The job's error from its rows' flags: scores not finite, or an overflow it would see.
+
+    Only what the job receives may overflow: its loss (compute dtype, and the float64
+    total), and the gradient or per-sample losses in the wire dtype if it asked for them.
+    """
+    job = prepared.job
+    options = job.options
+    counted = _LOSS_OVERFLOW
+    if options.gradient_format is not GradientFormat.NONE:
+        counted |= _GRAD_OVERFLOW
+    if options.return_per_sample:
+        counted |= _PER_SAMPLE_OVERFLOW
+    flagged = [figures.flags[s][span].astype(np.uint8) for s, span in enumerate(spans)]
+    if any(bool((f & _SCORES_NOT_FINITE).any()) for f in flagged):
+        try:
+            check_scores_finite(job)
+        except InvalidInputError as error:
+            return error
+    overflow = None
+    for s, flags in enumerate(flagged):
+        rows = np.flatnonzero(flags & counted)
         if rows.size:
-            return s, int(rows[0])
-    return None
-
-
-def _first_input_of(input_sets: tuple[int, ...], set_index: int) -> int:
-    return input_sets.index(set_index)
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy started without blocking (pinned memory); the CPU tensor itself on CPU."""
-    if tensor.device.type == "cpu":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
+            overflow = (s, int(rows[0]))
+            break
+    if overflow is None and math.isfinite(loss):
+        return None
+    set_index, row = overflow if overflow is not None else (0, 0)
+    kind = job.key.params.kind
+    field = job.input_fields[input_sets.index(set_index)]
+    where = f"[{row}]" if overflow is not None else ""
+    torch_wire = tensors.torch_dtype(wire_dtype)
+    return InvalidInputError(
+        f"{kind.value}.{field}{where}",
+        "overflow: the hinge term or its gradient exceeds the range of "
+        f"{str(torch_wire).removeprefix('torch.')}",
+    )
 
 
 def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:

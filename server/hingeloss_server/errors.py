@@ -45,3 +45,10 @@ class ComputeFailedError(HingelossError):
     def __init__(self, detail: str, *, out_of_memory: bool = False) -> None:
         super().__init__(detail)
         self.out_of_memory = out_of_memory
+
+
+class DeviceFailedError(HingelossError):
+    """The worker's device is in an error state it cannot leave (a sticky CUDA error).
+
+    Retryable elsewhere: health reports NOT_SERVING so load balancers move away.
+    """

@@ -155,3 +155,6 @@ class JobResult:
     batch: BatchInfo
     queue_s: float = 0.0
     compute_dtype: torch.dtype = field(default=torch.float32)
+    # Keeps the pinned host block that `grads` and `per_sample` view from being reused
+    # while this answer is alive (staging.HostLease); None where they own their memory.
+    host_lease: object | None = None

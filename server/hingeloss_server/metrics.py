@@ -248,6 +248,12 @@ class Metrics:
             ["device"],
             registry=registry,
         )
+        self.pinned_host = Gauge(
+            "hingeloss_pinned_host_bytes",
+            "Pinned host memory workers keep for transfers to and from their device.",
+            ["device"],
+            registry=registry,
+        )
         self.build_info = Info(
             "hingeloss_build", "Versions and devices of this server.", registry=registry
         )

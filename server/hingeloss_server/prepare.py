@@ -19,13 +19,17 @@ class PreparedJob:
     """A job whose values passed every check, with its per-row inputs for the kernels."""
 
     job: LossJob
-    # +-1 labels (float64) for binary hinge and margin ranking.
+    # +-1 labels as int8 (one byte a row to upload) for binary hinge and margin ranking.
     labels: torch.Tensor | None
     # int64 class targets; ignored rows carry 0.
     targets: torch.Tensor | None
     ignore_mask: torch.Tensor | None
-    # One float64 row scale per sample set, such that loss = sum(scale * per_sample).
-    scales: tuple[torch.Tensor, ...]
+    # One row scale per sample set, such that loss = sum(scale * per_sample): a float
+    # where every row of the set has the same one (it is expanded on the device), else
+    # float64 per row (WEIGHTED_MEAN).
+    scales: tuple[float | torch.Tensor, ...]
+    # Rows of each sample set.
+    set_rows: tuple[int, ...]
     # Samples that count (ignored rows excluded).
     samples: int
 
@@ -73,23 +77,33 @@ def _plus_minus_one(labels: torch.Tensor, zero_one: bool, field: str) -> torch.T
     if bad is not None:
         allowed = "0 or 1 (LABEL_ENCODING_ZERO_ONE)" if zero_one else "-1 or +1"
         raise InvalidInputError(f"{field}[{bad}]", f"must be {allowed}, got {labels[bad].item()}")
-    return values * 2.0 - 1.0 if zero_one else values
+    return (values == 1.0).to(torch.int8).mul_(2).sub_(1)
 
 
-def _fill(rows: int, value: float) -> torch.Tensor:
-    return torch.full((rows,), value, dtype=torch.float64)
+def check_scores_finite(job: LossJob) -> None:
+    """The finiteness check of every score input, naming the first bad element."""
+    prefix = job.key.params.kind.value
+    for tensor, name in zip(job.inputs, job.input_fields, strict=True):
+        _check_finite(tensor, f"{prefix}.{name}")
 
 
-def prepare(job: LossJob) -> PreparedJob:
+def prepare(job: LossJob, *, check_scores: bool = True) -> PreparedJob:
     """Validates every value of a job and computes its row scales.
+
+    Args:
+        job: The decoded job.
+        check_scores: Whether to scan the scores for NaN and Inf here. A GPU worker
+            passes False: it flags non-finite rows on the device after the upload
+            (cheaper than a host scan) and calls `check_scores_finite` for a flagged
+            job, so the error is the same.
 
     Raises:
         InvalidInputError: naming the field and the first bad index.
     """
     kind = job.key.params.kind
     prefix = kind.value
-    for tensor, name in zip(job.inputs, job.input_fields, strict=True):
-        _check_finite(tensor, f"{prefix}.{name}")
+    if check_scores:
+        check_scores_finite(job)
     if job.class_weights is not None:
         _check_non_negative(job.class_weights, f"{prefix}.target_class_weights")
     # Checked whenever sent, even where the reduction ignores them: a bad weight is a bug.
@@ -115,6 +129,7 @@ def prepare(job: LossJob) -> PreparedJob:
         targets=targets,
         ignore_mask=ignore_mask,
         scales=scales,
+        set_rows=tuple(rows_per_set),
         samples=counted,
     )
 
@@ -145,15 +160,15 @@ def _row_scales(
     rows_per_set: list[int],
     ignore_mask: torch.Tensor | None,
     counted: int,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[float | torch.Tensor, ...]:
     reduction = job.options.reduction
     kind = job.key.params.kind
     if reduction in (Reduction.SUM, Reduction.NONE):
-        return tuple(_fill(rows, 1.0) for rows in rows_per_set)
+        return tuple(1.0 for _ in rows_per_set)
     if reduction is Reduction.MEAN:
         if kind is LossKind.GAN_DISCRIMINATOR and not job.options.pooled_mean:
-            return tuple(_fill(rows, 1.0 / rows) for rows in rows_per_set)
-        return tuple(_fill(rows, 1.0 / counted) for rows in rows_per_set)
+            return tuple(1.0 / rows for rows in rows_per_set)
+        return tuple(1.0 / counted for _ in rows_per_set)
     # WEIGHTED_MEAN: weights over all samples (GAN: real then fake).
     assert job.sample_weights is not None
     weights = job.sample_weights.to(torch.float64)

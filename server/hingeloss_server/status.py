@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 from hingeloss_server.errors import (
     ComputeFailedError,
     DeadlineExpiredError,
+    DeviceFailedError,
     DrainingError,
     HingelossError,
     InvalidInputError,
@@ -49,6 +50,8 @@ def status_mapping(error: HingelossError) -> StatusMapping:
         return StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
     if isinstance(error, DrainingError):
         return StatusMapping(grpc.StatusCode.UNAVAILABLE, "DRAINING", "draining")
+    if isinstance(error, DeviceFailedError):
+        return StatusMapping(grpc.StatusCode.UNAVAILABLE, "DEVICE_FAILED", None)
     if isinstance(error, ComputeFailedError) and error.out_of_memory:
         return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "DEVICE_OUT_OF_MEMORY", None)
     return StatusMapping(grpc.StatusCode.INTERNAL, "INTERNAL", None)

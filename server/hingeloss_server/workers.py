@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from hingeloss_server.batch_compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
 from hingeloss_server.batching import Batcher
-from hingeloss_server.config import WorkerConfig
+from hingeloss_server.config import BatchingConfig, WorkerConfig
 from hingeloss_server.errors import (
     ComputeFailedError,
+    DeviceFailedError,
     DrainingError,
     HingelossError,
     InvalidInputError,
@@ -32,6 +34,7 @@ from hingeloss_server.errors import (
 from hingeloss_server.jobs import JobResult, LossJob
 from hingeloss_server.metrics import Metrics, NoMetrics
 from hingeloss_server.prepare import PreparedJob, prepare
+from hingeloss_server.staging import DeviceStaging
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,55 @@ class Outcome:
     error: HingelossError | None = None
 
 
+class DeviceGate:
+    """Batches on one device run side by side; a retry after running out of memory runs alone.
+
+    With several workers on a device, a request retried alone after its batch ran out
+    of memory would otherwise race the other workers' batches for the memory it needs.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_alone += 1
+            self._cond.wait_for(lambda: not self._alone and not self._running)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+def staging_bytes(batching: BatchingConfig) -> int:
+    """Pinned bytes a GPU worker keeps per buffer: the largest batch and its per-row extras.
+
+    Per row at most 8 bytes of targets, 1 of labels, 1 of ignore mask and 8 of scale
+    travel beside the scores; the packed figures coming back are smaller than that.
+    """
+    return batching.max_batch_bytes + 32 * batching.max_batch_rows
+
+
 class Worker:
     """One compute thread bound to one device."""
 
@@ -84,6 +136,9 @@ class Worker:
         device: torch.device,
         fault_hook: FaultHook | None,
         margin_rows: int = MARGIN_SAMPLE_ROWS,
+        *,
+        pinned_bytes: int = 0,
+        gate: DeviceGate | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -95,8 +150,12 @@ class Worker:
             else None
         )
         self._fault_hook = fault_hook
+        self._gate = gate or DeviceGate()
+        self.staging = _make_staging(device, pinned_bytes)
         # Monotonic time the current batch started, or None when idle (read by the watchdog).
         self.busy_since: float | None = None
+        # Why the device cannot be used any more (a sticky CUDA error), or None.
+        self.broken: str | None = None
 
     def _stream_context(self) -> AbstractContextManager[object]:
         if self._stream is None:
@@ -105,13 +164,18 @@ class Worker:
 
     def run(self, jobs: Sequence[LossJob]) -> tuple[list[Outcome], BatchOutput | None]:
         """Validates, computes and encodes a batch. Runs on this worker's thread."""
+        if self.broken is not None:
+            error = DeviceFailedError(f"device {self.device} failed: {self.broken}")
+            return [Outcome(job, error=error) for job in jobs], None
         self.busy_since = time.monotonic()
+        # GPU workers check scores for NaN and Inf on the device, after the upload.
+        on_host = self.device.type != "cuda"
         try:
             outcomes: list[Outcome] = []
             prepared: list[PreparedJob] = []
             for job in jobs:
                 try:
-                    prepared.append(prepare(job))
+                    prepared.append(prepare(job, check_scores=on_host))
                 except InvalidInputError as error:
                     outcomes.append(Outcome(job, error=error))
                 except Exception as error:  # a bug on one request fails that request only
@@ -119,18 +183,23 @@ class Worker:
             if not prepared:
                 return outcomes, None
             with self._stream_context():
-                output = self._compute_isolated(prepared, outcomes)
+                output = self._compute_isolated(prepared, outcomes, alone=False)
             return outcomes, output
         finally:
             self.busy_since = None
 
     def _compute_isolated(
-        self, prepared: list[PreparedJob], outcomes: list[Outcome]
+        self, prepared: list[PreparedJob], outcomes: list[Outcome], *, alone: bool
     ) -> BatchOutput | None:
         output: BatchOutput | None
+        out_of_memory = False
         try:
-            output = self._compute(prepared)
+            output = self._compute(prepared, alone=alone)
         except Exception as error:
+            if self._device_failed(error):
+                failed = DeviceFailedError(f"device {self.device} failed: {self.broken}")
+                outcomes.extend(Outcome(p.job, error=failed) for p in prepared)
+                return None
             if len(prepared) == 1:
                 job = prepared[0].job
                 outcomes.append(Outcome(job, error=_compute_error(job.request_id, error)))
@@ -142,13 +211,15 @@ class Worker:
                 self.device,
                 str(error),
             )
+            out_of_memory = _out_of_memory(error)
             output = None
         if output is None:
             # Retried outside the except clause: until it ends, the traceback keeps the
             # failed batch's device tensors alive, and a retry after a CUDA OOM needs them freed.
             last = None
             for one in prepared:
-                last = self._compute_isolated([one], outcomes) or last
+                retry = self._compute_isolated([one], outcomes, alone=out_of_memory)
+                last = retry or last
             return last
         for one, result in zip(prepared, output.results, strict=True):
             if isinstance(result, InvalidInputError):
@@ -157,11 +228,33 @@ class Worker:
                 outcomes.append(Outcome(one.job, result=result))
         return output
 
-    def _compute(self, prepared: list[PreparedJob]) -> BatchOutput:
+    def _compute(self, prepared: list[PreparedJob], *, alone: bool) -> BatchOutput:
         if self._fault_hook is not None:
             self._fault_hook([p.job for p in prepared])
-        with torch.inference_mode():
-            return compute_batch(prepared, self.device, self._margin_rows)
+        with self._gate.alone() if alone else self._gate.shared(), torch.inference_mode():
+            return compute_batch(
+                prepared,
+                self.device,
+                self._margin_rows,
+                self.staging,
+                scores_checked=self.device.type != "cuda",
+            )
+
+    def _device_failed(self, error: Exception) -> bool:
+        """Whether a CUDA error left the device unusable; marks the worker broken if so.
+
+        Out-of-memory errors are not sticky. Any other CUDA error is probed: if the
+        device cannot even synchronise, every later batch would fail too.
+        """
+        if self.device.type != "cuda" or _out_of_memory(error):
+            return self.broken is not None
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).cpu()
+        except Exception as probe:
+            self.broken = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            logger.error("device %s failed and stays failed: %s (%s)", self.device, error, probe)
+        return self.broken is not None
 
     def warm_up(self, jobs: Sequence[LossJob]) -> None:
         """Runs sample jobs once, so that first real requests pay no start-up cost."""
@@ -175,6 +268,20 @@ class Worker:
         self.executor.shutdown(wait=True)
 
 
+def _make_staging(device: torch.device, pinned_bytes: int) -> DeviceStaging:
+    """The worker's transfers; without pinned memory (with a warning) where none can be had."""
+    try:
+        return DeviceStaging(device, pinned_bytes)
+    except RuntimeError as error:
+        logger.warning(
+            "no %d bytes of pinned memory for %s (%s); transfers use pageable memory",
+            pinned_bytes,
+            device,
+            str(error).splitlines()[0],
+        )
+        return DeviceStaging(device, 0)
+
+
 def _fail_unresolved(jobs: Sequence[LossJob], error: HingelossError) -> None:
     for job in jobs:
         if job.future is not None and not job.future.done():
@@ -182,10 +289,13 @@ def _fail_unresolved(jobs: Sequence[LossJob], error: HingelossError) -> None:
 
 
 def _out_of_memory(error: Exception) -> bool:
-    """CUDA's, or the CPU allocator's (a RuntimeError that says so)."""
+    """CUDA's, the CPU allocator's, or a failed pinned host allocation (RuntimeErrors)."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "CUDA error: out of memory" in text
+    )
 
 
 def _compute_error(request_id: str, error: Exception) -> HingelossError:
@@ -209,6 +319,7 @@ class WorkerPool:
         batcher: Batcher,
         metrics: Metrics,
         fault_hook: FaultHook | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self._config = config
         self._batcher = batcher
@@ -216,13 +327,23 @@ class WorkerPool:
         self.devices = resolve_devices(config)
         # Margins feed a histogram only: none are computed when metrics are off.
         margin_rows = 0 if isinstance(metrics, NoMetrics) else MARGIN_SAMPLE_ROWS
-        self.workers = [
-            Worker(f"hingeloss-{device}-{i}", device, fault_hook, margin_rows)
-            for device in self.devices
-            for i in range(config.workers_per_device)
-        ]
+        pinned = staging_bytes(batching or BatchingConfig())
+        self.workers = []
+        for device in self.devices:
+            gate = DeviceGate()
+            self.workers += [
+                Worker(
+                    f"hingeloss-{device}-{i}",
+                    device,
+                    fault_hook,
+                    margin_rows,
+                    pinned_bytes=pinned,
+                    gate=gate,
+                )
+                for i in range(config.workers_per_device)
+            ]
         self._tasks: list[asyncio.Task[None]] = []
-        _limit_cpu_threads(self.devices, config.workers_per_device)
+        _limit_cpu_threads(len(self.workers))
 
     @property
     def device_names(self) -> list[str]:
@@ -235,9 +356,15 @@ class WorkerPool:
             *(loop.run_in_executor(w.executor, w.warm_up, warm_up_jobs) for w in self.workers)
         )
         for device in self.devices:
-            count = sum(1 for w in self.workers if w.device == device)
-            self._metrics.workers.labels(str(device)).set(count)
+            mine = [w for w in self.workers if w.device == device]
+            self._metrics.workers.labels(str(device)).set(len(mine))
+            pinned = sum(w.staging.pinned_bytes for w in mine)
+            self._metrics.pinned_host.labels(str(device)).set(pinned)
         self._tasks = [asyncio.create_task(self._serve(w), name=w.name) for w in self.workers]
+
+    def broken_workers(self) -> list[str]:
+        """Workers whose device failed for good (health reports NOT_SERVING)."""
+        return [w.name for w in self.workers if w.broken is not None]
 
     def stuck_workers(self) -> list[str]:
         """Workers busy on one batch for longer than the watchdog allows."""
@@ -258,12 +385,15 @@ class WorkerPool:
                 self._deliver(outcomes, taken_at)
                 if output is not None:
                     self._record(outcomes, output)
+                # Answers hold their pinned host block until they are sent: keep no reference.
+                del outcomes, output
             except asyncio.CancelledError:
                 _fail_unresolved(jobs, DrainingError("the server stopped during this request"))
                 raise
             except Exception:  # never lose a batch's callers, nor the worker, whatever broke
                 logger.exception("worker %s failed outside compute", worker.name)
             _fail_unresolved(jobs, ComputeFailedError("internal error while serving this request"))
+            del jobs
 
     def _record(self, outcomes: list[Outcome], output: BatchOutput) -> None:
         info = next((o.result.batch for o in outcomes if o.result is not None), None)
@@ -296,13 +426,14 @@ class WorkerPool:
         await asyncio.gather(*(loop.run_in_executor(None, w.close) for w in self.workers))
 
 
-def _limit_cpu_threads(devices: Sequence[torch.device], workers_per_device: int) -> None:
-    """Shares the cores between CPU workers, leaving one to the event loop (gRPC I/O).
+def _limit_cpu_threads(workers: int) -> None:
+    """Shares the cores between workers, leaving one to the event loop (gRPC I/O).
 
     Measured on 2 cores: torch on both cores made a 256x1000 request 3.6x slower
     than one thread, as intra-op threads and the event loop fought for the CPU.
+    GPU workers count too: their host work (validation, staging copies, row-sparse
+    answers) runs on the same intra-op pool.
     """
-    cpu_workers = sum(workers_per_device for d in devices if d.type == "cpu")
-    if cpu_workers and "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, ((cores or 1) - 1) // cpu_workers))
+        torch.set_num_threads(max(1, ((cores or 1) - 1) // max(1, workers)))
