@@ -386,3 +386,30 @@ def test_ignored_rows_never_overflow(shared_server: Any) -> None:
     assert result.loss == pytest.approx(5.0)
     assert result.samples == 1
     np.testing.assert_array_equal(result.grad[1], np.zeros(3, dtype=np.float32))
+
+
+def test_float16_overflows_only_in_what_the_caller_receives(shared_server: Any) -> None:
+    """Per-sample sums past float16's range are refused only when the caller asks for them.
+
+    8 rows of 131072 classes near 0: each row's Weston-Watkins sum is about 131071,
+    past float16's 65504, but nobody asked for per-sample losses; the loss (float64)
+    and every gradient entry (|g| <= 131071 / 8) fit.
+    """
+    rng = np.random.default_rng()
+    rows, classes = 8, 131072
+    scores = torch.from_numpy(rng.uniform(-0.01, 0.01, size=(rows, classes))).to(torch.float16)
+    targets = rng.integers(0, classes, size=rows)
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(scores, targets)
+        error = _sdk(
+            shared_server.target,
+            lambda c: c.multiclass_hinge(scores, targets, return_per_sample=True),
+        )
+    exact = scores.double().numpy()
+    z = exact - exact[np.arange(rows), targets][:, None] + 1.0
+    z[np.arange(rows), targets] = 0.0
+    assert result.loss == pytest.approx(np.maximum(z, 0.0).sum() / rows, rel=1e-3)
+    assert result.grad.dtype == torch.float16
+    assert torch.isfinite(result.grad).all()
+    assert _field(error) == "multiclass_hinge.scores[0]"
+    assert "overflow" in error.field_violations[0].description

@@ -128,7 +128,17 @@ def staging_bytes(batching: BatchingConfig) -> int:
 
 
 class Worker:
-    """One compute thread bound to one device."""
+    """One compute thread bound to one device.
+
+    Args:
+        name: Thread name, also in logs and the watchdog's report.
+        device: Where it computes.
+        fault_hook: Test-only failure injection, called with each batch's jobs.
+        margin_rows: Rows of each batch whose margins feed the metrics (0: none).
+        pinned_bytes: Size of each pinned staging buffer on CUDA (default: what the
+            default batch limits need).
+        gate: Shared by the workers of one device (OOM retries run alone).
+    """
 
     def __init__(
         self,
@@ -137,7 +147,7 @@ class Worker:
         fault_hook: FaultHook | None,
         margin_rows: int = MARGIN_SAMPLE_ROWS,
         *,
-        pinned_bytes: int = 0,
+        pinned_bytes: int | None = None,
         gate: DeviceGate | None = None,
     ) -> None:
         self.name = name
@@ -151,6 +161,8 @@ class Worker:
         )
         self._fault_hook = fault_hook
         self._gate = gate or DeviceGate()
+        if pinned_bytes is None:
+            pinned_bytes = staging_bytes(BatchingConfig())
         self.staging = _make_staging(device, pinned_bytes)
         # Monotonic time the current batch started, or None when idle (read by the watchdog).
         self.busy_since: float | None = None

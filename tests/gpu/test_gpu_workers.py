@@ -29,10 +29,10 @@ from support import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
 from hingeloss.requests import build_request
-from hingeloss_server.batch_compute import _Staging
-from hingeloss_server.config import LimitsConfig, ServerConfig, WorkerConfig
+from hingeloss_server.config import BatchingConfig, LimitsConfig, ServerConfig, WorkerConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.jobs import LossJob
+from hingeloss_server.staging import DeviceStaging
 from hingeloss_server.workers import Worker
 
 DEVICE = str(torch.device(os.environ.get("HINGELOSS_GPU_TEST_DEVICE", "cuda:0")))
@@ -50,8 +50,15 @@ MIB = 1 << 20
 Request = tuple[str, dict[str, np.ndarray], dict[str, Any]]
 
 
-def device_config(**workers: Any) -> ServerConfig:
-    return server_config(workers=WorkerConfig(devices=workers.pop("devices", (DEVICE,)), **workers))
+def device_config(batching: BatchingConfig | None = None, **workers: Any) -> ServerConfig:
+    return server_config(
+        workers=WorkerConfig(devices=workers.pop("devices", (DEVICE,)), **workers),
+        batching=batching or BatchingConfig(),
+    )
+
+
+# Room for the out-of-memory tests' requests to form one batch (the default is 32 MiB).
+LARGE_BATCHES = BatchingConfig(max_batch_bytes=512 * MIB)
 
 
 @pytest.fixture
@@ -270,14 +277,16 @@ def test_staging_copies_from_pinned_memory_without_blocking_the_host() -> None:
     if sleep is None:
         pytest.skip("torch.cuda._sleep is not available in this torch")
     device = torch.device(DEVICE)
-    staging = _Staging(device)
+    staging = DeviceStaging(device, 32 * MIB)
     parts = [torch.randn(1 << 21), torch.randn(1 << 21)]  # 16 MiB together
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     with torch.cuda.stream(stream):
-        staging.cat(parts)  # warms the pinned-host and device caches: no allocation below
+        staging.begin()
+        staging.upload(parts)  # warms the device cache: no allocation below
         stream.synchronize()  # type: ignore[no-untyped-call]
+        staging.begin()
         sleep(1 << 29)
-        moved = staging.cat(parts)
+        moved = staging.upload(parts)
         still_busy = not stream.query()  # type: ignore[no-untyped-call]
     stream.synchronize()  # type: ignore[no-untyped-call]
     assert still_busy, "the host waited for the device: the copy was not asynchronous"
@@ -417,7 +426,7 @@ def test_real_out_of_memory_batch_succeeds_when_split(
     size = 64 * MIB
     rows, classes = size // (4 * 1024), 1024
     hook = FaultHook()
-    server = make_server(device_config(), fault_hook=hook)
+    server = make_server(device_config(LARGE_BATCHES), fault_hook=hook)
     requests: dict[str, Request] = {
         f"part{i}": ("multiclass_hinge", integer_multiclass(rng, rows, classes), {})
         for i in range(4)
@@ -441,7 +450,7 @@ def test_real_out_of_memory_fails_only_the_request_too_large(
     """
     classes = 4096
     hook = FaultHook()
-    server = make_server(device_config(), fault_hook=hook)
+    server = make_server(device_config(LARGE_BATCHES), fault_hook=hook)
     requests: dict[str, Request] = {
         "big": ("multiclass_hinge", integer_multiclass(rng, 16384, classes), {}),
         **{

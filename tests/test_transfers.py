@@ -1,0 +1,174 @@
+"""What a batch moves between host and device, and how often the host waits for it.
+
+Each test runs on the CPU and, where CUDA is present, on the GPU: on the CPU every
+read of a tensor's value into Python (bool, item, tolist, numpy, ...) before the
+batch's one wait is counted, since on a device each would be a synchronisation;
+on the GPU torch's own sync debug mode turns any implicit one into an error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cases import random_inputs
+from torch.overrides import TorchFunctionMode
+
+from hingeloss.requests import build_request
+from hingeloss_server.batch_compute import compute_batch
+from hingeloss_server.config import LimitsConfig
+from hingeloss_server.decode import decode_request
+from hingeloss_server.jobs import JobResult, LossKind
+from hingeloss_server.prepare import PreparedJob, prepare
+from hingeloss_server.staging import DeviceStaging
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+
+# Tensor methods that read a value into Python: on a device each waits for it.
+HOST_READS = {
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    seed = int(os.environ.get("HINGELOSS_TEST_SEED", secrets.randbits(32)))
+    print(f"HINGELOSS_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+class HostReads(TorchFunctionMode):
+    """Records the host reads of tensor values, and where the batch's wait fell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in HOST_READS:
+            self.events.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class CountingStaging(DeviceStaging):
+    """The worker's staging, noting each wait in the event log of a HostReads."""
+
+    def __init__(self, device: torch.device, reads: HostReads) -> None:
+        super().__init__(device, 8 << 20)
+        self.reads = reads
+        self.uploads: list[tuple[torch.dtype, int]] = []
+
+    def upload(self, parts: Any) -> torch.Tensor:
+        self.uploads += [(p.dtype, p.numel()) for p in parts]
+        return super().upload(parts)
+
+    def wait(self) -> None:
+        self.reads.events.append("WAIT")
+        super().wait()
+
+
+@contextmanager
+def no_implicit_sync(device: str) -> Iterator[None]:
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def prepared(
+    loss: str, rng: np.random.Generator, rows: int, classes: int = 5, **options: Any
+) -> PreparedJob:
+    inputs = random_inputs(loss, rng, rows, classes, fake_rows=rows + 1)
+    request, _ = build_request(loss, inputs, options)
+    return prepare(decode_request(request, LimitsConfig()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", [kind.value for kind in LossKind])
+def test_a_batch_reads_nothing_before_its_one_wait(
+    device: str, loss: str, rng: np.random.Generator
+) -> None:
+    """Losses, activity, overflow flags and margins come back together, after one wait."""
+    jobs = [
+        prepared(loss, rng, 5),
+        prepared(loss, rng, 3, return_per_sample=True, gradient_format="row_sparse"),
+        prepared(loss, rng, 4, gradient_format="none"),
+    ]
+    reads = HostReads()
+    staging = CountingStaging(torch.device(device), reads)
+    with torch.inference_mode(), no_implicit_sync(device), reads:
+        output = compute_batch(jobs, torch.device(device), 4, staging)
+    assert all(isinstance(r, JobResult) for r in output.results), output.results
+    assert reads.events.count("WAIT") == 1, reads.events
+    before_wait = reads.events[: reads.events.index("WAIT")]
+    assert before_wait == [], f"host reads before the batch's wait: {before_wait}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_binary_hinge_uploads_five_bytes_a_row_at_float32(
+    device: str, rng: np.random.Generator
+) -> None:
+    """Scores (4 bytes) and int8 labels (1) per row; the mean's scale travels once a request."""
+    rows = 1000
+    jobs = [
+        prepare(
+            decode_request(
+                build_request(
+                    "binary_hinge",
+                    {
+                        "scores": rng.normal(size=rows).astype(np.float32),
+                        "labels": rng.choice([-1, 1], size=rows),
+                    },
+                    {},
+                )[0],
+                LimitsConfig(),
+            )
+        )
+        for _ in range(3)
+    ]
+    staging = CountingStaging(torch.device(device), HostReads())
+    with torch.inference_mode():
+        compute_batch(jobs, torch.device(device), 0, staging)
+    uploaded = sum(dtype.itemsize * count for dtype, count in staging.uploads)
+    per_job_extras = 3 * (4 + 8)  # one float32 scale and one int64 row count per request
+    assert uploaded == 3 * rows * 5 + per_job_extras, staging.uploads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_weights_travel_once_per_batch_key(device: str, rng: np.random.Generator) -> None:
+    weights = rng.uniform(0.5, 2.0, size=7)
+    staging = CountingStaging(torch.device(device), HostReads())
+    for _ in range(3):
+        jobs = [prepared("multiclass_hinge", rng, 4, 7, class_weights=weights)]
+        with torch.inference_mode():
+            compute_batch(jobs, torch.device(device), 0, staging)
+    sent = [count for dtype, count in staging.uploads if count == weights.size]
+    assert sent == [weights.size], staging.uploads
