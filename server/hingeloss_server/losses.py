@@ -50,6 +50,26 @@ class LossOutput:
     active: tuple[Tensor, ...]
 
 
+def _row_sum(z: Tensor) -> Tensor:
+    """Sum of each row, the same bits to one ulp whatever the batch around the row.
+
+    CUDA's reduction splits a row differently with the number of rows, so the order
+    of the additions (and the last bits) would depend on what shares the batch. In
+    float64 each float32 row sum is the correctly rounded value of nearly the same
+    number, batched or alone. The CPU's order depends on the row alone.
+    """
+    if z.device.type != "cuda" or z.dtype == torch.float64:
+        return z.sum(1)
+    return z.sum(1, dtype=torch.float64).to(z.dtype)
+
+
+def _row_sum_of_squares(z: Tensor) -> Tensor:
+    """Sum of squares of each row without an (N, C) temporary; see _row_sum on CUDA."""
+    wide = z.device.type == "cuda" and z.dtype != torch.float64
+    norm: Tensor = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64 if wide else None)
+    return norm.square_().to(z.dtype)
+
+
 def _active(z: Tensor, *, power: int, kink_one: bool) -> Tensor:
     """Where max(0, z)^power has a non-zero (sub)gradient under the kink convention."""
     # For the squared hinge the derivative 2z vanishes on the kink either way.
@@ -169,7 +189,7 @@ def multiclass_hinge(
             # Keep the kink ONE indicator before relu_ erases the sign of z == 0.
             grad = torch.ge(z, 0, out=torch.empty_like(z)) if kink_one else None
             z.relu_()
-            raw = z.sum(1)
+            raw = _row_sum(z)
             if grad is None:
                 grad = z.gt_(0)
             count = grad.sum(1)
@@ -178,16 +198,15 @@ def multiclass_hinge(
             grad.scatter_(1, tt, coef.mul(count).neg_().unsqueeze(1))
         else:
             zmax = z.amax(1) if kink_one else None
-            raw = z.relu_().sum(1)
+            raw = _row_sum(z.relu_())
             active = raw > 0 if zmax is None else zmax >= 0
     else:
         z.relu_()
         # The plain sum of non-negative terms is positive exactly when one is,
         # which the sum of squares is not (underflow).
-        hsum = z.sum(1)
+        hsum = _row_sum(z)
         active = hsum > 0
-        # Squared norm: the sum of squares without an (N, C) temporary.
-        raw = torch.linalg.vector_norm(z, dim=1).square_()
+        raw = _row_sum_of_squares(z)
         if need_grad:
             coef2 = row_scale * factor * 2
             grad = z.mul_(coef2.unsqueeze(1))

@@ -361,11 +361,22 @@ class WorkerPool:
     def device_names(self) -> list[str]:
         return [str(d) for d in self.devices]
 
-    async def start(self, warm_up_jobs: Sequence[LossJob] = ()) -> None:
-        """Warms every worker up, then starts taking batches."""
+    async def start(
+        self, warm_up_jobs: Sequence[LossJob] = (), full_size: LossJob | None = None
+    ) -> None:
+        """Warms every worker up, then starts taking batches.
+
+        GPU workers also run `full_size` (a batch as large as the batcher forms), so
+        that the device's caching allocator holds that memory from the start.
+        """
         loop = asyncio.get_running_loop()
+
+        def jobs_for(worker: Worker) -> list[LossJob]:
+            extra = [full_size] if full_size is not None and worker.device.type == "cuda" else []
+            return [*warm_up_jobs, *extra]
+
         await asyncio.gather(
-            *(loop.run_in_executor(w.executor, w.warm_up, warm_up_jobs) for w in self.workers)
+            *(loop.run_in_executor(w.executor, w.warm_up, jobs_for(w)) for w in self.workers)
         )
         for device in self.devices:
             mine = [w for w in self.workers if w.device == device]

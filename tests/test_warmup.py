@@ -1,0 +1,69 @@
+"""The warm-up requests reach every loss, score dtype and option path before SERVING."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hingeloss import tensors
+from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.decode import decode_request
+from hingeloss_server.jobs import GradientFormat, LossJob, LossKind, Reduction
+from hingeloss_server.warmup import full_size_request, warm_up_requests
+
+HINGES = {kind for kind in LossKind if kind is not LossKind.GAN_GENERATOR}
+SQUARED = {LossKind.BINARY_HINGE, LossKind.MULTICLASS_HINGE, LossKind.CRAMMER_SINGER}
+
+
+def _jobs() -> list[LossJob]:
+    return [decode_request(request, LimitsConfig()) for request in warm_up_requests()]
+
+
+def test_every_loss_runs_in_every_score_dtype() -> None:
+    seen = {(job.key.params.kind, tensors.torch_dtype(job.key.wire_dtype)) for job in _jobs()}
+    dtypes = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    assert seen == {(kind, dtype) for kind in LossKind for dtype in dtypes}
+
+
+def test_every_option_path_runs_in_every_score_dtype() -> None:
+    by_dtype: dict[int, list[LossJob]] = {}
+    for job in _jobs():
+        by_dtype.setdefault(job.key.wire_dtype, []).append(job)
+    for jobs in by_dtype.values():
+
+        def kinds(
+            predicate: Callable[[LossJob], bool], jobs: list[LossJob] = jobs
+        ) -> set[LossKind]:
+            return {j.key.params.kind for j in jobs if predicate(j)}
+
+        assert kinds(lambda j: j.key.params.power == 2) == SQUARED
+        assert kinds(lambda j: j.key.params.kink_one) == HINGES
+        assert kinds(lambda j: j.options.gradient_format is GradientFormat.NONE) == set(LossKind)
+        assert kinds(lambda j: j.options.gradient_format is GradientFormat.ROW_SPARSE) >= {
+            LossKind.BINARY_HINGE,
+            LossKind.MULTICLASS_HINGE,
+            LossKind.MARGIN_RANKING,
+        }
+        assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.class_weights is not None)
+        assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.options.ignore_index is not None)
+        assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.key.params.divide_by_num_classes)
+        assert LossKind.CRAMMER_SINGER in kinds(lambda j: j.key.params.split_ties)
+        assert LossKind.GAN_DISCRIMINATOR in kinds(lambda j: j.options.pooled_mean)
+        assert kinds(lambda j: j.options.reduction is Reduction.WEIGHTED_MEAN) >= {
+            LossKind.BINARY_HINGE,
+            LossKind.GAN_DISCRIMINATOR,
+        }
+        assert kinds(lambda j: j.options.return_per_sample) >= {
+            LossKind.BINARY_HINGE,
+            LossKind.MULTICLASS_HINGE,
+            LossKind.MARGIN_RANKING,
+        }
+
+
+def test_the_full_size_request_fills_the_largest_batch() -> None:
+    batching = BatchingConfig(max_batch_bytes=8 << 20)
+    job = decode_request(full_size_request(batching), LimitsConfig())
+    assert 0.99 * batching.max_batch_bytes <= job.nbytes <= batching.max_batch_bytes
+    few_rows = BatchingConfig(max_batch_rows=100)
+    assert decode_request(full_size_request(few_rows), LimitsConfig()).rows == 100
