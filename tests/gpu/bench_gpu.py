@@ -224,7 +224,7 @@ def kernel_cell(
         n = rows * classes
         scores = torch.randn((n,), generator=generator, device=device).to(dtype)
         signs = torch.randint(0, 2, (n,), generator=generator, device=device)
-        other = signs.to(compute).mul_(2).sub_(1)  # +-1 in the compute dtype, as the server
+        other = signs.to(torch.int8).mul_(2).sub_(1)  # +-1 as int8, as the server uploads them
     row_scale = torch.full((n,), 1.0 / n, dtype=compute, device=device)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,15 +242,18 @@ def kernel_cell(
             )
         else:
             out = losses.binary_hinge(
-                x, other, margin=1.0, power=1, kink_one=False, row_scale=row_scale
+                x, other.to(compute), margin=1.0, power=1, kink_one=False, row_scale=row_scale
             )
         grad = out.grads[0]
         return out.per_sample[0], grad if grad.dtype == dtype else grad.to(dtype)
 
     reps = plan.reps if device.type == "cuda" else plan.cpu_reps
     stats = summary_ms(time_ms(step, device, plan.warmup, reps))
-    # The floor: one read of the scores and of the targets (labels), one write of the gradient.
-    floor_bytes = 2 * scores.nbytes + other.nbytes
+    # The floor counts every tensor the contract makes a kernel read or write: the scores,
+    # targets (int64) or labels (int8) and row scales in; the gradient (wire dtype),
+    # per-sample losses (compute dtype) and activity flags (one byte) out.
+    per_row_out = compute.itemsize + 1
+    floor_bytes = 2 * scores.nbytes + other.nbytes + row_scale.nbytes + n * per_row_out
     floor_ms = floor_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
     fraction = floor_ms / stats["median_ms"]
 
@@ -282,7 +285,10 @@ def kernel_cell(
         "dtype": str(dtype).removeprefix("torch."),
         **stats,
         "floor_bytes": floor_bytes,
-        "floor_counts": "scores read + targets/labels read + gradient written",
+        "floor_counts": (
+            "scores + targets/labels + row scales read; gradient + per-sample losses"
+            " + activity flags written"
+        ),
         "floor_ms": floor_ms,
         "achieved_gb_per_s": floor_bytes / (stats["median_ms"] / 1e3) / 1e9,
         "fraction_of_copy_bandwidth": fraction,

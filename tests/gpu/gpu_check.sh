@@ -49,7 +49,8 @@ trap 'rm -rf "$work"' EXIT
 
 # What this interpreter can import: the check needs the core; the deployment tests and the
 # proto drift test need more, and hold no GPU test, so they are left out where it is missing.
-if ! "$py" - >"$work/preflight" <<'EOF'; then
+# Bounded: an import that hangs (a driver that does not answer) fails the check, not the lease.
+if ! timeout -k 5 "${GPU_CHECK_PREFLIGHT_TIMEOUT:-120}" "$py" - >"$work/preflight" <<'EOF'; then
 import importlib
 import sys
 
@@ -94,6 +95,16 @@ EOF
 fi
 cuda=$(sed -n 's/^cuda //p' "$work/preflight")
 echo "== interpreter: $(sed -n 's/^torch //p' "$work/preflight")"
+# A GPU that this torch cannot use would make every GPU test skip: a green check that ran
+# nothing on the GPU. Refuse instead (the usual cause: .venv holds the CPU build of torch).
+gpus=$(timeout -k 2 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+if [ "$smoke" = 0 ] && [ "$cuda" != 1 ] && [ "${gpus:-0}" -gt 0 ]; then
+  echo "gpu_check.sh: nvidia-smi lists ${gpus} GPU(s), but the torch of $py cannot use CUDA"
+  echo "($(sed -n 's/^torch //p' "$work/preflight")). Install a CUDA build of torch"
+  echo "(make install TORCH_SPEC=\"torch==... --index-url ...\"), or point HINGELOSS_PYTHON"
+  echo "at an interpreter that has one (see docs/gpu.md)."
+  exit 4
+fi
 ignores=()
 while read -r path reason; do
   echo "== not collected (no GPU tests there): $path, missing $reason"

@@ -18,6 +18,7 @@ from typing import Any
 
 import bench_gpu
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "gpu" / "gpu_check.sh"
@@ -83,6 +84,32 @@ def test_an_interpreter_that_cannot_run_the_check_is_named(tmp_path: Path) -> No
     done = run_script("--cpu-smoke", "--output", str(tmp_path / "x.json"), python=str(fake))
     assert done.returncode == 3
     assert "missing torch" in done.stdout
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_gpu_this_torch_cannot_use_fails_the_check(tmp_path: Path) -> None:
+    """nvidia-smi lists a GPU, the interpreter's torch has no CUDA: exit 4, no false green."""
+    if torch.cuda.is_available():
+        pytest.skip("this torch can use CUDA")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0000)'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "HINGELOSS_PYTHON": sys.executable}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env.pop("OUT", None)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--output", str(tmp_path / "x.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "cannot use CUDA" in done.stdout
     assert not (tmp_path / "x.json").exists()
 
 
