@@ -24,6 +24,7 @@ from hingeloss.requests import build_request
 from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.decode import decode_request
+from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import JobResult, LossKind
 from hingeloss_server.prepare import PreparedJob, prepare
 from hingeloss_server.staging import DeviceStaging
@@ -172,3 +173,31 @@ def test_class_weights_travel_once_per_batch_key(device: str, rng: np.random.Gen
             compute_batch(jobs, torch.device(device), 0, staging)
     sent = [count for dtype, count in staging.uploads if count == weights.size]
     assert sent == [weights.size], staging.uploads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ignored", [False, True], ids=["counted-row", "ignored-row"])
+def test_scores_checked_on_the_device_give_the_host_error(device: str, ignored: bool) -> None:
+    """A NaN found after the upload fails its request with the host check's very error."""
+    scores = np.array([[0.5, 1.0, 2.0], [1.0, np.inf, 0.0], [0.0, 0.0, 0.0]])
+    targets = np.array([0, -100 if ignored else 1, 2])
+    request, _ = build_request(
+        "multiclass_hinge", {"scores": scores, "targets": targets}, {"ignore_index": -100}
+    )
+    job = decode_request(request, LimitsConfig())
+    with pytest.raises(InvalidInputError) as on_host:
+        prepare(job)
+    fine = prepared("multiclass_hinge", np.random.default_rng(0), 4, 3)
+    with torch.inference_mode():
+        output = compute_batch(
+            [fine, prepare(job, check_scores=False)],
+            torch.device(device),
+            0,
+            DeviceStaging(torch.device(device)),
+            scores_checked=False,
+        )
+    assert isinstance(output.results[0], JobResult)
+    error = output.results[1]
+    assert isinstance(error, InvalidInputError)
+    assert (error.field, error.description) == (on_host.value.field, on_host.value.description)
+    assert error.field == "multiclass_hinge.scores[1][1]"

@@ -99,6 +99,9 @@ def compute_batch(
         if jobs[0].targets is None
         else staging.upload([p.targets for p in jobs if p.targets is not None])
     )
+    input_sets = INPUT_SETS[kind]
+    # Before ignored rows are masked: a NaN is refused there too, as on the host.
+    scores_flags = None if scores_checked else _scores_flags(inputs, input_sets)
     ignore_mask = _ignore_mask(jobs, staging)
     if ignore_mask is not None:
         # Ignored rows contribute nothing, whatever their scores: not even an overflow.
@@ -116,9 +119,7 @@ def compute_batch(
     torch_wire = tensors.torch_dtype(key.wire_dtype)
     grads_wire = tuple(g.to(torch_wire) for g in output.grads)
     per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample) if need_per_sample else ()
-    flags = _row_flags(
-        output, grads_wire, per_sample_wire, INPUT_SETS[kind], inputs, not scores_checked
-    )
+    flags = _row_flags(output, grads_wire, per_sample_wire, input_sets, scores_flags)
     margins = _sample_margins(kind, inputs, labels, targets, margin_rows)
     downloads = _download(staging, output, flags, margins, grads_wire, per_sample_wire)
     staging.wait()
@@ -172,8 +173,7 @@ def _row_flags(
     grads_wire: tuple[torch.Tensor, ...],
     per_sample_wire: tuple[torch.Tensor, ...],
     input_sets: tuple[int, ...],
-    inputs: tuple[torch.Tensor, ...],
-    check_scores: bool,
+    scores_flags: list[torch.Tensor] | None,
 ) -> list[torch.Tensor]:
     """Per row of each sample set, which of the things that can go wrong did (bit set).
 
@@ -185,9 +185,23 @@ def _row_flags(
         flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
     for s, wire in enumerate(per_sample_wire):
         flags[s] |= (~torch.isfinite(wire)).to(torch.uint8) * _PER_SAMPLE_OVERFLOW
-    if check_scores:
-        for k, scores in enumerate(inputs):
-            flags[input_sets[k]] |= _not_finite_rows(scores).to(torch.uint8) * _SCORES_NOT_FINITE
+    for s, scores_bad in enumerate(scores_flags or ()):
+        flags[s] |= scores_bad
+    return flags
+
+
+def _scores_flags(
+    inputs: tuple[torch.Tensor, ...], input_sets: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """_SCORES_NOT_FINITE on the rows of each sample set whose scores hold NaN or Inf."""
+    flags = [
+        torch.zeros(
+            int(inputs[input_sets.index(s)].shape[0]), dtype=torch.uint8, device=inputs[0].device
+        )
+        for s in range(max(input_sets) + 1)
+    ]
+    for k, scores in enumerate(inputs):
+        flags[input_sets[k]] |= _not_finite_rows(scores).to(torch.uint8) * _SCORES_NOT_FINITE
     return flags
 
 
