@@ -303,8 +303,10 @@ def _reduce(loss_name: str, opt: dict[str, Any], terms: _PerSample) -> float:
         return float(np.concatenate(kept).mean())
     sizes = [m.shape[0] for m in terms.counted]
     weights = _sample_weights(opt, sizes)
-    num = sum(float((w * loss)[m].sum()) for w, loss, m in zip(weights, terms.losses,
-                                                               terms.counted, strict=True))
+    num = sum(
+        float((w * loss)[m].sum())
+        for w, loss, m in zip(weights, terms.losses, terms.counted, strict=True)
+    )
     den = sum(float(w[m].sum()) for w, m in zip(weights, terms.counted, strict=True))
     return num / den
 
@@ -375,8 +377,9 @@ def row_scales(
     With these, loss = sum over sets and rows of r_i * l_i.
     """
     opt = _options(options)
-    counted = [np.ones(np.asarray(inputs[name]).shape[0], dtype=bool)
-               for name in SAMPLE_SETS[loss_name]]
+    counted = [
+        np.ones(np.asarray(inputs[name]).shape[0], dtype=bool) for name in SAMPLE_SETS[loss_name]
+    ]
     if loss_name == "multiclass_hinge" and opt["ignore_index"] is not None:
         counted = [np.asarray(inputs["targets"]) != opt["ignore_index"]]
     reduction = opt["reduction"]

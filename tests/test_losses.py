@@ -134,8 +134,9 @@ def prepare_kernel(
     input_dtype: the dtype the scores arrive in (e.g. float16), up-cast to dtype.
     """
     opt = {**DEFAULT_OPTIONS, **options}
-    scales = [torch.as_tensor(s, dtype=dtype, device=device)
-              for s in row_scales(loss_name, inputs, opt)]
+    scales = [
+        torch.as_tensor(s, dtype=dtype, device=device) for s in row_scales(loss_name, inputs, opt)
+    ]
 
     def score(name: str) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(inputs[name], dtype=np.float64))
@@ -153,8 +154,13 @@ def prepare_kernel(
     if loss_name == "binary_hinge":
         scores, y = score("scores"), labels()
         return scales, lambda need_grad: losses.binary_hinge(
-            scores, y, margin=opt["margin"], power=opt["power"], kink_one=kink_one,
-            row_scale=scales[0], need_grad=need_grad,
+            scores,
+            y,
+            margin=opt["margin"],
+            power=opt["power"],
+            kink_one=kink_one,
+            row_scale=scales[0],
+            need_grad=need_grad,
         )
     if loss_name == "multiclass_hinge":
         scores = score("scores")
@@ -168,22 +174,39 @@ def prepare_kernel(
             weights = torch.as_tensor(opt["class_weights"], dtype=dtype, device=device)
         divide = opt["class_normalization"] == "divide_by_num_classes"
         return scales, lambda need_grad: losses.multiclass_hinge(
-            scores, targets, margin=opt["margin"], power=opt["power"], kink_one=kink_one,
-            class_weights=weights, divide_by_num_classes=divide, row_scale=scales[0],
-            ignore_mask=ignore_mask, need_grad=need_grad,
+            scores,
+            targets,
+            margin=opt["margin"],
+            power=opt["power"],
+            kink_one=kink_one,
+            class_weights=weights,
+            divide_by_num_classes=divide,
+            row_scale=scales[0],
+            ignore_mask=ignore_mask,
+            need_grad=need_grad,
         )
     if loss_name == "crammer_singer":
         scores = score("scores")
         targets = torch.as_tensor(inputs["targets"], dtype=torch.int64, device=device)
         split = opt["tie_break"] == "split_evenly"
         return scales, lambda need_grad: losses.crammer_singer(
-            scores, targets, margin=opt["margin"], power=opt["power"], kink_one=kink_one,
-            split_ties=split, row_scale=scales[0], need_grad=need_grad,
+            scores,
+            targets,
+            margin=opt["margin"],
+            power=opt["power"],
+            kink_one=kink_one,
+            split_ties=split,
+            row_scale=scales[0],
+            need_grad=need_grad,
         )
     if loss_name == "gan_discriminator":
         real, fake = score("real_scores"), score("fake_scores")
         return scales, lambda need_grad: losses.gan_discriminator(
-            real, fake, kink_one=kink_one, real_scale=scales[0], fake_scale=scales[1],
+            real,
+            fake,
+            kink_one=kink_one,
+            real_scale=scales[0],
+            fake_scale=scales[1],
             need_grad=need_grad,
         )
     if loss_name == "gan_generator":
@@ -194,7 +217,12 @@ def prepare_kernel(
     if loss_name == "margin_ranking":
         a, b, y = score("scores_a"), score("scores_b"), labels()
         return scales, lambda need_grad: losses.margin_ranking(
-            a, b, y, margin=opt["margin"], kink_one=kink_one, row_scale=scales[0],
+            a,
+            b,
+            y,
+            margin=opt["margin"],
+            kink_one=kink_one,
+            row_scale=scales[0],
             need_grad=need_grad,
         )
     raise ValueError(loss_name)
@@ -218,8 +246,9 @@ def call_kernel(
     input_dtype: torch.dtype | None = None,
 ) -> tuple[float, LossOutput]:
     """Runs the kernel as the server does; returns the reduced loss (float64) and the output."""
-    scales, run = prepare_kernel(loss_name, inputs, options, dtype=dtype, device=device,
-                                 input_dtype=input_dtype)
+    scales, run = prepare_kernel(
+        loss_name, inputs, options, dtype=dtype, device=device, input_dtype=input_dtype
+    )
     out = run(need_grad)
     return reduced(scales, out), out
 
@@ -276,8 +305,10 @@ def autograd_composite(
         best = masked.max(1).values if opt["tie_break"] == "first_index" else masked.amax(1)
         per = [_hinge(margin - (f.gather(1, t[:, None]).squeeze(1) - best), power, kink)]
     elif loss_name == "gan_discriminator":
-        per = [_hinge(1 - leaves["real_scores"], 1, kink),
-               _hinge(1 + leaves["fake_scores"], 1, kink)]
+        per = [
+            _hinge(1 - leaves["real_scores"], 1, kink),
+            _hinge(1 + leaves["fake_scores"], 1, kink),
+        ]
     elif loss_name == "gan_generator":
         per = [-leaves["fake_scores"]]
     else:
@@ -379,13 +410,15 @@ def check_case(
             close(got, want, rtol=1e-5, atol=atol)
 
 
-def option_cases(loss_name: str, rng: np.random.Generator, base: dict[str, Any],
-                 **shape: int) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any], str]]:
+def option_cases(
+    loss_name: str, rng: np.random.Generator, base: dict[str, Any], **shape: int
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any], str]]:
     """Every reduction crossed with every kind of scores."""
     for reduction in REDUCTIONS:
         for style in ("grid", "random", "large"):
-            inputs, opt = make_case(loss_name, rng, style, options={**base, "reduction": reduction},
-                                    **shape)
+            inputs, opt = make_case(
+                loss_name, rng, style, options={**base, "reduction": reduction}, **shape
+            )
             yield inputs, opt, style
 
 
@@ -407,12 +440,20 @@ def test_binary_hinge(rng: np.random.Generator, power: int, kink: str, label_enc
 @pytest.mark.parametrize("normalization", ["sum_over_classes", "divide_by_num_classes"])
 @pytest.mark.parametrize("ignore_index", [None, IGNORE_INDEX])
 def test_multiclass_hinge(
-    rng: np.random.Generator, power: int, kink: str, weighted: bool, normalization: str,
+    rng: np.random.Generator,
+    power: int,
+    kink: str,
+    weighted: bool,
+    normalization: str,
     ignore_index: int | None,
 ) -> None:
     c = int(rng.integers(2, 9))
-    base: dict[str, Any] = {"power": power, "kink": kink, "class_normalization": normalization,
-                            "ignore_index": ignore_index}
+    base: dict[str, Any] = {
+        "power": power,
+        "kink": kink,
+        "class_normalization": normalization,
+        "ignore_index": ignore_index,
+    }
     if weighted:
         base["class_weights"] = draw_weights(rng, c)
     for inputs, opt, style in option_cases("multiclass_hinge", rng, base, n=20, c=c):
@@ -435,8 +476,7 @@ def test_gan_discriminator(
     rng: np.random.Generator, kink: str, combine: str, n_real: int, n_fake: int
 ) -> None:
     base = {"kink": kink, "combine": combine}
-    for inputs, opt, style in option_cases("gan_discriminator", rng, base, n=n_real,
-                                           n_fake=n_fake):
+    for inputs, opt, style in option_cases("gan_discriminator", rng, base, n=n_real, n_fake=n_fake):
         check_case("gan_discriminator", inputs, opt, exact_in_float32=style == "grid")
 
 
@@ -466,15 +506,22 @@ def test_multi_margin_loss_is_divide_by_num_classes(
     """F.multi_margin_loss == DIVIDE_BY_NUM_CLASSES with kink ZERO (torch eager: z > 0)."""
     c = 5
     inputs, opt = make_case("multiclass_hinge", rng, style, n=32, c=c)
-    opt.update(power=power, kink="zero", class_normalization="divide_by_num_classes",
-               reduction=reduction)
+    opt.update(
+        power=power, kink="zero", class_normalization="divide_by_num_classes", reduction=reduction
+    )
     weight = None
     if weighted:
         opt["class_weights"] = draw_weights(rng, c)
         weight = torch.tensor(opt["class_weights"])
     scores = torch.tensor(inputs["scores"], requires_grad=True)
-    torch_loss = F.multi_margin_loss(scores, torch.tensor(inputs["targets"]), p=power,
-                                     margin=opt["margin"], weight=weight, reduction=reduction)
+    torch_loss = F.multi_margin_loss(
+        scores,
+        torch.tensor(inputs["targets"]),
+        p=power,
+        margin=opt["margin"],
+        weight=weight,
+        reduction=reduction,
+    )
     torch_loss.sum().backward()
     total, out = call_kernel("multiclass_hinge", inputs, opt)
     if reduction == "none":
@@ -491,12 +538,14 @@ def test_margin_ranking_loss_is_kink_one(
     rng: np.random.Generator, margin: float, reduction: str
 ) -> None:
     """F.margin_ranking_loss (a clamp_min composite) is our margin ranking with kink ONE."""
-    inputs, opt = make_case("margin_ranking", rng, "grid", n=64,
-                            options={"margin": margin, "reduction": reduction})
+    inputs, opt = make_case(
+        "margin_ranking", rng, "grid", n=64, options={"margin": margin, "reduction": reduction}
+    )
     a = torch.tensor(inputs["scores_a"], requires_grad=True)
     b = torch.tensor(inputs["scores_b"], requires_grad=True)
-    torch_loss = F.margin_ranking_loss(a, b, torch.tensor(inputs["labels"]), margin=margin,
-                                       reduction=reduction)
+    torch_loss = F.margin_ranking_loss(
+        a, b, torch.tensor(inputs["labels"]), margin=margin, reduction=reduction
+    )
     torch_loss.sum().backward()
     assert a.grad is not None
     assert b.grad is not None
@@ -540,16 +589,36 @@ def test_kink_conventions_on_the_margin() -> None:
     row = {"reduction": "sum"}
     cases: list[tuple[str, dict[str, np.ndarray], dict[str, Any], Callable[[LossOutput], float]]]
     cases = [
-        ("binary_hinge", {"scores": np.array([1.0]), "labels": np.array([1.0])}, {},
-         lambda o: float(o.grads[0][0])),
-        ("margin_ranking", {"scores_a": np.array([2.0]), "scores_b": np.array([1.0]),
-                            "labels": np.array([1.0])}, {}, lambda o: float(o.grads[0][0])),
-        ("multiclass_hinge", {"scores": np.array([[3.0, 2.0, -5.0]]), "targets": np.array([0])},
-         {}, lambda o: float(o.grads[0][0, 1])),
-        ("crammer_singer", {"scores": np.array([[3.0, 2.0, -5.0]]), "targets": np.array([0])},
-         {}, lambda o: float(o.grads[0][0, 1])),
-        ("gan_discriminator", {"real_scores": np.array([1.0]), "fake_scores": np.array([-1.0])},
-         {}, lambda o: float(o.grads[1][0])),
+        (
+            "binary_hinge",
+            {"scores": np.array([1.0]), "labels": np.array([1.0])},
+            {},
+            lambda o: float(o.grads[0][0]),
+        ),
+        (
+            "margin_ranking",
+            {"scores_a": np.array([2.0]), "scores_b": np.array([1.0]), "labels": np.array([1.0])},
+            {},
+            lambda o: float(o.grads[0][0]),
+        ),
+        (
+            "multiclass_hinge",
+            {"scores": np.array([[3.0, 2.0, -5.0]]), "targets": np.array([0])},
+            {},
+            lambda o: float(o.grads[0][0, 1]),
+        ),
+        (
+            "crammer_singer",
+            {"scores": np.array([[3.0, 2.0, -5.0]]), "targets": np.array([0])},
+            {},
+            lambda o: float(o.grads[0][0, 1]),
+        ),
+        (
+            "gan_discriminator",
+            {"real_scores": np.array([1.0]), "fake_scores": np.array([-1.0])},
+            {},
+            lambda o: float(o.grads[1][0]),
+        ),
     ]
     for loss_name, inputs, opt, grad_on_kink in cases:
         for power in (1, 2):
@@ -564,9 +633,11 @@ def test_kink_conventions_on_the_margin() -> None:
             # The squared hinge has derivative 2z = 0 on the kink under both conventions.
             assert (grad_on_kink(one) != 0.0) == (power == 1)
             assert bool(one.active[-1].any()) == (power == 1)
-            for got, want in zip(one.active, reference(loss_name, inputs,
-                                                       {**row, **opt, **extra, "kink": "one"}
-                                                       ).active, strict=True):
+            for got, want in zip(
+                one.active,
+                reference(loss_name, inputs, {**row, **opt, **extra, "kink": "one"}).active,
+                strict=True,
+            ):
                 np.testing.assert_array_equal(got.numpy(), want)
 
 
@@ -590,8 +661,11 @@ def test_crammer_singer_ties(tie_break: str) -> None:
 def test_zero_class_weight_and_ignored_rows_are_inactive() -> None:
     scores = np.zeros((6, 4))  # every z = margin: every counted row with w[y] > 0 is active
     targets = np.array([0, 0, 1, IGNORE_INDEX, 2, IGNORE_INDEX])
-    opt = {"class_weights": np.array([0.0, 1.0, 2.0, 1.0]), "ignore_index": IGNORE_INDEX,
-           "reduction": "sum"}
+    opt = {
+        "class_weights": np.array([0.0, 1.0, 2.0, 1.0]),
+        "ignore_index": IGNORE_INDEX,
+        "reduction": "sum",
+    }
     _, out = call_kernel("multiclass_hinge", {"scores": scores, "targets": targets}, opt)
     assert out.active[0].tolist() == [False, False, True, False, True, False]
     assert (out.per_sample[0][[0, 1, 3, 5]] == 0).all()
@@ -608,8 +682,14 @@ def test_class_weight_is_the_true_class_and_mean_divides_by_n() -> None:
 
 
 def test_mean_with_ignore_index_counts_kept_rows(rng: np.random.Generator) -> None:
-    inputs, opt = make_case("multiclass_hinge", rng, "random", n=10, c=4,
-                            options={"ignore_index": IGNORE_INDEX, "reduction": "mean"})
+    inputs, opt = make_case(
+        "multiclass_hinge",
+        rng,
+        "random",
+        n=10,
+        c=4,
+        options={"ignore_index": IGNORE_INDEX, "reduction": "mean"},
+    )
     kept = inputs["targets"] != IGNORE_INDEX
     total, out = call_kernel("multiclass_hinge", inputs, opt)
     close(total, float(out.per_sample[0].numpy()[kept].sum()) / kept.sum(), **F64)
@@ -622,8 +702,9 @@ def test_mean_with_ignore_index_counts_kept_rows(rng: np.random.Generator) -> No
 @pytest.mark.parametrize("style", ["grid", "random"])
 def test_single_sample(rng: np.random.Generator, loss_name: str, style: str) -> None:
     for reduction in REDUCTIONS:
-        inputs, opt = make_case(loss_name, rng, style, n=1, c=3, n_fake=1,
-                                options={"reduction": reduction})
+        inputs, opt = make_case(
+            loss_name, rng, style, n=1, c=3, n_fake=1, options={"reduction": reduction}
+        )
         check_case(loss_name, inputs, opt, exact_in_float32=style == "grid")
 
 
@@ -634,18 +715,32 @@ def test_class_counts(rng: np.random.Generator, loss_name: str, c: int, power: i
     n = 3 if c > 100 else 16
     for kink in ("zero", "one"):
         for style in ("grid", "random"):
-            inputs, opt = make_case(loss_name, rng, style, n=n, c=c,
-                                    options={"power": power, "kink": kink,
-                                             "tie_break": str(rng.choice(["first_index",
-                                                                          "split_evenly"]))})
+            inputs, opt = make_case(
+                loss_name,
+                rng,
+                style,
+                n=n,
+                c=c,
+                options={
+                    "power": power,
+                    "kink": kink,
+                    "tie_break": str(rng.choice(["first_index", "split_evenly"])),
+                },
+            )
             check_case(loss_name, inputs, opt, exact_in_float32=style == "grid")
 
 
 def test_large_batch_without_loops_matches_reference(rng: np.random.Generator) -> None:
     """A wider batch than the option sweeps use, through the vectorised paths."""
     for loss_name in ("multiclass_hinge", "crammer_singer"):
-        inputs, opt = make_case(loss_name, rng, "grid", n=256, c=40,
-                                options={"reduction": "weighted_mean", "kink": "one"})
+        inputs, opt = make_case(
+            loss_name,
+            rng,
+            "grid",
+            n=256,
+            c=40,
+            options={"reduction": "weighted_mean", "kink": "one"},
+        )
         ref = reference(loss_name, inputs, opt)
         total, out = call_kernel(loss_name, inputs, opt)
         assert_reference(total, out, ref)
@@ -663,15 +758,23 @@ def test_half_precision_inputs_match_float32(
     unit = 2.0**-11 if half == torch.float16 else 2.0**-8  # unit roundoff
     power = 2 if loss_name in ("binary_hinge", "multiclass_hinge", "crammer_singer") else 1
     for style in ("grid", "random"):
-        inputs, opt = make_case(loss_name, rng, style, n=32, c=6, n_fake=20,
-                                options={"power": power, "reduction": "sum"})
+        inputs, opt = make_case(
+            loss_name,
+            rng,
+            style,
+            n=32,
+            c=6,
+            n_fake=20,
+            options={"power": power, "reduction": "sum"},
+        )
         _, out32 = call_kernel(loss_name, inputs, opt, dtype=torch.float32)
         _, outh = call_kernel(loss_name, inputs, opt, dtype=torch.float32, input_dtype=half)
         for tensor in (*outh.per_sample, *outh.grads):
             assert tensor.dtype == torch.float32
         if style == "grid":  # representable: exactly the float32 answer
-            for a, b in zip((*outh.per_sample, *outh.grads), (*out32.per_sample, *out32.grads),
-                            strict=True):
+            for a, b in zip(
+                (*outh.per_sample, *outh.grads), (*out32.per_sample, *out32.grads), strict=True
+            ):
                 assert torch.equal(a, b)
             continue
         # Each hinge argument moves by at most 2 * unit * max|score| (two scores in it).
@@ -710,30 +813,51 @@ def test_inputs_are_not_modified(rng: np.random.Generator) -> None:
     snapshot = [t.clone() for t in (scores, targets, labels, vec, vec2, weights, ignore, r)]
     for power in (1, 2):
         for kink_one in (False, True):
-            losses.binary_hinge(vec, labels, margin=1.0, power=power, kink_one=kink_one,
-                                row_scale=r)
-            losses.multiclass_hinge(scores, targets, margin=1.0, power=power,
-                                    kink_one=kink_one, class_weights=weights,
-                                    divide_by_num_classes=True, row_scale=r, ignore_mask=ignore)
+            losses.binary_hinge(
+                vec, labels, margin=1.0, power=power, kink_one=kink_one, row_scale=r
+            )
+            losses.multiclass_hinge(
+                scores,
+                targets,
+                margin=1.0,
+                power=power,
+                kink_one=kink_one,
+                class_weights=weights,
+                divide_by_num_classes=True,
+                row_scale=r,
+                ignore_mask=ignore,
+            )
             for split in (False, True):
-                losses.crammer_singer(scores, targets, margin=1.0, power=power,
-                                      kink_one=kink_one, split_ties=split, row_scale=r)
-        losses.gan_discriminator(vec, vec2, kink_one=bool(power - 1), real_scale=r,
-                                 fake_scale=r)
-        losses.margin_ranking(vec, vec2, labels, margin=1.0, kink_one=bool(power - 1),
-                              row_scale=r)
+                losses.crammer_singer(
+                    scores,
+                    targets,
+                    margin=1.0,
+                    power=power,
+                    kink_one=kink_one,
+                    split_ties=split,
+                    row_scale=r,
+                )
+        losses.gan_discriminator(vec, vec2, kink_one=bool(power - 1), real_scale=r, fake_scale=r)
+        losses.margin_ranking(vec, vec2, labels, margin=1.0, kink_one=bool(power - 1), row_scale=r)
         losses.gan_generator(vec, row_scale=r)
-    for before, after in zip(snapshot, (scores, targets, labels, vec, vec2, weights, ignore, r),
-                             strict=True):
+    for before, after in zip(
+        snapshot, (scores, targets, labels, vec, vec2, weights, ignore, r), strict=True
+    ):
         assert torch.equal(before, after)
 
 
 def test_autograd_inputs_give_detached_outputs(rng: np.random.Generator) -> None:
     scores = torch.tensor(draw_scores(rng, (4, 3), "random"), requires_grad=True)
-    out = losses.multiclass_hinge(scores, torch.tensor([0, 1, 2, 0]), margin=1.0, power=1,
-                                  kink_one=False, class_weights=None,
-                                  divide_by_num_classes=False,
-                                  row_scale=torch.ones(4, dtype=torch.float64))
+    out = losses.multiclass_hinge(
+        scores,
+        torch.tensor([0, 1, 2, 0]),
+        margin=1.0,
+        power=1,
+        kink_one=False,
+        class_weights=None,
+        divide_by_num_classes=False,
+        row_scale=torch.ones(4, dtype=torch.float64),
+    )
     assert not out.per_sample[0].requires_grad
     assert not out.grads[0].requires_grad
 
@@ -752,11 +876,17 @@ def test_multiclass_integer_scores_property(
     data: st.DataObject, n: int, c: int, power: int, kink: str, loss_name: str, tie_break: str
 ) -> None:
     """Small integer scores: ties and z == 0 everywhere; kernel == reference exactly."""
-    scores = np.array(data.draw(st.lists(st.integers(-2, 2), min_size=n * c, max_size=n * c)),
-                      dtype=np.float64).reshape(n, c)
+    scores = np.array(
+        data.draw(st.lists(st.integers(-2, 2), min_size=n * c, max_size=n * c)), dtype=np.float64
+    ).reshape(n, c)
     targets = np.array(data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)))
-    opt = {"power": power, "kink": kink, "tie_break": tie_break, "reduction": "sum",
-           "margin": float(data.draw(st.sampled_from([0.0, 1.0, 2.0])))}
+    opt = {
+        "power": power,
+        "kink": kink,
+        "tie_break": tie_break,
+        "reduction": "sum",
+        "margin": float(data.draw(st.sampled_from([0.0, 1.0, 2.0]))),
+    }
     inputs = {"scores": scores, "targets": targets}
     total, out = call_kernel(loss_name, inputs, opt)
     assert_reference(total, out, reference(loss_name, inputs, opt))
@@ -780,17 +910,21 @@ def test_cuda_matches_reference_without_host_syncs() -> None:
                     elif power == 2:
                         continue
                     if loss_name == "multiclass_hinge":
-                        base.update(class_weights=draw_weights(rng, 7),
-                                    ignore_index=IGNORE_INDEX,
-                                    class_normalization="divide_by_num_classes")
+                        base.update(
+                            class_weights=draw_weights(rng, 7),
+                            ignore_index=IGNORE_INDEX,
+                            class_normalization="divide_by_num_classes",
+                        )
                     if loss_name == "crammer_singer":
                         base["tie_break"] = str(rng.choice(["first_index", "split_evenly"]))
-                    inputs, opt = make_case(loss_name, rng, "grid", n=64, c=7, n_fake=9,
-                                            options=base)
+                    inputs, opt = make_case(
+                        loss_name, rng, "grid", n=64, c=7, n_fake=9, options=base
+                    )
                     ref = reference(loss_name, inputs, opt)
                     scales64, run64 = prepare_kernel(loss_name, inputs, opt, device="cuda")
-                    _, run32 = prepare_kernel(loss_name, inputs, opt, device="cuda",
-                                              dtype=torch.float32)
+                    _, run32 = prepare_kernel(
+                        loss_name, inputs, opt, device="cuda", dtype=torch.float32
+                    )
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
                     try:
@@ -811,7 +945,13 @@ def test_cuda_matches_reference_without_host_syncs() -> None:
 def test_cuda_large_classes() -> None:
     rng = np.random.default_rng(secrets.randbits(32))
     for loss_name in ("multiclass_hinge", "crammer_singer"):
-        inputs, opt = make_case(loss_name, rng, "grid", n=4, c=10000,
-                                options={"tie_break": "first_index", "reduction": "mean"})
+        inputs, opt = make_case(
+            loss_name,
+            rng,
+            "grid",
+            n=4,
+            c=10000,
+            options={"tie_break": "first_index", "reduction": "mean"},
+        )
         total, out = call_kernel(loss_name, inputs, opt, device="cuda")
         assert_reference(total, out, reference(loss_name, inputs, opt))

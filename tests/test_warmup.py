@@ -10,7 +10,8 @@ from hingeloss import tensors
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.jobs import GradientFormat, LossJob, LossKind, Reduction
-from hingeloss_server.warmup import full_size_request, warm_up_requests
+from hingeloss_server import fused
+from hingeloss_server.warmup import full_size_request, gpu_warm_up_requests, warm_up_requests
 
 HINGES = {kind for kind in LossKind if kind is not LossKind.GAN_GENERATOR}
 SQUARED = {LossKind.BINARY_HINGE, LossKind.MULTICLASS_HINGE, LossKind.CRAMMER_SINGER}
@@ -67,3 +68,31 @@ def test_the_full_size_request_fills_the_largest_batch() -> None:
     assert 0.99 * batching.max_batch_bytes <= job.nbytes <= batching.max_batch_bytes
     few_rows = BatchingConfig(max_batch_rows=100)
     assert decode_request(full_size_request(few_rows), LimitsConfig()).rows == 100
+
+
+def test_gpu_workers_compile_the_fused_kernel_in_every_dtype_and_option() -> None:
+    jobs = [decode_request(r, LimitsConfig()) for r in gpu_warm_up_requests(BatchingConfig())]
+    fusable = [
+        j
+        for j in jobs
+        if j.key.params.kind is LossKind.MULTICLASS_HINGE
+        and j.key.trailing_shape[0] >= fused.MIN_CLASSES
+    ]
+    dtypes = {tensors.torch_dtype(j.key.wire_dtype) for j in fusable}
+    assert dtypes == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    paths = {
+        (
+            j.key.params.power,
+            j.key.params.kink_one,
+            j.options.ignore_index is not None,
+            j.options.gradient_format is GradientFormat.NONE,
+        )
+        for j in fusable
+    }
+    assert {
+        (1, False, False, False),
+        (2, False, False, False),
+        (1, True, True, False),
+        (1, False, False, True),
+        (1, True, False, True),
+    } <= paths

@@ -28,7 +28,7 @@ from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthIntercept
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
 from hingeloss_server.parse_guard import ParseGuardInterceptor
 from hingeloss_server.service import SERVICE_NAME, LossServicer, add_to_server, server_info
-from hingeloss_server.warmup import full_size_request, warm_up_requests
+from hingeloss_server.warmup import gpu_warm_up_requests, warm_up_requests
 from hingeloss_server.workers import FaultHook, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -171,10 +171,12 @@ class HingelossServer:
         await server.start()
         # Health stays NOT_SERVING until every worker has run every kernel once.
         warm = [decode_request(r, config.limits) for r in warm_up_requests()]
-        full_size = None
+        gpu_warm = []
         if any(device.type == "cuda" for device in self.pool.devices):
-            full_size = decode_request(full_size_request(config.batching), config.limits)
-        await self.pool.start(warm, full_size)
+            gpu_warm = [
+                decode_request(r, config.limits) for r in gpu_warm_up_requests(config.batching)
+            ]
+        await self.pool.start(warm, gpu_warm)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch_workers())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hingeloss import tensors
-from hingeloss_server import losses
+from hingeloss_server import fused, losses
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
     INPUT_SETS,
@@ -78,53 +78,22 @@ def compute_batch(
     staging = staging if staging is not None else DeviceStaging(device)
     staging.begin()
     key = jobs[0].job.key
-    params = key.params
-    kind = params.kind
     dtype = compute_dtype(key.wire_dtype)
-    need_grad = any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs)
     need_per_sample = any(p.job.options.return_per_sample for p in jobs)
-
-    inputs = tuple(
-        staging.upload([p.job.inputs[k] for p in jobs]).to(dtype)
-        for k in range(len(jobs[0].job.inputs))
-    )
-    scales = tuple(_row_scale(jobs, s, dtype, staging) for s in range(len(jobs[0].scales)))
-    labels = (
-        None
-        if jobs[0].labels is None
-        else staging.upload([p.labels for p in jobs if p.labels is not None]).to(dtype)
-    )
-    targets = (
-        None
-        if jobs[0].targets is None
-        else staging.upload([p.targets for p in jobs if p.targets is not None])
-    )
-    input_sets = INPUT_SETS[kind]
-    # Before ignored rows are masked: a NaN is refused there too, as on the host.
-    scores_flags = None if scores_checked else _scores_flags(inputs, input_sets)
-    ignore_mask = _ignore_mask(jobs, staging)
-    if ignore_mask is not None:
-        # Ignored rows contribute nothing, whatever their scores: not even an overflow.
-        inputs = (inputs[0].masked_fill(ignore_mask.unsqueeze(1), 0.0),)
-    class_weights = None
-    if jobs[0].job.class_weights is not None:
-        weights = jobs[0].job.class_weights
-        class_weights = staging.cached(
-            (params.class_weights, dtype), lambda: weights.to(dtype=dtype)
-        )
-
-    output = _run_kernel(
-        kind, params, inputs, labels, targets, ignore_mask, class_weights, scales, need_grad
-    )
-    torch_wire = tensors.torch_dtype(key.wire_dtype)
-    grads_wire = tuple(g.to(torch_wire) for g in output.grads)
-    per_sample_wire = tuple(p.to(torch_wire) for p in output.per_sample) if need_per_sample else ()
-    flags = _row_flags(output, grads_wire, per_sample_wire, input_sets, scores_flags)
-    margins = _sample_margins(kind, inputs, labels, targets, margin_rows)
+    batch = _upload(jobs, dtype, staging)
+    if _fusable(batch):
+        computed = _compute_fused(batch, margin_rows, not scores_checked)
+    else:
+        computed = _compute_eager(batch, margin_rows, not scores_checked)
+    output = computed.output
+    per_sample_wire = tuple(p.to(batch.wire) for p in output.per_sample) if need_per_sample else ()
+    flags = _row_flags(output, per_sample_wire, computed.flags)
+    grads_wire, margins = computed.grads_wire, computed.margins
     downloads = _download(staging, output, flags, margins, grads_wire, per_sample_wire)
     staging.wait()
     figures = downloads.read_figures()
     results = _split(jobs, figures, downloads, key.wire_dtype, dtype)
+    kind = key.params.kind
     elapsed = time.perf_counter() - started
     info = BatchInfo(
         rows=sum(p.job.rows for p in jobs),
@@ -136,6 +105,141 @@ def compute_batch(
         if isinstance(result, JobResult):
             result.batch = info
     return BatchOutput(results=results, margins=figures.margins, kind=kind)
+
+
+@dataclass
+class _DeviceBatch:
+    """A batch's inputs on the device: scores in the wire dtype, the rest ready for kernels."""
+
+    params: LossParams
+    dtype: torch.dtype
+    wire: torch.dtype
+    inputs: tuple[torch.Tensor, ...]
+    scales: tuple[torch.Tensor, ...]
+    labels: torch.Tensor | None
+    targets: torch.Tensor | None
+    ignore_mask: torch.Tensor | None
+    class_weights: torch.Tensor | None
+    need_grad: bool
+
+
+@dataclass
+class _Computed:
+    """A kernel's output, its gradients in the wire dtype, flags found so far, margins."""
+
+    output: losses.LossOutput
+    grads_wire: tuple[torch.Tensor, ...]
+    flags: list[torch.Tensor]
+    margins: torch.Tensor
+
+
+def _upload(
+    jobs: Sequence[PreparedJob], dtype: torch.dtype, staging: DeviceStaging
+) -> _DeviceBatch:
+    key = jobs[0].job.key
+    params = key.params
+    inputs = tuple(
+        staging.upload([p.job.inputs[k] for p in jobs]) for k in range(len(jobs[0].job.inputs))
+    )
+    labels = None
+    if jobs[0].labels is not None:
+        labels = staging.upload([p.labels for p in jobs if p.labels is not None]).to(dtype)
+    targets = None
+    if jobs[0].targets is not None:
+        targets = staging.upload([p.targets for p in jobs if p.targets is not None])
+    class_weights = None
+    if jobs[0].job.class_weights is not None:
+        weights = jobs[0].job.class_weights
+        class_weights = staging.cached(
+            (params.class_weights, dtype), lambda: weights.to(dtype=dtype)
+        )
+    return _DeviceBatch(
+        params=params,
+        dtype=dtype,
+        wire=tensors.torch_dtype(key.wire_dtype),
+        inputs=inputs,
+        scales=tuple(_row_scale(jobs, s, dtype, staging) for s in range(len(jobs[0].scales))),
+        labels=labels,
+        targets=targets,
+        ignore_mask=_ignore_mask(jobs, staging),
+        class_weights=class_weights,
+        need_grad=any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs),
+    )
+
+
+def _fusable(batch: _DeviceBatch) -> bool:
+    """Weston-Watkins on CUDA with enough classes runs fused where Triton is installed."""
+    return (
+        fused.AVAILABLE
+        and batch.params.kind is LossKind.MULTICLASS_HINGE
+        and batch.inputs[0].device.type == "cuda"
+        and int(batch.inputs[0].shape[1]) >= fused.MIN_CLASSES
+    )
+
+
+def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
+    params = batch.params
+    input_sets = INPUT_SETS[params.kind]
+    inputs = tuple(x.to(batch.dtype) for x in batch.inputs)
+    # Before ignored rows are masked: a NaN is refused there too, as on the host.
+    flags = _scores_flags(inputs, input_sets, check_scores)
+    if batch.ignore_mask is not None:
+        # Ignored rows contribute nothing, whatever their scores: not even an overflow.
+        inputs = (inputs[0].masked_fill(batch.ignore_mask.unsqueeze(1), 0.0),)
+    output = _run_kernel(
+        params.kind,
+        params,
+        inputs,
+        batch.labels,
+        batch.targets,
+        batch.ignore_mask,
+        batch.class_weights,
+        batch.scales,
+        batch.need_grad,
+    )
+    grads_wire = tuple(g.to(batch.wire) for g in output.grads)
+    for k, grad in enumerate(grads_wire):
+        flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
+    margins = _sample_margins(params.kind, inputs, batch.labels, batch.targets, margin_rows)
+    return _Computed(output, grads_wire, flags, margins)
+
+
+def _compute_fused(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
+    params = batch.params
+    scores, targets = batch.inputs[0], batch.targets
+    assert targets is not None
+    factor = fused.row_factor(
+        targets,
+        num_classes=int(scores.shape[1]),
+        dtype=batch.dtype,
+        class_weights=batch.class_weights,
+        divide_by_num_classes=params.divide_by_num_classes,
+        ignore_mask=batch.ignore_mask,
+    )
+    result = fused.weston_watkins(
+        scores,
+        targets,
+        margin=params.margin,
+        power=params.power,
+        kink_one=params.kink_one,
+        factor=factor,
+        row_scale=batch.scales[0],
+        ignore_mask=batch.ignore_mask,
+        grad_dtype=batch.wire,
+        need_grad=batch.need_grad,
+    )
+    flags = result.grad_not_finite.to(torch.uint8) * _GRAD_OVERFLOW
+    if check_scores:
+        flags |= result.scores_not_finite.to(torch.uint8) * _SCORES_NOT_FINITE
+    grads = () if result.grad is None else (result.grad,)
+    output = losses.LossOutput(
+        per_sample=(result.per_sample,), grads=grads, active=(result.active,)
+    )
+    head = scores[:margin_rows].to(batch.dtype)
+    if batch.ignore_mask is not None:
+        head = head.masked_fill(batch.ignore_mask[:margin_rows].unsqueeze(1), 0.0)
+    margins = _sample_margins(params.kind, (head,), None, targets, margin_rows)
+    return _Computed(output, grads, [flags], margins)
 
 
 def _row_scale(
@@ -170,38 +274,35 @@ _SCORES_NOT_FINITE = 8  # a score input holds NaN or Inf (only where not checked
 
 def _row_flags(
     output: losses.LossOutput,
-    grads_wire: tuple[torch.Tensor, ...],
     per_sample_wire: tuple[torch.Tensor, ...],
-    input_sets: tuple[int, ...],
-    scores_flags: list[torch.Tensor] | None,
+    flags: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """Per row of each sample set, which of the things that can go wrong did (bit set).
 
+    Adds to what the kernel step found (scores, gradients) the losses' own overflow.
     Computed on the device with a few vectorised passes and never read there: the
     host reads them with the losses, after the batch's one wait.
     """
-    flags = [(~torch.isfinite(p)).to(torch.uint8) for p in output.per_sample]
-    for k, grad in enumerate(grads_wire):
-        flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
+    for s, loss in enumerate(output.per_sample):
+        flags[s] |= (~torch.isfinite(loss)).to(torch.uint8) * _LOSS_OVERFLOW
     for s, wire in enumerate(per_sample_wire):
         flags[s] |= (~torch.isfinite(wire)).to(torch.uint8) * _PER_SAMPLE_OVERFLOW
-    for s, scores_bad in enumerate(scores_flags or ()):
-        flags[s] |= scores_bad
     return flags
 
 
 def _scores_flags(
-    inputs: tuple[torch.Tensor, ...], input_sets: tuple[int, ...]
+    inputs: tuple[torch.Tensor, ...], input_sets: tuple[int, ...], check: bool
 ) -> list[torch.Tensor]:
-    """_SCORES_NOT_FINITE on the rows of each sample set whose scores hold NaN or Inf."""
+    """Zeroed flags per sample set, with _SCORES_NOT_FINITE on non-finite rows if `check`."""
     flags = [
         torch.zeros(
             int(inputs[input_sets.index(s)].shape[0]), dtype=torch.uint8, device=inputs[0].device
         )
         for s in range(max(input_sets) + 1)
     ]
-    for k, scores in enumerate(inputs):
-        flags[input_sets[k]] |= _not_finite_rows(scores).to(torch.uint8) * _SCORES_NOT_FINITE
+    if check:
+        for k, scores in enumerate(inputs):
+            flags[input_sets[k]] |= _not_finite_rows(scores).to(torch.uint8) * _SCORES_NOT_FINITE
     return flags
 
 

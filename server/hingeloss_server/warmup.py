@@ -3,9 +3,9 @@
 Every loss in every score dtype, with each option that takes its own code path
 (squared hinge, kink ONE, class weights, ignore_index, split ties, pooled GAN
 means, weighted means, row-sparse and no gradients, per-sample losses), so that
-health SERVING means every kernel has run; and on a GPU one batch of the largest
-size the batcher forms, so that the caching allocator holds its memory before the
-first real caller needs it.
+health SERVING means every kernel has run. GPU workers also compile the fused
+Weston-Watkins kernel's variants and run one batch of the largest size the batcher
+forms, so that the caching allocator holds its memory before the first caller.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ _VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _inputs(loss: str, dtype: str) -> dict[str, np.ndarray]:
+def _inputs(loss: str, dtype: str, classes: int = CLASSES) -> dict[str, np.ndarray]:
     """Small inputs with rows on both sides of the margin and exactly on it."""
 
     def scores(*shape: int) -> Any:
@@ -74,8 +74,8 @@ def _inputs(loss: str, dtype: str) -> dict[str, np.ndarray]:
     if loss == "binary_hinge":
         return {"scores": scores(ROWS), "labels": signs}
     if loss in ("multiclass_hinge", "crammer_singer"):
-        targets = np.arange(ROWS, dtype="int64") % CLASSES
-        return {"scores": scores(ROWS, CLASSES), "targets": targets}
+        targets = np.arange(ROWS, dtype="int64") % classes
+        return {"scores": scores(ROWS, classes), "targets": targets}
     if loss == "gan_discriminator":
         return {"real_scores": scores(ROWS), "fake_scores": scores(ROWS)[:5]}
     if loss == "gan_generator":
@@ -83,10 +83,12 @@ def _inputs(loss: str, dtype: str) -> dict[str, np.ndarray]:
     return {"scores_a": scores(ROWS), "scores_b": -scores(ROWS) / 2, "labels": signs}
 
 
-def _options(loss: str, variant: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+def _options(
+    loss: str, variant: dict[str, Any], inputs: dict[str, Any], classes: int = CLASSES
+) -> dict[str, Any]:
     options = dict(variant)
     if options.get("class_weights") == "weights":
-        options["class_weights"] = np.linspace(0.5, 2.0, CLASSES)
+        options["class_weights"] = np.linspace(0.5, 2.0, classes)
     if options.get("ignore_index") is not None:
         inputs["targets"] = inputs["targets"].copy()
         inputs["targets"][-1] = options["ignore_index"]
@@ -108,6 +110,18 @@ def warm_up_requests() -> list[pb.ComputeRequest]:
                 options = _options(loss, variant, inputs)
                 requests.append(build_request(loss, inputs, options)[0])
     return requests
+
+
+def gpu_warm_up_requests(batching: BatchingConfig) -> list[pb.ComputeRequest]:
+    """What GPU workers run besides: the fused Weston-Watkins kernel's variants, compiled
+    once per dtype and option path (fused.py), then one batch of the largest size."""
+    requests = []
+    for dtype in WARM_UP_DTYPES:
+        for variant in _VARIANTS["multiclass_hinge"]:
+            inputs = _inputs("multiclass_hinge", dtype, classes=FULL_SIZE_CLASSES)
+            options = _options("multiclass_hinge", variant, inputs, FULL_SIZE_CLASSES)
+            requests.append(build_request("multiclass_hinge", inputs, options)[0])
+    return [*requests, full_size_request(batching)]
 
 
 def full_size_request(batching: BatchingConfig) -> pb.ComputeRequest:

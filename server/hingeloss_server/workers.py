@@ -362,17 +362,13 @@ class WorkerPool:
         return [str(d) for d in self.devices]
 
     async def start(
-        self, warm_up_jobs: Sequence[LossJob] = (), full_size: LossJob | None = None
+        self, warm_up_jobs: Sequence[LossJob] = (), gpu_warm_up_jobs: Sequence[LossJob] = ()
     ) -> None:
-        """Warms every worker up, then starts taking batches.
-
-        GPU workers also run `full_size` (a batch as large as the batcher forms), so
-        that the device's caching allocator holds that memory from the start.
-        """
+        """Warms every worker up (GPU workers also run `gpu_warm_up_jobs`), then serves."""
         loop = asyncio.get_running_loop()
 
         def jobs_for(worker: Worker) -> list[LossJob]:
-            extra = [full_size] if full_size is not None and worker.device.type == "cuda" else []
+            extra = gpu_warm_up_jobs if worker.device.type == "cuda" else ()
             return [*warm_up_jobs, *extra]
 
         await asyncio.gather(

@@ -199,3 +199,13 @@ def test_a_sticky_device_fault_turns_health_not_serving(
     finally:
         process.kill()
         process.wait(30)
+
+
+def test_the_fused_kernel_matches_eager_bit_for_bit_on_cuda() -> None:
+    """Compiled, every dtype and option: the gradient equals eager's bit for bit."""
+    fused_interpreted = pytest.importorskip("fused_interpreted")
+    pytest.importorskip("triton")
+    try:
+        assert fused_interpreted.main(secrets.randbits(32), "cuda") == 0
+    finally:
+        torch.set_default_device("cpu")

@@ -1,0 +1,137 @@
+"""Compares the fused Weston-Watkins kernel, run by Triton's interpreter on the CPU, with eager.
+
+Run by tests/test_fused.py in its own process: TRITON_INTERPRET must be set before
+Triton compiles anything. Exits 1 and names the first case that differs.
+
+    TRITON_INTERPRET=1 python tests/fused_interpreted.py SEED
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from hingeloss_server import fused, losses
+
+# (rows, classes): one chunk, two chunks, B=1.
+CASES = [(5, 300), (2, 5000), (1, 256)]
+
+
+def _same_gradient(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, compiled: bool
+) -> bool:
+    """Bit for bit; for bfloat16 either rounding of the same float32 value.
+
+    Compiled, Triton rounds float32 to bfloat16 to nearest even, as torch does (the
+    GPU tests compare bit for bit); its interpreter truncates instead.
+    """
+    if compiled or dtype != torch.bfloat16:
+        return torch.equal(got, want.to(dtype))
+    bits = want.to(torch.float32).view(torch.int32)
+    truncated = (bits & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    return bool(((got == want.to(dtype)) | (got == truncated)).all())
+
+
+def main(seed: int, device: str = "cpu") -> int:
+    """Every case on `device` (CUDA: compiled; the CPU: interpreted); 0 when all agree."""
+    torch.set_default_device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    options = itertools.product(
+        (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        (1, 2),
+        (False, True),
+        (False, True),
+        (False, True),
+    )
+    for (rows, classes), (dtype, power, kink_one, weighted, ignored) in itertools.product(
+        CASES, options
+    ):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        # Integer scores: many entries exactly on the margin (the kink), and ties.
+        scores = torch.randint(-2, 3, (rows, classes), generator=generator).to(dtype)
+        targets = torch.randint(0, classes, (rows,), generator=generator)
+        weights = torch.rand(classes, generator=generator, dtype=compute) if weighted else None
+        ignore = torch.rand(rows, generator=generator) < 0.4 if ignored else None
+        scale = torch.rand(rows, generator=generator, dtype=compute)
+        factor = fused.row_factor(
+            targets,
+            num_classes=classes,
+            dtype=compute,
+            class_weights=weights,
+            divide_by_num_classes=weighted,
+            ignore_mask=ignore,
+        )
+        got = fused.weston_watkins(
+            scores,
+            targets,
+            margin=1.0,
+            power=power,
+            kink_one=kink_one,
+            factor=factor,
+            row_scale=scale,
+            ignore_mask=ignore,
+            grad_dtype=dtype,
+            need_grad=True,
+        )
+        x = scores.to(compute)
+        if ignore is not None:
+            x = x.masked_fill(ignore.unsqueeze(1), 0.0)
+        want = losses.multiclass_hinge(
+            x,
+            targets,
+            margin=1.0,
+            power=power,
+            kink_one=kink_one,
+            class_weights=weights,
+            divide_by_num_classes=weighted,
+            row_scale=scale,
+            ignore_mask=ignore,
+        )
+        case = (
+            f"{rows}x{classes} {dtype} power={power} kink_one={kink_one} w={weighted} i={ignored}"
+        )
+        assert got.grad is not None
+        checks = {
+            "gradient (bit for bit)": _same_gradient(
+                got.grad, want.grads[0], dtype, compiled=device != "cpu"
+            ),
+            "per-sample loss": torch.allclose(got.per_sample, want.per_sample[0], rtol=1e-6),
+            "activity": torch.equal(got.active, want.active[0]),
+            "no flags": not got.grad_not_finite.any() and not got.scores_not_finite.any(),
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            print(f"MISMATCH {case}: {', '.join(failed)}")
+            return 1
+    # A NaN score and a gradient past float16's range are flagged on their rows.
+    scores = torch.zeros((3, 300), dtype=torch.float16)
+    scores[1, 7] = float("nan")
+    targets = torch.zeros(3, dtype=torch.int64)
+    factor = torch.ones(3)
+    big = torch.tensor([1.0, 1.0, 1000.0])  # 299 active columns x 1000 > 65504
+    flagged = fused.weston_watkins(
+        scores,
+        targets,
+        margin=1.0,
+        power=1,
+        kink_one=False,
+        factor=factor,
+        row_scale=big,
+        ignore_mask=None,
+        grad_dtype=torch.float16,
+        need_grad=True,
+    )
+    if flagged.scores_not_finite.tolist() != [False, True, False]:
+        print(f"MISMATCH non-finite scores flagged as {flagged.scores_not_finite.tolist()}")
+        return 1
+    if flagged.grad_not_finite.tolist() != [False, False, True]:
+        print(f"MISMATCH gradient overflow flagged as {flagged.grad_not_finite.tolist()}")
+        return 1
+    print("fused kernel matches eager")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), *sys.argv[2:]))
