@@ -62,6 +62,7 @@ core = [
 optional = {
     "tests/deploy": ["yaml", "jsonschema", "kubernetes_validate", "yamllint"],
     "tests/test_lifecycle.py": ["grpc_tools"],
+    "tests/test_security.py": ["trustme"],
 }
 
 

@@ -201,6 +201,7 @@ def test_a_sticky_device_fault_turns_health_not_serving(
         process.wait(30)
 
 
+@pytest.mark.timeout(240)  # compiles about 64 variants of the kernel
 def test_the_fused_kernel_matches_eager_bit_for_bit_on_cuda() -> None:
     """Compiled, every dtype and option: the gradient equals eager's bit for bit."""
     fused_interpreted = pytest.importorskip("fused_interpreted")
