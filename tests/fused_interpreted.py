@@ -73,7 +73,7 @@ def main(seed: int, device: str = "cpu") -> int:
         got = fused.weston_watkins(
             scores,
             targets,
-            margin=1.0,
+            margin=torch.tensor([1.0], dtype=compute),
             power=power,
             kink_one=kink_one,
             factor=factor,
@@ -121,7 +121,7 @@ def main(seed: int, device: str = "cpu") -> int:
     flagged = fused.weston_watkins(
         scores,
         targets,
-        margin=1.0,
+        margin=torch.ones(1),
         power=1,
         kink_one=False,
         factor=factor,

@@ -82,7 +82,7 @@ def compute_batch(
     need_per_sample = any(p.job.options.return_per_sample for p in jobs)
     batch = _upload(jobs, dtype, staging)
     if _fusable(batch):
-        computed = _compute_fused(batch, margin_rows, not scores_checked)
+        computed = _compute_fused(batch, margin_rows, not scores_checked, staging)
     else:
         computed = _compute_eager(batch, margin_rows, not scores_checked)
     output = computed.output
@@ -204,7 +204,9 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
     return _Computed(output, grads_wire, flags, margins)
 
 
-def _compute_fused(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
+def _compute_fused(
+    batch: _DeviceBatch, margin_rows: int, check_scores: bool, staging: DeviceStaging
+) -> _Computed:
     params = batch.params
     scores, targets = batch.inputs[0], batch.targets
     assert targets is not None
@@ -216,10 +218,14 @@ def _compute_fused(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
         divide_by_num_classes=params.divide_by_num_classes,
         ignore_mask=batch.ignore_mask,
     )
+    margin = staging.cached(
+        ("margin", params.margin, batch.dtype),
+        lambda: torch.tensor([params.margin], dtype=batch.dtype),
+    )
     result = fused.weston_watkins(
         scores,
         targets,
-        margin=params.margin,
+        margin=margin,
         power=params.power,
         kink_one=params.kink_one,
         factor=factor,

@@ -163,7 +163,7 @@ def weston_watkins(
     scores: Tensor,
     targets: Tensor,
     *,
-    margin: float,
+    margin: Tensor,
     power: int,
     kink_one: bool,
     factor: Tensor,
@@ -177,7 +177,9 @@ def weston_watkins(
     Args:
         scores: (N, C) in the wire dtype (up-cast inside the kernel).
         targets: int64 classes, (N,); ignored rows hold any valid class.
-        margin: The margin.
+        margin: The margin, a one-element tensor in the compute dtype on the device
+            (a Python float would reach the kernel as float32, and making a tensor
+            here would copy from pageable memory, which waits for the device).
         power: 1 or 2.
         kink_one: Whether z == 0 counts as active (power 1).
         factor: w[y_i] / D per row (row_factor), in the compute dtype.
@@ -204,7 +206,7 @@ def weston_watkins(
             targets,
             factor,
             coef,
-            torch.tensor([margin], dtype=compute, device=device),
+            margin,
             ignore_mask if ignore_mask is not None else active,
             grad if grad is not None else per_sample,
             grad.stride(0) if grad is not None else 0,
