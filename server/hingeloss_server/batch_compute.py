@@ -141,9 +141,9 @@ def _upload(
     inputs = tuple(
         staging.upload([p.job.inputs[k] for p in jobs]) for k in range(len(jobs[0].job.inputs))
     )
-    labels = None
+    labels = None  # int8 on the device; the eager kernels take them in the compute dtype
     if jobs[0].labels is not None:
-        labels = staging.upload([p.labels for p in jobs if p.labels is not None]).to(dtype)
+        labels = staging.upload([p.labels for p in jobs if p.labels is not None])
     targets = None
     if jobs[0].targets is not None:
         targets = staging.upload([p.targets for p in jobs if p.targets is not None])
@@ -168,19 +168,20 @@ def _upload(
 
 
 def _fusable(batch: _DeviceBatch) -> bool:
-    """Weston-Watkins on CUDA with enough classes runs fused where Triton is installed."""
-    return (
-        fused.AVAILABLE
-        and batch.params.kind is LossKind.MULTICLASS_HINGE
-        and batch.inputs[0].device.type == "cuda"
-        and int(batch.inputs[0].shape[1]) >= fused.MIN_CLASSES
-    )
+    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton."""
+    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda":
+        return False
+    kind = batch.params.kind
+    if kind is LossKind.MULTICLASS_HINGE:
+        return int(batch.inputs[0].shape[1]) >= fused.MIN_CLASSES
+    return kind is LossKind.BINARY_HINGE
 
 
 def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
     params = batch.params
     input_sets = INPUT_SETS[params.kind]
     inputs = tuple(x.to(batch.dtype) for x in batch.inputs)
+    labels = None if batch.labels is None else batch.labels.to(batch.dtype)
     # Before ignored rows are masked: a NaN is refused there too, as on the host.
     flags = _scores_flags(inputs, input_sets, check_scores)
     if batch.ignore_mask is not None:
@@ -190,7 +191,7 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
         params.kind,
         params,
         inputs,
-        batch.labels,
+        labels,
         batch.targets,
         batch.ignore_mask,
         batch.class_weights,
@@ -200,7 +201,7 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
         flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
-    margins = _sample_margins(params.kind, inputs, batch.labels, batch.targets, margin_rows)
+    margins = _sample_margins(params.kind, inputs, labels, batch.targets, margin_rows)
     return _Computed(output, grads_wire, flags, margins)
 
 
@@ -208,32 +209,51 @@ def _compute_fused(
     batch: _DeviceBatch, margin_rows: int, check_scores: bool, staging: DeviceStaging
 ) -> _Computed:
     params = batch.params
-    scores, targets = batch.inputs[0], batch.targets
-    assert targets is not None
-    factor = fused.row_factor(
-        targets,
-        num_classes=int(scores.shape[1]),
-        dtype=batch.dtype,
-        class_weights=batch.class_weights,
-        divide_by_num_classes=params.divide_by_num_classes,
-        ignore_mask=batch.ignore_mask,
-    )
+    scores = batch.inputs[0]
     margin = staging.cached(
         ("margin", params.margin, batch.dtype),
         lambda: torch.tensor([params.margin], dtype=batch.dtype),
     )
-    result = fused.weston_watkins(
-        scores,
-        targets,
-        margin=margin,
-        power=params.power,
-        kink_one=params.kink_one,
-        factor=factor,
-        row_scale=batch.scales[0],
-        ignore_mask=batch.ignore_mask,
-        grad_dtype=batch.wire,
-        need_grad=batch.need_grad,
-    )
+    head = scores[:margin_rows].to(batch.dtype)
+    if params.kind is LossKind.BINARY_HINGE:
+        assert batch.labels is not None
+        result = fused.binary_hinge(
+            scores,
+            batch.labels,
+            margin=margin,
+            power=params.power,
+            kink_one=params.kink_one,
+            row_scale=batch.scales[0],
+            grad_dtype=batch.wire,
+            need_grad=batch.need_grad,
+        )
+        labels = batch.labels[:margin_rows].to(batch.dtype)
+        margins = _sample_margins(params.kind, (head,), labels, None, margin_rows)
+    else:
+        targets = batch.targets
+        assert targets is not None
+        result = fused.weston_watkins(
+            scores,
+            targets,
+            margin=margin,
+            power=params.power,
+            kink_one=params.kink_one,
+            factor=fused.row_factor(
+                targets,
+                num_classes=int(scores.shape[1]),
+                dtype=batch.dtype,
+                class_weights=batch.class_weights,
+                divide_by_num_classes=params.divide_by_num_classes,
+                ignore_mask=batch.ignore_mask,
+            ),
+            row_scale=batch.scales[0],
+            ignore_mask=batch.ignore_mask,
+            grad_dtype=batch.wire,
+            need_grad=batch.need_grad,
+        )
+        if batch.ignore_mask is not None:
+            head = head.masked_fill(batch.ignore_mask[:margin_rows].unsqueeze(1), 0.0)
+        margins = _sample_margins(params.kind, (head,), None, targets, margin_rows)
     flags = result.grad_not_finite.to(torch.uint8) * _GRAD_OVERFLOW
     if check_scores:
         flags |= result.scores_not_finite.to(torch.uint8) * _SCORES_NOT_FINITE
@@ -241,10 +261,6 @@ def _compute_fused(
     output = losses.LossOutput(
         per_sample=(result.per_sample,), grads=grads, active=(result.active,)
     )
-    head = scores[:margin_rows].to(batch.dtype)
-    if batch.ignore_mask is not None:
-        head = head.masked_fill(batch.ignore_mask[:margin_rows].unsqueeze(1), 0.0)
-    margins = _sample_margins(params.kind, (head,), None, targets, margin_rows)
     return _Computed(output, grads, [flags], margins)
 
 

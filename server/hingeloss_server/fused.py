@@ -1,17 +1,18 @@
-"""Weston-Watkins loss and gradient in one pass over the scores, for CUDA (Triton).
+"""Weston-Watkins and binary hinge, loss and gradient in one pass over the scores (Triton, CUDA).
 
-The eager kernel in losses.py makes about ten passes over an (N, C) batch
+The eager kernels in losses.py make about ten passes over an (N, C) batch
 (difference, relu, sum, mask, count, scale, ...) and the engine three more
-(half-precision up-cast, gradient cast to the wire dtype, finiteness scans). This
-kernel reads each score once and writes each gradient entry once, in the wire
-dtype, and reports per row the loss, its activity, and whether the scores held
+(half-precision up-cast, gradient cast to the wire dtype, finiteness scans). These
+kernels read each score once and write each gradient entry once, in the wire
+dtype, and report per row the loss, its activity, and whether the scores held
 NaN/Inf or the gradient overflowed the wire dtype.
 
-It gives the eager kernel's gradient bit for bit (the same operations on the same
+They give the eager kernels' gradients bit for bit (the same operations on the same
 per-row coefficients, which the engine computes in torch exactly as losses.py
 does); per-row sums accumulate in float64 in a fixed order, so a row's per-sample
-loss agrees with the eager one to one ulp and is the same in any batch. The eager
-kernel stays the reference, and the fallback where Triton is missing (the CPU).
+loss agrees with the eager one to one ulp and is the same in any batch (binary
+hinge: elementwise, bit for bit). The eager kernels stay the reference, and the
+fallback where Triton is missing (the CPU).
 """
 
 from __future__ import annotations
@@ -137,6 +138,55 @@ if AVAILABLE:
             tl.store(grad_bad + row, 0)
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _binary_hinge_kernel(  # type: ignore[no-untyped-def]
+        scores,
+        labels,
+        scale,
+        margin,
+        grad,
+        loss,
+        active,
+        grad_bad,
+        scores_bad,
+        rows,
+        POWER: tl.constexpr,
+        KINK_ONE: tl.constexpr,
+        NEED_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = index < rows
+        r = tl.load(scale + index, mask=inside, other=0.0)
+        compute = r.dtype
+        f = tl.load(scores + index, mask=inside, other=0.0).to(compute)
+        y = tl.load(labels + index, mask=inside, other=1).to(compute)
+        # As eager: z = -(y * f) + margin.
+        z = -(y * f) + tl.load(margin)
+        if KINK_ONE and POWER == 1:
+            on = z >= 0
+        else:
+            on = z > 0
+        h = tl.maximum(z, 0.0)
+        if POWER == 1:
+            tl.store(loss + index, h, mask=inside)
+            slope = on.to(compute) * r
+        else:
+            tl.store(loss + index, h * h, mask=inside)
+            slope = (h * r) * 2
+        tl.store(active + index, on.to(tl.int8), mask=inside)
+        tl.store(scores_bad + index, (~(tl.abs(f) < float("inf"))).to(tl.int8), mask=inside)
+        if NEED_GRAD:
+            g_wire = (-(slope * y)).to(grad.dtype.element_ty)
+            tl.store(grad + index, g_wire, mask=inside)
+            bad = ~(tl.abs(g_wire.to(compute)) < float("inf"))
+            tl.store(grad_bad + index, bad.to(tl.int8), mask=inside)
+        else:
+            tl.store(grad_bad + index, tl.zeros((BLOCK,), dtype=tl.int8), mask=inside)
+
+
 def row_factor(
     targets: Tensor,
     *,
@@ -222,6 +272,66 @@ def weston_watkins(
             BLOCK=block,
             NUM_CHUNKS=chunks,
             num_warps=4 if block <= 1024 else 8,
+        )
+    return FusedOutput(
+        per_sample=per_sample,
+        active=active.bool(),
+        grad=grad,
+        grad_not_finite=grad_bad.bool(),
+        scores_not_finite=scores_bad.bool(),
+    )
+
+
+# Elements one program of the binary hinge kernel handles.
+BINARY_BLOCK = 1024
+
+
+def binary_hinge(
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    margin: Tensor,
+    power: int,
+    kink_one: bool,
+    row_scale: Tensor,
+    grad_dtype: torch.dtype,
+    need_grad: bool,
+) -> FusedOutput:
+    """Binary hinge per-sample losses and r_i * dl_i/df, fused: one pass, every output.
+
+    Args:
+        scores: (N,) in the wire dtype (up-cast inside the kernel).
+        labels: +-1 as int8, (N,).
+        margin: The margin, a one-element tensor in the compute dtype on the device.
+        power: 1 or 2.
+        kink_one: Whether z == 0 counts as active (power 1).
+        row_scale: r_i, (N,), in the compute dtype.
+        grad_dtype: The dtype of the gradient written (the wire dtype).
+        need_grad: Whether to write the gradient.
+    """
+    rows = int(scores.shape[0])
+    device = scores.device
+    per_sample = torch.empty(rows, dtype=row_scale.dtype, device=device)
+    active = torch.empty(rows, dtype=torch.int8, device=device)
+    grad_bad = torch.empty(rows, dtype=torch.int8, device=device)
+    scores_bad = torch.empty(rows, dtype=torch.int8, device=device)
+    grad = torch.empty(rows, dtype=grad_dtype, device=device) if need_grad else None
+    if rows:
+        _binary_hinge_kernel[(triton.cdiv(rows, BINARY_BLOCK),)](
+            scores,
+            labels,
+            row_scale,
+            margin,
+            grad if grad is not None else per_sample,
+            per_sample,
+            active,
+            grad_bad,
+            scores_bad,
+            rows,
+            POWER=power,
+            KINK_ONE=kink_one,
+            NEED_GRAD=need_grad,
+            BLOCK=BINARY_BLOCK,
         )
     return FusedOutput(
         per_sample=per_sample,

@@ -54,12 +54,13 @@ import torch
 from hingeloss.requests import build_request
 from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server import losses
+from hingeloss_server import fused, losses
 from hingeloss_server.batch_compute import compute_batch
-from hingeloss_server.config import LimitsConfig
+from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.prepare import prepare
-from hingeloss_server.workers import Worker
+from hingeloss_server.staging import DeviceStaging
+from hingeloss_server.workers import Worker, staging_bytes
 
 SCHEMA = "hingeloss-gpu-check/1"
 TARGET_FRACTION = 0.6
@@ -227,7 +228,7 @@ def kernel_cell(
         other = signs.to(torch.int8).mul_(2).sub_(1)  # +-1 as int8, as the server uploads them
     row_scale = torch.full((n,), 1.0 / n, dtype=compute, device=device)
 
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
+    def eager_step() -> tuple[torch.Tensor, torch.Tensor]:
         x = scores if scores.dtype == compute else scores.to(compute)
         if loss == "multiclass_hinge":
             out = losses.multiclass_hinge(
@@ -247,8 +248,54 @@ def kernel_cell(
         grad = out.grads[0]
         return out.per_sample[0], grad if grad.dtype == dtype else grad.to(dtype)
 
+    margin = torch.ones(1, dtype=compute, device=device)
+
+    def fused_step() -> tuple[torch.Tensor, torch.Tensor]:
+        """What a GPU worker runs: the Triton kernel, gradient written in the wire dtype."""
+        if loss == "multiclass_hinge":
+            factor = fused.row_factor(
+                other,
+                num_classes=classes,
+                dtype=compute,
+                class_weights=None,
+                divide_by_num_classes=False,
+                ignore_mask=None,
+            )
+            out = fused.weston_watkins(
+                scores,
+                other,
+                margin=margin,
+                power=1,
+                kink_one=False,
+                factor=factor,
+                row_scale=row_scale,
+                ignore_mask=None,
+                grad_dtype=dtype,
+                need_grad=True,
+            )
+        else:
+            out = fused.binary_hinge(
+                scores,
+                other,
+                margin=margin,
+                power=1,
+                kink_one=False,
+                row_scale=row_scale,
+                grad_dtype=dtype,
+                need_grad=True,
+            )
+        assert out.grad is not None
+        return out.per_sample, out.grad
+
     reps = plan.reps if device.type == "cuda" else plan.cpu_reps
+    use_fused = device.type == "cuda" and fused.AVAILABLE
+    step = fused_step if use_fused else eager_step
     stats = summary_ms(time_ms(step, device, plan.warmup, reps))
+    eager_ms = (
+        summary_ms(time_ms(eager_step, device, plan.warmup, reps))["median_ms"]
+        if use_fused
+        else stats["median_ms"]
+    )
     # The floor counts every tensor the contract makes a kernel read or write: the scores,
     # targets (int64) or labels (int8) and row scales in; the gradient (wire dtype),
     # per-sample losses (compute dtype) and activity flags (one byte) out.
@@ -283,7 +330,9 @@ def kernel_cell(
         "shape": shape_text((rows, classes)) if loss == "multiclass_hinge" else str(n),
         "elements": rows * classes,
         "dtype": str(dtype).removeprefix("torch."),
+        "kernel": "fused" if use_fused else "eager",
         **stats,
+        "eager_median_ms": eager_ms,
         "floor_bytes": floor_bytes,
         "floor_counts": (
             "scores + targets/labels + row scales read; gradient + per-sample losses"
@@ -317,8 +366,11 @@ def engine_cell(device: torch.device, shape: tuple[int, int], plan: Plan) -> dic
     """Worker.run (value checks + compute_batch) and compute_batch alone (copies + kernel)."""
     request, _ = multiclass_request(shape)
     job = decode_request(request, LimitsConfig())
-    prepared = prepare(job)
-    worker = Worker(f"hingeloss-bench-{device}", device, None)
+    prepared = prepare(job, check_scores=device.type != "cuda")
+    # Pinned buffers as a server whose --max-batch-bytes admits the request keeps them.
+    pinned = staging_bytes(BatchingConfig(max_batch_bytes=max(32 << 20, job.nbytes)))
+    worker = Worker(f"hingeloss-bench-{device}", device, None, pinned_bytes=pinned)
+    staging = DeviceStaging(device, pinned)
     try:
 
         def run() -> None:
@@ -328,7 +380,9 @@ def engine_cell(device: torch.device, shape: tuple[int, int], plan: Plan) -> dic
 
         def batch() -> None:
             with torch.inference_mode():
-                compute_batch([prepared], device)
+                compute_batch(
+                    [prepared], device, staging=staging, scores_checked=device.type != "cuda"
+                )
 
         reps = plan.reps if device.type == "cuda" else plan.cpu_reps
         # Both synchronize with the device before they return: wall-clock timing.
@@ -639,10 +693,9 @@ def decisions(report: dict[str, Any]) -> dict[str, Any]:
             "worst": f"{worst['loss']} {worst['shape']} float32 at "
             f"{_pct(worst['fraction_of_copy_bandwidth'])} of the copy bandwidth",
             "why": (
-                "eager torch is below the 60% target: a fused Triton or torch.compile kernel "
-                "(loss, row sums and gradient in one pass) is worth building"
+                "below the 60% target: the kernel moves more than the contract's bytes"
                 if needed
-                else "eager torch meets the 60% target: no fused kernel needed"
+                else "meets the 60% target"
             ),
         }
     else:
@@ -702,8 +755,8 @@ def print_table(report: dict[str, Any]) -> None:
     lines.append("")
     lines.append("Kernels: loss + gradient, median time against the bandwidth floor")
     header = (
-        f"  {'device':8} {'loss':17} {'shape':11} {'dtype':9} {'ms':>8} {'floor ms':>9} "
-        f"{'GB/s':>8} {'of copy bw':>10}  {'target':7} verified"
+        f"  {'device':8} {'loss':17} {'shape':11} {'dtype':9} {'kernel':6} {'ms':>8} "
+        f"{'eager ms':>9} {'floor ms':>9} {'GB/s':>8} {'of copy bw':>10}  {'target':7} verified"
     )
     lines.append(header)
     for k in report["kernels"]:
@@ -712,7 +765,9 @@ def print_table(report: dict[str, Any]) -> None:
             target = "met" if k["target_met"] else "MISSED"
         lines.append(
             f"  {k['device']:8} {k['loss']:17} {k['shape']:11} {k['dtype']:9} "
-            f"{k['median_ms']:8.3f} {k['floor_ms']:9.3f} {k['achieved_gb_per_s']:8.1f} "
+            f"{k.get('kernel', 'eager'):6} {k['median_ms']:8.3f} "
+            f"{k.get('eager_median_ms', k['median_ms']):9.3f} "
+            f"{k['floor_ms']:9.3f} {k['achieved_gb_per_s']:8.1f} "
             f"{_pct(k['fraction_of_copy_bandwidth']):>10}  {target:7} "
             f"{'yes' if k['verified'] else 'NO'}"
         )
