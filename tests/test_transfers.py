@@ -21,7 +21,7 @@ from cases import random_inputs
 from torch.overrides import TorchFunctionMode
 
 from hingeloss.requests import build_request
-from hingeloss_server.batch_compute import compute_batch
+from hingeloss_server.batch_compute import Downloads, compute_batch, pack_figures
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import InvalidInputError
@@ -161,9 +161,12 @@ def test_binary_hinge_uploads_five_bytes_a_row_at_float32(
     staging = CountingStaging(torch.device(device), HostReads())
     with torch.inference_mode():
         compute_batch(jobs, torch.device(device), 0, staging)
-    uploaded = sum(dtype.itemsize * count for dtype, count in staging.uploads)
-    per_job_extras = 3 * (4 + 8)  # one float32 scale and one int64 row count per request
-    assert uploaded == 3 * rows * 5 + per_job_extras, staging.uploads
+    per_row = sum(d.itemsize * n for d, n in staging.uploads if n == rows)
+    assert per_row == 3 * rows * 5, staging.uploads
+    # Besides: one float32 scale and one int64 row count per request (and, where the
+    # fused kernel runs, the margin, once per worker).
+    others = sum(d.itemsize * n for d, n in staging.uploads if n != rows)
+    assert others <= 3 * (4 + 8) + 4, staging.uploads
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,3 +207,20 @@ def test_scores_checked_on_the_device_give_the_host_error(device: str, ignored: 
     assert isinstance(error, InvalidInputError)
     assert (error.field, error.description) == (on_host.value.field, on_host.value.description)
     assert error.field == "multiclass_hinge.scores[1][1]"
+
+
+def test_packed_figures_read_back_as_computed(rng: np.random.Generator) -> None:
+    """The one buffer a GPU batch downloads: losses, margins, activity and flags intact."""
+    sizes = [7, 3]
+    per_sample = [torch.from_numpy(rng.normal(size=n)).float() for n in sizes]
+    active = [torch.from_numpy(rng.random(n) < 0.5) for n in sizes]
+    flags = [torch.from_numpy(rng.integers(0, 16, size=n).astype(np.uint8)) for n in sizes]
+    margins = torch.from_numpy(rng.normal(size=4)).float()
+    packed = pack_figures(per_sample, active, flags, margins)
+    assert packed.numel() == 4 * (10 + 4) + 10  # 4-byte values, then one byte a row
+    figures = Downloads([packed], sizes, torch.float32, (), (), None).read_figures()
+    for s in range(2):
+        np.testing.assert_array_equal(figures.per_sample[s], per_sample[s].numpy())
+        np.testing.assert_array_equal(figures.active[s], active[s].numpy())
+        np.testing.assert_array_equal(figures.flags[s] & 15, flags[s].numpy())
+    assert torch.equal(figures.margins, margins)

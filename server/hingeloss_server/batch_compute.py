@@ -345,28 +345,59 @@ class _Figures:
     margins: torch.Tensor
 
 
+# On CUDA a row's activity travels in its flags byte, beside the overflow bits.
+_ACTIVE = 16
+
+
 @dataclass
-class _Downloads:
-    """The batch's host copies, started; read only after the batch's wait."""
+class Downloads:
+    """The batch's host copies, started; read only after the batch's wait.
+
+    On CUDA the figures are one byte buffer: per-sample losses and margins in the
+    compute dtype, then one flags byte per row (activity included): 5 bytes a row
+    at float32, one copy. On the CPU they are the tensors themselves.
+    """
 
     figures: list[torch.Tensor]
     set_sizes: list[int]
+    dtype: torch.dtype
     grads: tuple[torch.Tensor, ...]
     per_sample: tuple[torch.Tensor, ...]
     lease: HostLease | None
 
     def read_figures(self) -> _Figures:
         n = len(self.set_sizes)
-        pieces = self.figures
-        if len(pieces) == 1:  # packed on the device: split on the host
-            sizes = [*self.set_sizes, *self.set_sizes, *self.set_sizes]
-            pieces = list(torch.split(pieces[0], [*sizes, pieces[0].shape[0] - sum(sizes)]))
+        if len(self.figures) > 1:  # the CPU: as computed
+            pieces = self.figures
+            return _Figures(
+                per_sample=[t.numpy() for t in pieces[:n]],
+                active=[t.numpy() for t in pieces[n : 2 * n]],
+                flags=[t.numpy() for t in pieces[2 * n : 3 * n]],
+                margins=pieces[3 * n],
+            )
+        packed = self.figures[0]
+        rows = sum(self.set_sizes)
+        values_bytes = packed.numel() - rows
+        values = packed[:values_bytes].view(self.dtype)
+        flags = [t.numpy() for t in torch.split(packed[values_bytes:], self.set_sizes)]
         return _Figures(
-            per_sample=[t.numpy() for t in pieces[:n]],
-            active=[t.numpy() for t in pieces[n : 2 * n]],
-            flags=[t.numpy() for t in pieces[2 * n : 3 * n]],
-            margins=pieces[3 * n],
+            per_sample=[t.numpy() for t in torch.split(values[:rows], self.set_sizes)],
+            active=[(f & _ACTIVE) != 0 for f in flags],
+            flags=flags,
+            margins=values[rows:],
         )
+
+
+def pack_figures(
+    per_sample: Sequence[torch.Tensor],
+    active: Sequence[torch.Tensor],
+    flags: Sequence[torch.Tensor],
+    margins: torch.Tensor,
+) -> torch.Tensor:
+    """One byte buffer: losses and margins in their dtype, then a flags byte per row."""
+    values = torch.cat([*per_sample, margins]).view(torch.uint8)
+    bits = [f | a.to(torch.uint8) * _ACTIVE for f, a in zip(flags, active, strict=True)]
+    return torch.cat([values, *bits])
 
 
 def _download(
@@ -376,18 +407,19 @@ def _download(
     margins: torch.Tensor,
     grads_wire: tuple[torch.Tensor, ...],
     per_sample_wire: tuple[torch.Tensor, ...],
-) -> _Downloads:
+) -> Downloads:
     """Starts every device-to-host copy of the batch; on CUDA the figures go packed in one."""
     dtype = output.per_sample[0].dtype
-    figures = [*output.per_sample, *(a.to(dtype) for a in output.active)]
-    figures += [f.to(dtype) for f in flags] + [margins]
     if staging.cuda:
-        figures = [torch.cat(figures)]
+        figures = [pack_figures(output.per_sample, output.active, flags, margins)]
+    else:
+        figures = [*output.per_sample, *output.active, *flags, margins]
     hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire])
     grads_end = len(figures) + len(grads_wire)
-    return _Downloads(
+    return Downloads(
         figures=hosts[: len(figures)],
         set_sizes=[int(p.shape[0]) for p in output.per_sample],
+        dtype=dtype,
         grads=tuple(hosts[len(figures) : grads_end]),
         per_sample=tuple(hosts[grads_end:]),
         lease=lease,
@@ -506,7 +538,7 @@ def _sample_margins(
 def _split(
     jobs: Sequence[PreparedJob],
     figures: _Figures,
-    downloads: _Downloads,
+    downloads: Downloads,
     wire_dtype: int,
     dtype: torch.dtype,
 ) -> list[JobResult | InvalidInputError]:

@@ -187,6 +187,19 @@ if AVAILABLE:
             tl.store(grad_bad + index, tl.zeros((BLOCK,), dtype=tl.int8), mask=inside)
 
 
+def _output(
+    per_sample: Tensor, active: Tensor, grad: Tensor | None, grad_bad: Tensor, scores_bad: Tensor
+) -> FusedOutput:
+    """The kernel's int8 0/1 flags seen as bool without a copy (one pass fewer each)."""
+    return FusedOutput(
+        per_sample=per_sample,
+        active=active.view(torch.bool),
+        grad=grad,
+        grad_not_finite=grad_bad.view(torch.bool),
+        scores_not_finite=scores_bad.view(torch.bool),
+    )
+
+
 def row_factor(
     targets: Tensor,
     *,
@@ -273,13 +286,7 @@ def weston_watkins(
             NUM_CHUNKS=chunks,
             num_warps=4 if block <= 1024 else 8,
         )
-    return FusedOutput(
-        per_sample=per_sample,
-        active=active.bool(),
-        grad=grad,
-        grad_not_finite=grad_bad.bool(),
-        scores_not_finite=scores_bad.bool(),
-    )
+    return _output(per_sample, active, grad, grad_bad, scores_bad)
 
 
 # Elements one program of the binary hinge kernel handles.
@@ -333,10 +340,4 @@ def binary_hinge(
             NEED_GRAD=need_grad,
             BLOCK=BINARY_BLOCK,
         )
-    return FusedOutput(
-        per_sample=per_sample,
-        active=active.bool(),
-        grad=grad,
-        grad_not_finite=grad_bad.bool(),
-        scores_not_finite=scores_bad.bool(),
-    )
+    return _output(per_sample, active, grad, grad_bad, scores_bad)
