@@ -1,0 +1,201 @@
+"""The cpu image, built with podman and run for real on a read-only root.
+
+`make image-check` runs this module (HINGELOSS_IMAGE_CHECK=1); `make test` skips it, since the
+build takes minutes. The build is offline for Python packages: every one comes from the
+wheelhouse (`make wheelhouse`). The base is the official image when podman has it or can pull
+it, else the debootstrap stand-in (docker/standin/make-base.sh). The tests share one container
+and run in file order; the last one stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import DOCKERFILE, parse_dockerfile
+from podman_engine import REPO_ROOT, Podman
+from references import reference
+
+from hingeloss import LossClient
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("HINGELOSS_IMAGE_CHECK") != "1",
+        reason="builds and runs the image: `make image-check`",
+    ),
+]
+
+TAG = "localhost/hingeloss:cpu"
+WHEELHOUSE = "wheelhouse/cpu"
+SERVER_UID = 10001
+# Set on `podman run` and expected back from GetServerInfo: not the server's default.
+MAX_BATCH_ROWS = 4099
+SHUTDOWN_DELAY_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class Container:
+    podman: Podman
+    name: str
+    started: float
+    grpc_target: str
+    metrics_url: str
+
+    def state(self, field: str) -> Any:
+        return self.podman.inspect(self.name, f"{{{{json .State.{field}}}}}")
+
+    def logs(self) -> str:
+        result = self.podman.run("logs", self.name, check=False)
+        return (result.stdout + result.stderr)[-4000:]
+
+    def published(self, port: int) -> str:
+        return self.podman.run("port", self.name, f"{port}/tcp").stdout.strip().splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    found = Podman.find(tmp_path_factory.mktemp("podman") / "containers.conf")
+    if found is None:
+        pytest.fail("podman is not installed: apt-get install podman runc debootstrap")
+    return found
+
+
+@pytest.fixture(scope="module")
+def image(podman: Podman) -> str:
+    """Builds the cpu target from the wheelhouse, reusing podman's layer cache."""
+    if not any((REPO_ROOT / WHEELHOUSE).glob("torch-*.whl")):
+        pytest.fail(f"no torch wheel in {WHEELHOUSE}: run `make wheelhouse` first")
+    dockerfile = parse_dockerfile(DOCKERFILE, "cpu")
+    base = podman.python_base(dockerfile.global_args["PYTHON_IMAGE"])
+    podman.build("cpu", TAG, {"PYTHON_IMAGE": base, "WHEELHOUSE": WHEELHOUSE})
+    return TAG
+
+
+@pytest.fixture(scope="module")
+def image_data(podman: Podman, image: str) -> dict[str, Any]:
+    return podman.image_data(image)
+
+
+@pytest.fixture(scope="module")
+def container(podman: Podman, image: str) -> Iterator[Container]:
+    """The image run as compose runs it: read-only root, no capabilities, loopback ports."""
+    name = f"hingeloss-image-check-{secrets.token_hex(4)}"
+    podman.run(
+        "run", "--detach", "--name", name,
+        "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--publish", "127.0.0.1::50051", "--publish", "127.0.0.1::9090",
+        "--env", f"HINGELOSS_MAX_BATCH_ROWS={MAX_BATCH_ROWS}",
+        "--env", f"HINGELOSS_SHUTDOWN_DELAY_SECONDS={SHUTDOWN_DELAY_SECONDS}",
+        image,
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        probe = Container(podman, name, started, "", "")
+        yield Container(
+            podman,
+            name,
+            started,
+            grpc_target=probe.published(50051),
+            metrics_url=f"http://{probe.published(9090)}/metrics",
+        )
+    finally:
+        podman.run("rm", "--force", "--time", "0", name, check=False)
+
+
+def _seconds(nanoseconds: int) -> float:
+    return nanoseconds / 1e9
+
+
+def test_healthcheck_reports_healthy_within_its_start_period(
+    container: Container, image_data: dict[str, Any]
+) -> None:
+    """The image's own HEALTHCHECK, run by podman (no systemd timer here, so run on demand)."""
+    check = image_data["Healthcheck"]
+    assert check["Test"][:2] == ["CMD", "hingeloss-health"]
+    deadline = container.started + _seconds(check["StartPeriod"])
+    while True:
+        assert container.state("Running") is True, container.logs()
+        if container.podman.run("healthcheck", "run", container.name, check=False).returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"unhealthy after the start period\n{container.logs()}"
+        time.sleep(1)
+    assert container.state("Health.Status") == "healthy"
+
+
+def test_one_compute_from_the_host_matches_the_float64_reference(container: Container) -> None:
+    rng = np.random.default_rng(secrets.randbits(32))
+    inputs = {"scores": rng.normal(size=(24, 7)), "targets": rng.integers(0, 7, size=24)}
+    with LossClient(container.grpc_target) as client:
+        result = client.multiclass_hinge(inputs["scores"], inputs["targets"])
+    expected = reference("multiclass_hinge", inputs)
+    np.testing.assert_allclose(result.loss, expected.loss, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.grads[0], expected.grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_metrics_endpoint_answers(container: Container) -> None:
+    with urllib.request.urlopen(container.metrics_url, timeout=10) as page:
+        assert page.status == 200
+        text = page.read().decode()
+    for family in ("hingeloss_build_info", "hingeloss_workers", "process_resident_memory_bytes"):
+        assert f"\n{family}" in text, family
+
+
+def test_environment_reaches_the_server(container: Container) -> None:
+    with LossClient(container.grpc_target) as client:
+        info = client.server_info()
+    assert info.limits.max_batch_rows == MAX_BATCH_ROWS
+    assert list(info.devices) == ["cpu"]  # HINGELOSS_DEVICES from the image's ENV
+
+
+def _uids(pid: int) -> list[int]:
+    """Real, effective, saved and filesystem uids of a host process."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("Uid:"):
+            return [int(uid) for uid in line.split()[1:]]
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def test_server_runs_as_uid_10001(container: Container, image_data: dict[str, Any]) -> None:
+    assert image_data["Config"]["User"] == f"{SERVER_UID}:{SERVER_UID}"
+    init = int(container.state("Pid"))  # tini, on the host's side of the pid namespace
+    children = Path(f"/proc/{init}/task/{init}/children").read_text(encoding="ascii").split()
+    assert len(children) == 1
+    server = int(children[0])
+    command = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    assert any(part.endswith(b"/hingeloss-server") for part in command), command
+    assert _uids(init) == [SERVER_UID] * 4
+    assert _uids(server) == [SERVER_UID] * 4
+
+
+def test_root_filesystem_is_read_only(container: Container) -> None:
+    assert container.podman.inspect(container.name, "{{json .HostConfig.ReadonlyRootfs}}") is True
+    written = container.podman.run("exec", container.name, "touch", "/opt/venv/probe", check=False)
+    assert written.returncode != 0
+    assert "Read-only file system" in written.stderr
+    # /tmp is a tmpfs, as the Kubernetes manifests mount an emptyDir there.
+    container.podman.run("exec", container.name, "touch", "/tmp/probe")
+
+
+def test_podman_stop_drains_and_exits_zero(
+    container: Container, image_data: dict[str, Any]
+) -> None:
+    """SIGTERM: health NOT_SERVING, drain, exit 0, well before podman would send SIGKILL."""
+    env = dict(item.split("=", 1) for item in image_data["Config"]["Env"])
+    drain = float(env["HINGELOSS_DRAIN_SECONDS"])
+    assert image_data["Config"]["StopSignal"] == "SIGTERM"
+    kill_after = int(3 * (drain + SHUTDOWN_DELAY_SECONDS))
+    started = time.monotonic()
+    container.podman.run("stop", "--time", str(kill_after), container.name)
+    elapsed = time.monotonic() - started
+    assert container.state("ExitCode") == 0, container.logs()
+    assert elapsed < drain + SHUTDOWN_DELAY_SECONDS, f"{elapsed:.1f} s\n{container.logs()}"
+    assert '"message": "stopped"' in container.logs()
