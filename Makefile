@@ -74,10 +74,11 @@ wheelhouse: $(PY)
 # Builds the cpu image with podman (offline, from the wheelhouse) and checks it running:
 # tests/deploy/test_image.py. `make test` skips that module; here it must run, so no podman
 # is an error.
-image-check: $(STAMP) wheelhouse
+image-check: $(STAMP)
 	@command -v podman >/dev/null 2>&1 || { echo "image-check: podman is not installed;" \
-		"it needs podman, runc and debootstrap (Debian: apt-get install podman runc" \
-		"debootstrap)" >&2; exit 1; }
+		"it needs podman, runc, catatonit and debootstrap (Debian: apt-get install" \
+		"podman runc catatonit debootstrap)" >&2; exit 1; }
+	$(MAKE) --no-print-directory wheelhouse IMAGE_TARGET=cpu
 	HINGELOSS_IMAGE_CHECK=1 $(BIN)/pytest -q --timeout=3600 tests/deploy/test_image.py
 
 clean:

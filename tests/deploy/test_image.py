@@ -3,14 +3,15 @@
 `make image-check` runs this module (HINGELOSS_IMAGE_CHECK=1); `make test` skips it, since the
 build takes minutes. The build is offline for Python packages: every one comes from the
 wheelhouse (`make wheelhouse`). The base is the official image when podman has it or can pull
-it, else the debootstrap stand-in (docker/standin/make-base.sh). The tests share one container
-and run in file order; the last one stops it.
+it, else the debootstrap stand-in (docker/standin/make-base.sh). The first tests share one
+container and run in file order until one stops it; the last plays the Kubernetes Deployment.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DOCKERFILE, parse_dockerfile
+import yaml
+from conftest import DOCKERFILE, load_yaml, parse_dockerfile
 from podman_engine import REPO_ROOT, Podman
 from references import reference
 
-from hingeloss import LossClient
+from hingeloss import LossClient, UnavailableError
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,7 +67,7 @@ class Container:
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
     found = Podman.find(tmp_path_factory.mktemp("podman") / "containers.conf")
     if found is None:
-        pytest.fail("podman is not installed: apt-get install podman runc debootstrap")
+        pytest.fail("podman is not installed: apt-get install podman runc catatonit debootstrap")
     return found
 
 
@@ -199,3 +201,61 @@ def test_podman_stop_drains_and_exits_zero(
     assert container.state("ExitCode") == 0, container.logs()
     assert elapsed < drain + SHUTDOWN_DELAY_SECONDS, f"{elapsed:.1f} s\n{container.logs()}"
     assert '"message": "stopped"' in container.logs()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def kube_pod(podman: Podman, image: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """docker/k8s/base's Deployment under `podman kube play`, with this image and a unique name.
+
+    podman publishes each containerPort on the host: loopback ports chosen here instead of 50051
+    and 9090 on every address. Its emptyDir becomes a named volume, removed afterwards.
+    """
+    deployment = load_yaml(REPO_ROOT / "docker" / "k8s" / "base" / "deployment.yaml")
+    name = f"hingeloss-check-{secrets.token_hex(4)}"
+    deployment["metadata"]["name"] = name
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["image"] = image
+    for port in container["ports"]:
+        port.update(hostIP="127.0.0.1", hostPort=_free_port())
+    (volume,) = pod["volumes"]
+    (mount,) = container["volumeMounts"]
+    volume["name"] = mount["name"] = f"{name}-tmp"
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(deployment), encoding="utf-8")
+    podman.run("kube", "play", str(manifest), timeout=300)
+    try:
+        yield deployment
+    finally:
+        podman.run("kube", "down", str(manifest), timeout=120, check=False)
+        podman.run("volume", "rm", "--force", volume["name"], check=False)
+
+
+def test_kube_play_runs_the_base_deployment(podman: Podman, kube_pod: dict[str, Any]) -> None:
+    """The pod gets ready as the kubelet would judge it, answers, and keeps its security."""
+    (container,) = kube_pod["spec"]["template"]["spec"]["containers"]
+    grpc_port = next(p["hostPort"] for p in container["ports"] if p["name"] == "grpc")
+    startup = container["startupProbe"]
+    deadline = time.monotonic() + startup["periodSeconds"] * startup["failureThreshold"]
+    readiness_service = container["readinessProbe"]["grpc"]["service"]
+    with LossClient(f"127.0.0.1:{grpc_port}") as client:
+        # podman has no gRPC probes: ask what the startup and readiness probes ask.
+        while True:
+            try:
+                if client.health() == client.health(readiness_service) == "SERVING":
+                    break
+            except UnavailableError:
+                pass
+            assert time.monotonic() < deadline, "the pod never became ready"
+            time.sleep(1)
+        result = client.binary_hinge(np.array([2.0, 0.5, -1.0]), np.array([1, 1, 1]))
+    assert result.loss == pytest.approx((0.0 + 0.5 + 2.0) / 3, rel=1e-12)
+    name = f"{kube_pod['metadata']['name']}-pod-0-{container['name']}"
+    assert podman.inspect(name, "{{json .HostConfig.ReadonlyRootfs}}") is True
+    assert podman.inspect(name, "{{.Config.User}}") == "10001:10001"
