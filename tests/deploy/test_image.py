@@ -46,11 +46,19 @@ SHUTDOWN_DELAY_SECONDS = 1
 
 @dataclass(frozen=True)
 class Container:
+    """A running container of the image, and where the host reaches it."""
+
     podman: Podman
     name: str
     started: float
-    grpc_target: str
-    metrics_url: str
+
+    @property
+    def grpc_target(self) -> str:
+        return self.published(50051)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.published(9090)}/metrics"
 
     def state(self, field: str) -> Any:
         return self.podman.inspect(self.name, f"{{{{json .State.{field}}}}}")
@@ -60,6 +68,7 @@ class Container:
         return (result.stdout + result.stderr)[-4000:]
 
     def published(self, port: int) -> str:
+        """host:port where podman publishes a container port (a random loopback port)."""
         return self.podman.run("port", self.name, f"{port}/tcp").stdout.strip().splitlines()[0]
 
 
@@ -101,14 +110,7 @@ def container(podman: Podman, image: str) -> Iterator[Container]:
     )  # fmt: skip
     started = time.monotonic()
     try:
-        probe = Container(podman, name, started, "", "")
-        yield Container(
-            podman,
-            name,
-            started,
-            grpc_target=probe.published(50051),
-            metrics_url=f"http://{probe.published(9090)}/metrics",
-        )
+        yield Container(podman, name, started)
     finally:
         podman.run("rm", "--force", "--time", "0", name, check=False)
 
