@@ -8,7 +8,8 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PROTO := proto/hingeloss/v1/loss_service.proto
 
-.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak fuzz docker clean
+.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak fuzz docker wheelhouse \
+	image-check clean
 
 venv: $(PY)
 
@@ -58,9 +59,27 @@ fuzz: $(STAMP)
 	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS)
 	HINGELOSS_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/test_fuzz.py
 
+# Both images, where a Docker engine runs. DOCKER_BUILD_ARGS passes e.g.
+# --build-arg WHEELHOUSE=wheelhouse/cpu (after `make wheelhouse`); docs/deployment.md.
 docker:
-	docker build -f docker/Dockerfile --target cpu -t hingeloss:cpu .
-	docker build -f docker/Dockerfile.cuda -t hingeloss:cuda .
+	docker build -f docker/Dockerfile --target cpu -t hingeloss:cpu $(DOCKER_BUILD_ARGS) .
+	docker build -f docker/Dockerfile --target gpu -t hingeloss:cuda $(DOCKER_BUILD_ARGS) .
+
+# Every wheel an image installs, for offline builds: wheelhouse/cpu (IMAGE_TARGET=gpu: the CUDA
+# image's). pip's own configuration (a mirror, find-links) applies.
+IMAGE_TARGET ?= cpu
+wheelhouse: $(PY)
+	PYTHON=$(PY) docker/make-wheelhouse.sh $(IMAGE_TARGET)
+
+# Builds the cpu image with podman (offline, from the wheelhouse) and checks it running:
+# tests/deploy/test_image.py. `make test` skips that module; here it must run, so no podman
+# is an error.
+image-check: $(STAMP)
+	@command -v podman >/dev/null 2>&1 || { echo "image-check: podman is not installed;" \
+		"it needs podman, runc, catatonit and debootstrap (Debian: apt-get install" \
+		"podman runc catatonit debootstrap)" >&2; exit 1; }
+	$(MAKE) --no-print-directory wheelhouse IMAGE_TARGET=cpu
+	HINGELOSS_IMAGE_CHECK=1 $(BIN)/pytest -q --timeout=3600 tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -133,18 +133,36 @@ class Stage:
 
 @dataclass
 class Dockerfile:
+    """A parsed Dockerfile; with a target, `final` is the stage `--target` builds."""
+
     path: Path
     lines: list[str]
     instructions: list[Instruction]
     stages: list[Stage]
+    global_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
 
     @property
     def final(self) -> Stage:
-        return self.stages[-1]
+        if self.target is None:
+            return self.stages[-1]
+        return self.stage(self.target)
+
+    def stage(self, name: str) -> Stage:
+        matches = [s for s in self.stages if s.name == name]
+        assert matches, f"{self.path.name}: no stage named {name}"
+        return matches[0]
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
-    """A small Dockerfile parser: comments, blank lines and backslash continuations."""
+_ARG_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def parse_dockerfile(path: Path, target: str | None = None) -> Dockerfile:
+    """A small Dockerfile parser: comments, blank lines and backslash continuations.
+
+    A FROM image given as `${ARG}` is resolved with the default of the ARG declared before the
+    first FROM, as `docker build` does without --build-arg.
+    """
     lines = path.read_text(encoding="utf-8").splitlines()
     instructions: list[Instruction] = []
     buffer: list[str] = []
@@ -168,28 +186,42 @@ def parse_dockerfile(path: Path) -> Dockerfile:
     assert not buffer, f"{path}: the last instruction ends with a line continuation"
 
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}
     for instruction in instructions:
+        if instruction.keyword == "ARG" and not stages:
+            key, _, value = instruction.args.partition("=")
+            global_args[key.strip()] = value.strip().strip('"')
         if instruction.keyword == "FROM":
             words = [w for w in instruction.args.split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(image=words[0], name=name))
+            image = _ARG_REFERENCE.sub(
+                lambda m: global_args.get(m.group(1) or m.group(2), m.group(0)), words[0]
+            )
+            stages.append(Stage(image=image, name=name))
         else:
             assert stages or instruction.keyword in {"ARG"}, (
                 f"{path}:{instruction.line}: {instruction.keyword} before the first FROM"
             )
             if stages:
                 stages[-1].instructions.append(instruction)
-    return Dockerfile(path=path, lines=lines, instructions=instructions, stages=stages)
+    return Dockerfile(path, lines, instructions, stages, global_args, target)
+
+
+def env_pairs(instruction: Instruction) -> dict[str, str]:
+    """The key=value pairs of one ENV instruction (the form these Dockerfiles use)."""
+    env: dict[str, str] = {}
+    for pair in instruction.args.split():
+        key, sep, value = pair.partition("=")
+        assert sep, f"line {instruction.line}: use ENV key=value, not `{instruction.args}`"
+        env[key] = value.strip('"')
+    return env
 
 
 def parse_env(stage: Stage) -> dict[str, str]:
-    """ENV key=value pairs of a stage (the key=value form only, as these Dockerfiles use)."""
+    """ENV key=value pairs of a stage, later ones winning."""
     env: dict[str, str] = {}
     for instruction in stage.all("ENV"):
-        for pair in instruction.args.split():
-            key, sep, value = pair.partition("=")
-            assert sep, f"line {instruction.line}: use ENV key=value, not `{instruction.args}`"
-            env[key] = value.strip('"')
+        env.update(env_pairs(instruction))
     return env
 
 
@@ -204,7 +236,10 @@ def exec_form(args: str) -> list[str] | None:
     return None
 
 
-DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile", "gpu": DOCKER_DIR / "Dockerfile.cuda"}
+# One Dockerfile builds both server images, one target each.
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+TARGETS = ("cpu", "gpu")
+DOCKERFILES = dict.fromkeys(TARGETS, DOCKERFILE)
 
 
 @pytest.fixture(scope="session")
@@ -219,8 +254,8 @@ def docker_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def dockerfiles() -> dict[str, Dockerfile]:
-    """The two server Dockerfiles, parsed, keyed by the final stage they must build."""
-    return {target: parse_dockerfile(path) for target, path in DOCKERFILES.items()}
+    """The server Dockerfile parsed once per target, keyed by the stage it must build."""
+    return {target: parse_dockerfile(path, target) for target, path in DOCKERFILES.items()}
 
 
 @pytest.fixture(scope="session")
@@ -275,5 +310,6 @@ def deploy() -> SimpleNamespace:
         is_known_family=is_known_family,
         parse_dockerfile=parse_dockerfile,
         parse_env=parse_env,
+        env_pairs=env_pairs,
         exec_form=exec_form,
     )

@@ -1,4 +1,4 @@
-"""docker/Dockerfile and docker/Dockerfile.cuda: lint, non-root, exec form, ports, pins, context."""
+"""docker/Dockerfile (targets cpu, gpu): lint, shared set-up, non-root, exec form, pins, context."""
 
 from __future__ import annotations
 
@@ -126,6 +126,62 @@ def test_base_images_are_pinned(dockerfiles, target):
     if target == "gpu":
         assert dockerfiles[target].final.image.startswith("nvidia/cuda:")
         assert "-runtime-" in dockerfiles[target].final.image
+
+
+# What may differ between the runtimes after their system step, and why: the default device,
+# the CUDA JIT cache and the warm-up a CUDA context needs.
+_PER_TARGET_ENV = {"HINGELOSS_DEVICES", "CUDA_CACHE_PATH"}
+_START_PERIOD = re.compile(r"--start-period=\d+s")
+
+
+def _after_system_step(stage):
+    """A runtime's instructions after its first RUN (the one that differs per base image)."""
+    runs = [n for n, i in enumerate(stage.instructions) if i.keyword == "RUN"]
+    assert runs, f"stage {stage.name} has no RUN"
+    return stage.instructions[runs[0] + 1 :]
+
+
+def test_runtime_targets_share_their_set_up(deploy, dockerfiles):
+    """After their system step, `gpu` runs what `cpu` runs, so a `cpu` build tests it for both."""
+    cpu = _after_system_step(dockerfiles["cpu"].final)
+    gpu = _after_system_step(dockerfiles["gpu"].final)
+    assert [i.keyword for i in cpu] == [i.keyword for i in gpu]
+    for ours, theirs in zip(cpu, gpu, strict=True):
+        where = f"lines {ours.line} and {theirs.line}"
+        if ours.keyword == "ENV":
+            env = [deploy.env_pairs(i) for i in (ours, theirs)]
+            shared = [{k: v for k, v in e.items() if k not in _PER_TARGET_ENV} for e in env]
+            assert shared[0] == shared[1], where
+        elif ours.keyword == "HEALTHCHECK":
+            assert _START_PERIOD.sub("", ours.args) == _START_PERIOD.sub("", theirs.args), where
+        else:
+            assert ours.args == theirs.args, where
+    declared = [
+        {i.args.partition("=")[0] for i in dockerfiles[t].final.all("ARG")} for t in TARGETS
+    ]
+    assert declared[0] == declared[1]
+
+
+_WHEELHOUSE_SOURCE = '${WHEELHOUSE:+--no-index --find-links "/tmp/context/${WHEELHOUSE}"}'
+_CONTEXT_MOUNT = "--mount=type=bind,source=.,target=/tmp/context"
+
+
+def test_every_pip_install_reads_the_wheelhouse(dockerfiles):
+    """With WHEELHOUSE set, no pip install may reach an index: offline builds depend on it.
+
+    The image check builds with network access, so it would not notice one that did.
+    """
+    instructions = dockerfiles["cpu"].instructions
+    installs = [i for i in instructions if "pip install" in i.args]
+    assert len(installs) >= 5  # builder tools; pip and torch, then hingeloss, per runtime
+    for instruction in installs:
+        assert instruction.args.startswith(_CONTEXT_MOUNT), f"line {instruction.line}"
+        commands = instruction.args.count("pip install")
+        assert instruction.args.count(_WHEELHOUSE_SOURCE) == commands, f"line {instruction.line}"
+    global_args = dockerfiles["cpu"].global_args
+    assert global_args["WHEELHOUSE"] == "", "builds from the indexes by default"
+    for stage in dockerfiles["cpu"].stages:
+        assert any(i.args == "WHEELHOUSE" for i in stage.all("ARG")), stage.name
 
 
 def _constraints(path: Path) -> dict[str, str]:

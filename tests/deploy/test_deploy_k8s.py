@@ -233,9 +233,7 @@ def test_pod_security(deploy, overlays, overlay):
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"]["drop"] == ["ALL"]
     # The pod's uid is the image's USER, so file ownership inside the image matches.
-    dockerfile = deploy.parse_dockerfile(
-        deploy.DOCKER_DIR / {"cpu": "Dockerfile", "gpu": "Dockerfile.cuda"}[overlay]
-    )
+    dockerfile = deploy.parse_dockerfile(deploy.DOCKER_DIR / "Dockerfile", overlay)
     image_uid = int(dockerfile.final.all("USER")[-1].args.split(":")[0])
     assert spec["securityContext"]["runAsUser"] == image_uid
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}

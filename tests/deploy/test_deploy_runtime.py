@@ -36,7 +36,7 @@ class Container:
     """The CPU image's command line and environment, as a local process."""
 
     def __init__(self, extra_env: dict[str, str] | None = None) -> None:
-        dockerfile = parse_dockerfile(DOCKERFILES["cpu"])
+        dockerfile = parse_dockerfile(DOCKERFILES["cpu"], "cpu")
         final = dockerfile.final
         entrypoint = exec_form(final.all("ENTRYPOINT")[-1].args)
         assert entrypoint is not None
@@ -49,7 +49,8 @@ class Container:
         self.metrics_port = _free_port()
         self.env = {
             **os.environ,
-            **parse_env(final),
+            # The image's own paths (its virtual environment on PATH) are not this machine's.
+            **{k: v for k, v in parse_env(final).items() if k not in {"PATH", "VIRTUAL_ENV"}},
             "HINGELOSS_HOST": "127.0.0.1",
             "HINGELOSS_PORT": str(self.port),
             "HINGELOSS_METRICS_HOST": "127.0.0.1",
