@@ -9,6 +9,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,30 @@ def test_bench_reference_matches_the_test_references(
     assert ours.loss == pytest.approx(theirs.loss, rel=1e-12, abs=1e-15)
     for mine, expected in zip(ours.grads, theirs.grads, strict=True):
         np.testing.assert_allclose(mine, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_the_plain_floor_server_gives_verified_answers(tmp_path: Path) -> None:
+    """make bench's plain floor (torch in a grpc.aio handler) answers the benchmark correctly."""
+    port_file = tmp_path / "plain.port"
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "bench" / "plain_server.py"),
+         "--port-file", str(port_file)]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert process.poll() is None, "the plain server exited"
+            assert time.monotonic() < deadline, "the plain server did not start"
+            time.sleep(0.05)
+        out = tmp_path / "r.json"
+        args = ["--target", f"127.0.0.1:{int(port_file.read_text())}", "--shape", "16x5"]
+        args += ["--concurrency", "2", "--requests", "12", "--warmup", "0"]
+        args += ["--verify-fraction", "1", "--output", str(out), "--quiet"]
+        assert main(args) == 0
+        (cell,) = _cells(out)
+        assert cell["ok"] == 12
+        assert cell["verified"] == 12
+        assert cell["error_count"] == 0
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -1,8 +1,10 @@
 """`make bench`: the service measured against its floors, in one run, with one load generator.
 
-(a) the service, (b) the echo server (transport floor), (c) the loss in-process with
-the project's kernel and with torch autograd (compute floor), (d) the service with
-batching off (--max-batch-rows 1), for each shape and concurrency; also the service
+(a) the service, (b) the echo server (transport floor), (c) the plain server
+(plain_server.py: torch and autograd in a grpc.aio handler, what a user would write
+without this service), (d) the loss in-process with the project's kernel and with
+torch autograd (compute floor), (e) the service with batching off
+(--max-batch-rows 1), for each shape and concurrency; also the service
 with one intra-op thread, metrics on against off (both with one intra-op thread),
 and row-sparse against dense gradients at sparsity 0.9. Every server runs in its
 own process, all of them up at
@@ -77,6 +79,7 @@ QUICK = Settings(
 # Performance targets, reported (never asserted).
 TARGETS = {
     "service_over_echo": 0.9,
+    "service_over_plain": 1.0,
     "batched_over_unbatched": 1.4,
     "closed_form_over_autograd": 5.0,
     "sparse_bytes_over_dense": 0.15,
@@ -156,6 +159,7 @@ def server_processes(workdir: Path) -> list[ServerProcess]:
         ServerProcess("unbatched", service_argv("--max-batch-rows", "1"), workdir),
         ServerProcess("one_thread", service_argv(), workdir, env={"OMP_NUM_THREADS": "1"}),
         ServerProcess("echo", [sys.executable, str(HERE / "echo_server.py")], workdir),
+        ServerProcess("plain", [sys.executable, str(HERE / "plain_server.py")], workdir),
         # Compared with one_thread: two intra-op threads make 2-core timings too noisy
         # for an effect this small.
         ServerProcess(
@@ -283,6 +287,7 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
                     "concurrency": concurrency,
                     "service_rps": service.rps if service else None,
                     "service_over_echo": _ratio(service, runner.find("echo", name, concurrency)),
+                    "service_over_plain": _ratio(service, runner.find("plain", name, concurrency)),
                     "batched_over_unbatched": _ratio(
                         service, runner.find("unbatched", name, concurrency)
                     ),
@@ -372,14 +377,16 @@ def print_summary(
     print()
     print("ratios (throughput; against the performance targets, reported, never asserted)")
     print(
-        f"{'shape':>10} {'c':>3} {'service/echo':>13} {'':>7} {'batched/unbatched':>18} "
-        f"{'':>7} {'1 thread/default':>17}"
+        f"{'shape':>10} {'c':>3} {'service/echo':>13} {'':>7} {'service/plain':>14} {'':>7} "
+        f"{'batched/unbatched':>18} {'':>7} {'1 thread/default':>17}"
     )
     for cell in ratio["cells"]:
         soe, bou = cell["service_over_echo"], cell["batched_over_unbatched"]
+        sop = cell["service_over_plain"]
         print(
             f"{cell['shape']:>10} {cell['concurrency']:>3} {_fmt(soe):>13} "
-            f"{_met(soe, TARGETS['service_over_echo']):>7} {_fmt(bou):>18} "
+            f"{_met(soe, TARGETS['service_over_echo']):>7} {_fmt(sop):>14} "
+            f"{_met(sop, TARGETS['service_over_plain']):>7} {_fmt(bou):>18} "
             f"{_met(bou, TARGETS['batched_over_unbatched']):>7} "
             f"{_fmt(cell['one_thread_over_default']):>17}"
         )
@@ -410,7 +417,12 @@ def measure(runner: Runner) -> None:
     extremes = (min(settings.concurrency), max(settings.concurrency))
     for shape in settings.shapes:
         for concurrency in settings.concurrency:
-            arms = [Arm("service", "service"), Arm("unbatched", "unbatched"), Arm("echo", "echo")]
+            arms = [
+                Arm("service", "service"),
+                Arm("unbatched", "unbatched"),
+                Arm("echo", "echo"),
+                Arm("plain", "plain"),
+            ]
             if concurrency in extremes:
                 arms.append(Arm("one thread", "one_thread"))
             runner.compare(shape, concurrency, arms, settings.rounds)
