@@ -21,7 +21,8 @@ from cases import random_inputs
 from torch.overrides import TorchFunctionMode
 
 from hingeloss.requests import build_request
-from hingeloss_server.batch_compute import Downloads, compute_batch, pack_figures
+from hingeloss_server.batch_compute import compute_batch
+from hingeloss_server.batch_figures import Downloads, pack_figures
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import InvalidInputError

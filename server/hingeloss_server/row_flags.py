@@ -1,0 +1,61 @@
+"""Per-row flags of a batch: what went wrong on which row, found on the device.
+
+One byte per row of each sample set, computed with a few vectorised passes and
+read by the host only after the batch's one wait (batch_figures.py). A job fails
+with "overflow" only for what it receives (answers.py decides from the bits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hingeloss_server import losses
+
+# Bits of the per-row flags (one value per row of each sample set).
+LOSS_OVERFLOW = 1  # the loss in the compute dtype
+GRAD_OVERFLOW = 2  # the gradient in the wire dtype (matters to jobs that asked for it)
+PER_SAMPLE_OVERFLOW = 4  # the per-sample loss in the wire dtype (likewise)
+SCORES_NOT_FINITE = 8  # a score input holds NaN or Inf (only where not checked on the host)
+# On CUDA a row's activity travels in its flags byte, beside the overflow bits.
+ACTIVE = 16
+
+
+def row_flags(
+    output: losses.LossOutput,
+    per_sample_wire: tuple[torch.Tensor, ...],
+    flags: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Per row of each sample set, which of the things that can go wrong did (bit set).
+
+    Adds to what the kernel step found (scores, gradients) the losses' own overflow.
+    Computed on the device with a few vectorised passes and never read there: the
+    host reads them with the losses, after the batch's one wait.
+    """
+    for s, loss in enumerate(output.per_sample):
+        flags[s] |= (~torch.isfinite(loss)).to(torch.uint8) * LOSS_OVERFLOW
+    for s, wire in enumerate(per_sample_wire):
+        flags[s] |= (~torch.isfinite(wire)).to(torch.uint8) * PER_SAMPLE_OVERFLOW
+    return flags
+
+
+def scores_flags(
+    inputs: tuple[torch.Tensor, ...], input_sets: tuple[int, ...], check: bool
+) -> list[torch.Tensor]:
+    """Zeroed flags per sample set, with SCORES_NOT_FINITE on non-finite rows if `check`."""
+    flags = [
+        torch.zeros(
+            int(inputs[input_sets.index(s)].shape[0]), dtype=torch.uint8, device=inputs[0].device
+        )
+        for s in range(max(input_sets) + 1)
+    ]
+    if check:
+        for k, scores in enumerate(inputs):
+            flags[input_sets[k]] |= not_finite_rows(scores).to(torch.uint8) * SCORES_NOT_FINITE
+    return flags
+
+
+def not_finite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows holding a NaN or Inf: one pass, no (N, C) temporary (the max norm keeps NaN)."""
+    if tensor.dim() == 1:
+        return ~torch.isfinite(tensor)
+    return ~torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"), dim=1))
