@@ -84,7 +84,8 @@ class DeviceStaging:
         self._blocks: list[torch.Tensor] = []
         self._free_blocks: list[int] = []
         self._lock = threading.Lock()
-        self._last_event: torch.cuda.Event | None = None
+        # Copies were queued since the last wait (a batch that failed half-way).
+        self._unwaited = False
         self._cache: dict[Hashable, torch.Tensor] = {}
         self.pinned_bytes = 0
         if self.cuda and arena_bytes > 0:
@@ -97,11 +98,11 @@ class DeviceStaging:
         """Starts a batch: the upload arena is reused once the last batch's copies are done.
 
         After a normal batch they are (its one wait covered them); after a batch that
-        failed half-way they may not be, and this waits for them.
+        failed half-way they may not be, and this waits for the worker's stream.
         """
-        if self._last_event is not None and not self._last_event.query():  # type: ignore[no-untyped-call]
-            self._last_event.synchronize()  # type: ignore[no-untyped-call]
-        self._last_event = None
+        if self._unwaited:
+            torch.cuda.current_stream(self.device).synchronize()  # type: ignore[no-untyped-call]
+            self._unwaited = False
         if self._upload is not None:
             self._upload.offset = 0
 
@@ -118,6 +119,7 @@ class DeviceStaging:
             staged.copy_(parts[0])
         else:
             torch.cat(list(parts), out=staged)
+        self._unwaited = True
         return staged.to(self.device, non_blocking=True)
 
     def cached(self, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -158,8 +160,8 @@ class DeviceStaging:
             return
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(self.device))
-        self._last_event = event
         event.synchronize()  # type: ignore[no-untyped-call]
+        self._unwaited = False
 
     def _take_block(self) -> HostLease | None:
         with self._lock:
