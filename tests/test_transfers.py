@@ -28,6 +28,7 @@ from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import JobResult, LossKind
 from hingeloss_server.prepare import PreparedJob, prepare
+from hingeloss_server.row_flags import not_finite_rows
 from hingeloss_server.staging import DeviceStaging
 
 DEVICES = [
@@ -81,6 +82,8 @@ class CountingStaging(DeviceStaging):
 
     def __init__(self, device: torch.device, reads: HostReads) -> None:
         super().__init__(device, 8 << 20)
+        # On the CPU too, the path a device takes: no shortcut through a host read.
+        self.host_reads_free = False
         self.reads = reads
         self.uploads: list[tuple[torch.dtype, int]] = []
 
@@ -225,3 +228,11 @@ def test_packed_figures_read_back_as_computed(rng: np.random.Generator) -> None:
         np.testing.assert_array_equal(figures.active[s], active[s].numpy())
         np.testing.assert_array_equal(figures.flags[s] & 15, flags[s].numpy())
     assert torch.equal(figures.margins, margins)
+
+
+def test_rows_summing_past_the_range_are_not_flagged_on_the_cpu() -> None:
+    """The CPU's shortcut (row sums) rechecks exactly: finite rows stay unflagged."""
+    grad = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [float("-inf"), 0.0], [1.0, 2.0]])
+    for reads_free in (True, False):
+        flagged = not_finite_rows(grad, reads_free=reads_free)
+        assert flagged.tolist() == [False, True, True, False]

@@ -116,6 +116,9 @@ def job_error(
     Only what the job receives may overflow: its loss (compute dtype, and the float64
     total), and the gradient or per-sample losses in the wire dtype if it asked for them.
     """
+    flagged = [figures.flags[s][span] for s, span in enumerate(spans)]
+    if math.isfinite(loss) and not any(f.any() for f in flagged):
+        return None  # the usual case: no bit set on any row
     job = prepared.job
     options = job.options
     counted = LOSS_OVERFLOW
@@ -123,7 +126,6 @@ def job_error(
         counted |= GRAD_OVERFLOW
     if options.return_per_sample:
         counted |= PER_SAMPLE_OVERFLOW
-    flagged = [figures.flags[s][span].astype(np.uint8) for s, span in enumerate(spans)]
     if any(bool((f & SCORES_NOT_FINITE).any()) for f in flagged):
         try:
             check_scores_finite(job)

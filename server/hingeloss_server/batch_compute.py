@@ -124,6 +124,7 @@ class _DeviceBatch:
     ignore_mask: torch.Tensor | None
     class_weights: torch.Tensor | None
     need_grad: bool
+    host_reads_free: bool
 
 
 @dataclass
@@ -167,6 +168,7 @@ def _upload(
         ignore_mask=_ignore_mask(jobs, staging),
         class_weights=class_weights,
         need_grad=any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs),
+        host_reads_free=staging.host_reads_free,
     )
 
 
@@ -203,7 +205,8 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
     )
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
-        flags[input_sets[k]] |= not_finite_rows(grad).to(torch.uint8) * GRAD_OVERFLOW
+        bad = not_finite_rows(grad, reads_free=batch.host_reads_free)
+        flags[input_sets[k]] |= bad.to(torch.uint8) * GRAD_OVERFLOW
     margins = _sample_margins(params.kind, inputs, labels, batch.targets, margin_rows)
     return _Computed(output, grads_wire, flags, margins)
 
@@ -277,6 +280,8 @@ def _row_scale(
     """
     scales = [p.scales[set_index] for p in jobs]
     rows = [p.set_rows[set_index] for p in jobs]
+    if len(jobs) == 1 and isinstance(scales[0], float):  # filled where it is used
+        return torch.full((rows[0],), scales[0], dtype=dtype, device=staging.device)
     if all(isinstance(s, float) for s in scales):
         values = torch.tensor(scales, dtype=torch.float64).to(dtype)
         counts = torch.tensor(rows, dtype=torch.int64)

@@ -54,8 +54,24 @@ def scores_flags(
     return flags
 
 
-def not_finite_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Rows holding a NaN or Inf: one pass, no (N, C) temporary (the max norm keeps NaN)."""
+def not_finite_rows(tensor: torch.Tensor, *, reads_free: bool = False) -> torch.Tensor:
+    """Rows holding a NaN or Inf.
+
+    Args:
+        tensor: (N,) or (N, C).
+        reads_free: Whether looking at a value on the host costs nothing (the CPU).
+            Then a row sum, the cheapest reduction, finds the candidates and only a
+            non-finite sum (a NaN or Inf, or finite values summing past the range)
+            pays for the exact scan. Elsewhere that look would wait for the device:
+            one exact reduction, which keeps NaN (on CUDA the max-norm, one pass
+            without an (N, C) temporary; on the CPU the max of absolute values).
+    """
     if tensor.dim() == 1:
         return ~torch.isfinite(tensor)
-    return ~torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"), dim=1))
+    if reads_free:
+        candidates = ~torch.isfinite(tensor.sum(1))
+        if not bool(candidates.any()):
+            return candidates
+    if tensor.device.type == "cuda":
+        return ~torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"), dim=1))
+    return ~torch.isfinite(tensor.abs().amax(1))

@@ -80,6 +80,8 @@ class DeviceStaging:
     def __init__(self, device: torch.device, arena_bytes: int = 0) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        # Reading a value on the host waits for nothing on the CPU; on a device it syncs.
+        self.host_reads_free = not self.cuda
         self._upload: _Arena | None = None
         self._blocks: list[torch.Tensor] = []
         self._free_blocks: list[int] = []
