@@ -226,6 +226,11 @@ def max_parameter_difference(a: Gan, b: Gan) -> float:
     return worst
 
 
+def _lowest(values: Sequence[float]) -> int:
+    """Index of the smallest value (the first of equals)."""
+    return min(range(len(values)), key=values.__getitem__)
+
+
 def _smooth(values: Sequence[float], window: int) -> torch.Tensor:
     """Trailing mean over `window` steps (shorter at the start)."""
     series = torch.tensor(values, dtype=torch.float64)
@@ -283,6 +288,14 @@ def plot(gans: dict[str, Gan], noise: torch.Tensor, out: Path) -> None:
         axes.grid(alpha=0.3)
     panels[0].legend(loc="upper right")
     panels[0].set_title(f"each step (faint) and the mean of the last {window} steps")
+    lowest = _lowest(shown.history.active)
+    panels[2].annotate(
+        f"lowest {shown.history.active[lowest]:.2f}, step {lowest + 1}",
+        xy=(lowest + 1, shown.history.active[lowest]),
+        xytext=(0.25, 0.3),
+        textcoords="axes fraction",
+        arrowprops={"arrowstyle": "->", "color": "gray"},
+    )
     panels[2].set_ylim(0.5, 1.02)
     panels[2].set_xlabel("step")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,10 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, gan in gans.items():
         active = gan.history.active
         head, tail = active[: max(1, len(active) // 20)], active[-max(1, len(active) // 10) :]
+        lowest = _lowest(active)
         print(
-            f"{name}: share of D's samples with non-zero loss "
-            f"{sum(head) / len(head):.2f} over the first {len(head)} steps, "
-            f"{sum(tail) / len(tail):.2f} over the last {len(tail)}"
+            f"{name}: share of D's samples with non-zero loss: "
+            f"{sum(head) / len(head):.3f} over the first {len(head)} steps, "
+            f"{sum(tail) / len(tail):.3f} over the last {len(tail)}, "
+            f"lowest {active[lowest]:.2f} at step {lowest + 1}"
         )
     if "remote" in gans and "local" in gans:
         difference = max_parameter_difference(gans["remote"], gans["local"])
