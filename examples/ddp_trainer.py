@@ -19,6 +19,7 @@ only what is already queued.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections import Counter
@@ -165,7 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.gather_object(sizes, gathered if rank == 0 else None, dst=0)
         if rank == 0:
             print(report([s for s in gathered if s is not None]))
+        dist.barrier()  # no rank tears down while another still uses the group
     finally:
+        # DDP's reducer holds the process group and sits in reference cycles: left
+        # to the interpreter's exit, gloo's threads are torn down too late and the
+        # process aborts ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
     return 0
 

@@ -96,7 +96,9 @@ def load_split(seed: int) -> Split:
 class HingeOracle:
     """The penalised objective and its gradient, the hinge part computed by the server."""
 
-    def __init__(self, client: LossClient, options: Options, n_features: int, n_classes: int):
+    def __init__(
+        self, client: LossClient, options: Options, n_features: int, n_classes: int
+    ) -> None:
         self.client = client
         self.loss = LOSSES[options.loss][0]
         self.power = options.power

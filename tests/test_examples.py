@@ -84,6 +84,28 @@ def test_gan_remote_and_local_twins_agree(
     assert options.out.stat().st_size > 10_000
 
 
+def test_gan_command_without_a_server(
+    one_thread: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "local.png"
+    assert gan_digits.main(["--local", "--steps", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "local: share of D's samples with non-zero loss" in printed
+    assert "remote" not in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_svm_command_prints_both_accuracies(
+    shared_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--target", shared_server.target, "--loss", "crammer-singer", "--iterations", "5"]
+    assert svm_digits.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "crammer-singer (lbfgs, " in printed
+    assert "scikit-learn LinearSVC: " in printed
+    assert "support vectors" in printed
+
+
 @pytest.mark.parametrize(
     ("loss", "optimizer"),
     [("weston-watkins", "lbfgs"), ("crammer-singer", "lbfgs"), ("crammer-singer", "sgd")],
