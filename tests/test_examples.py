@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
-from support import ServerThread, server_config
+from support import ServerThread
 
 from hingeloss import LossClient
 
@@ -119,33 +119,19 @@ def test_svm_within_two_points_of_linear_svc(client: LossClient, loss: str, opti
 
 
 @pytest.mark.slow
-def test_ddp_ranks_get_the_local_gradient(tmp_path: Path) -> None:
-    # A server of its own: the ranks are other processes and must not queue behind other tests.
-    server = ServerThread(server_config()).start()
-    try:
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                str(EXAMPLES / "ddp_trainer.py"),
-                "--target",
-                server.target,
-                "--steps",
-                "3",
-                "--record",
-                str(tmp_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    finally:
-        server.stop()
+def test_ddp_ranks_get_the_local_gradient(shared_server: ServerThread, tmp_path: Path) -> None:
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+        str(EXAMPLES / "ddp_trainer.py"),
+        *("--target", shared_server.target, "--steps", "3", "--record", str(tmp_path)),
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "requests per server batch, over 6 answers to 2 trainers" in completed.stdout
     assert "hingeloss_batch_requests_sum" in completed.stdout
