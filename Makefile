@@ -19,7 +19,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,examples]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -57,6 +57,22 @@ def test_gan_discriminator_gives_both_gradients(client: LossClient) -> None:
     torch.testing.assert_close(fake.grad, fake_local.grad, rtol=1e-12, atol=0)
 
 
+def test_module_keeps_the_servers_answer(client: LossClient) -> None:
+    criterion = RemoteHingeLoss(client, "gan_discriminator")
+    assert criterion.last_result is None
+    real = torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    fake = torch.tensor([-3.0, 0.0, -0.5, -1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    loss = criterion(real, fake)
+    result = criterion.last_result
+    assert result is not None
+    assert result.loss == loss.item()
+    # Active: real 0.5 (below 1); fake 0.0, -0.5 and 4.0 (above -1). The rest clear the margin.
+    assert (result.samples, result.active_samples) == (8, 4)
+    assert result.timing.batch_requests >= 1
+    criterion(real[:1], fake[:1])
+    assert criterion.last_result.samples == 2
+
+
 def test_reduction_none_scales_rows(client: LossClient) -> None:
     a = torch.randn(8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, dtype=torch.float64, requires_grad=True)

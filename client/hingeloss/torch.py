@@ -81,6 +81,14 @@ def remote_loss(client: Any, loss: str, *inputs: Any, **options: Any) -> torch.T
             targets); score inputs may require grad.
         options: the loss's keyword options (margin, reduction, ...).
     """
+    output, _result = _remote_loss_and_result(client, loss, inputs, options)
+    return output
+
+
+def _remote_loss_and_result(
+    client: Any, loss: str, inputs: tuple[Any, ...], options: dict[str, Any]
+) -> tuple[torch.Tensor, LossResult]:
+    """The differentiable loss and the server's whole answer (sparsity, timing)."""
     n_scores = len(SCORE_FIELDS[loss])
     expected = n_scores + len(OTHER_FIELDS[loss])
     if len(inputs) != expected:
@@ -89,12 +97,15 @@ def remote_loss(client: Any, loss: str, *inputs: Any, **options: Any) -> torch.T
     method = getattr(client, loss)
     none = str(options.get("reduction", "mean")).lower() == "none"
 
+    answers: list[LossResult] = []
+
     def call(*detached: torch.Tensor) -> LossResult:
         result: LossResult = method(*detached, *others, **options)
+        answers.append(result)
         return result
 
     output: torch.Tensor = _RemoteLoss.apply(call, none, *scores)  # type: ignore[no-untyped-call]
-    return output
+    return output, answers[0]
 
 
 class RemoteHingeLoss(torch.nn.Module):
@@ -105,6 +116,12 @@ class RemoteHingeLoss(torch.nn.Module):
         ...                             class_normalization="divide_by_num_classes")
         >>> loss = criterion(logits, targets)
         >>> loss.backward()
+        >>> criterion.last_result.active_fraction  # the server's whole answer
+
+    Attributes:
+        last_result: the LossResult of the latest forward call (sparsity,
+            timing, resolved options), None before the first; one module
+            called from several threads at once should not rely on it.
     """
 
     def __init__(self, client: Any, loss: str, **options: Any) -> None:
@@ -114,9 +131,13 @@ class RemoteHingeLoss(torch.nn.Module):
         self.client = client
         self.loss = loss
         self.options = options
+        self.last_result: LossResult | None = None
 
     def forward(self, *inputs: Any) -> torch.Tensor:
-        return remote_loss(self.client, self.loss, *inputs, **self.options)
+        output, self.last_result = _remote_loss_and_result(
+            self.client, self.loss, inputs, self.options
+        )
+        return output
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
