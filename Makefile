@@ -32,7 +32,7 @@ serve: $(STAMP)
 	$(BIN)/hingeloss-server --devices auto
 
 lint: $(STAMP)
-	$(BIN)/ruff check client server tests
+	$(BIN)/ruff check client server tests examples
 	$(BIN)/mypy client/hingeloss server/hingeloss_server
 
 test: $(STAMP) lint
