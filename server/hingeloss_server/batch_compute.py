@@ -140,6 +140,7 @@ class _Computed:
 def _upload(
     jobs: Sequence[PreparedJob], dtype: torch.dtype, staging: DeviceStaging
 ) -> _DeviceBatch:
+    """Every input of the batch on the device, concatenated: the batch's only uploads."""
     key = jobs[0].job.key
     params = key.params
     inputs = tuple(
@@ -183,6 +184,7 @@ def _fusable(batch: _DeviceBatch) -> bool:
 
 
 def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
+    """The closed-form kernels of losses.py (every loss, any device), then the flag passes."""
     params = batch.params
     input_sets = INPUT_SETS[params.kind]
     inputs = tuple(x.to(batch.dtype) for x in batch.inputs)
@@ -214,6 +216,7 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
 def _compute_fused(
     batch: _DeviceBatch, margin_rows: int, check_scores: bool, staging: DeviceStaging
 ) -> _Computed:
+    """One Triton kernel (fused.py): loss, gradient in the wire dtype and flags in one pass."""
     params = batch.params
     scores = batch.inputs[0]
     margin = staging.cached(
