@@ -23,8 +23,10 @@ from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
     INPUT_SETS,
     BatchInfo,
+    FactoredRows,
     GradientFormat,
     JobResult,
+    LossJob,
     LossKind,
     LossParams,
     SparseRows,
@@ -120,7 +122,9 @@ class _DeviceBatch:
     targets: torch.Tensor | None
     ignore_mask: torch.Tensor | None
     class_weights: torch.Tensor | None
+    # Some job reads the dense gradient (DENSE, ROW_SPARSE); some reads it factored.
     need_grad: bool
+    need_factors: bool
 
 
 @dataclass
@@ -163,13 +167,17 @@ def _upload(
         targets=targets,
         ignore_mask=_ignore_mask(jobs, staging),
         class_weights=class_weights,
-        need_grad=any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs),
+        need_grad=any(p.job.options.gradient_format.dense for p in jobs),
+        need_factors=any(p.job.options.gradient_format is GradientFormat.FACTORED for p in jobs),
     )
 
 
 def _fusable(batch: _DeviceBatch) -> bool:
-    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton."""
-    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda":
+    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton.
+
+    A batch with a factored gradient runs eager: the fused kernels write no mask.
+    """
+    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda" or batch.need_factors:
         return False
     kind = batch.params.kind
     if kind is LossKind.MULTICLASS_HINGE:
@@ -197,10 +205,16 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
         batch.class_weights,
         batch.scales,
         batch.need_grad,
+        batch.need_factors,
     )
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
         flags[input_sets[k]] |= _not_finite_rows(grad).to(torch.uint8) * _GRAD_OVERFLOW
+    if not grads_wire:
+        # A factored row overflows the wire dtype exactly where its largest entry does.
+        for k, factors in enumerate(output.factors):
+            overflow = ~torch.isfinite(factors.peak.to(batch.wire))
+            flags[input_sets[k]] |= overflow.to(torch.uint8) * _GRAD_OVERFLOW
     margins = _sample_margins(params.kind, inputs, labels, batch.targets, margin_rows)
     return _Computed(output, grads_wire, flags, margins)
 
@@ -364,6 +378,8 @@ class Downloads:
     grads: tuple[torch.Tensor, ...]
     per_sample: tuple[torch.Tensor, ...]
     lease: HostLease | None
+    # Per score input with a factored gradient: its packed mask and its row values.
+    factors: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
     def read_figures(self) -> _Figures:
         n = len(self.set_sizes)
@@ -414,15 +430,19 @@ def _download(
         figures = [pack_figures(output.per_sample, output.active, flags, margins)]
     else:
         figures = [*output.per_sample, *output.active, *flags, margins]
-    hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire])
+    factors = [t for f in output.factors for t in (f.mask_bits, f.values)]
+    hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire, *factors])
     grads_end = len(figures) + len(grads_wire)
+    per_sample_end = grads_end + len(per_sample_wire)
+    factor_hosts = hosts[per_sample_end:]
     return Downloads(
         figures=hosts[: len(figures)],
         set_sizes=[int(p.shape[0]) for p in output.per_sample],
         dtype=dtype,
         grads=tuple(hosts[len(figures) : grads_end]),
-        per_sample=tuple(hosts[grads_end:]),
+        per_sample=tuple(hosts[grads_end:per_sample_end]),
         lease=lease,
+        factors=tuple(zip(factor_hosts[::2], factor_hosts[1::2], strict=True)),
     )
 
 
@@ -446,6 +466,7 @@ def _run_kernel(
     class_weights: torch.Tensor | None,
     scales: tuple[torch.Tensor, ...],
     need_grad: bool,
+    need_factors: bool,
 ) -> losses.LossOutput:
     if kind is LossKind.BINARY_HINGE:
         assert labels is not None
@@ -471,6 +492,7 @@ def _run_kernel(
             row_scale=scales[0],
             ignore_mask=ignore_mask,
             need_grad=need_grad,
+            need_factors=need_factors,
         )
     if kind is LossKind.CRAMMER_SINGER:
         assert targets is not None
@@ -483,6 +505,7 @@ def _run_kernel(
             split_ties=params.split_ties,
             row_scale=scales[0],
             need_grad=need_grad,
+            need_factors=need_factors,
         )
     if kind is LossKind.GAN_DISCRIMINATOR:
         return losses.gan_discriminator(
@@ -564,8 +587,13 @@ def _split(
             continue
         job = prepared.job
         options = job.options
-        grads: tuple[WireArray | SparseRows, ...] = ()
-        if options.gradient_format is not GradientFormat.NONE:
+        grads: tuple[WireArray | SparseRows | FactoredRows, ...] = ()
+        if options.gradient_format is GradientFormat.FACTORED:
+            grads = tuple(
+                _factored_rows(bits[spans[input_sets[k]]], values[spans[input_sets[k]]], job)
+                for k, (bits, values) in enumerate(downloads.factors)
+            )
+        elif options.gradient_format.dense:
             grads = tuple(
                 _encode_grad(
                     downloads.grads[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
@@ -656,6 +684,16 @@ def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:
     # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
     raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
     return WireArray(dtype=wire_dtype, shape=shape, data=raw.data)
+
+
+def _factored_rows(bits: torch.Tensor, values: torch.Tensor, job: LossJob) -> FactoredRows:
+    """One job's rows of a factored gradient, viewed, not copied."""
+    return FactoredRows(
+        dense_shape=(int(bits.shape[0]), *job.key.trailing_shape),
+        dtype=job.key.wire_dtype,
+        mask=bits.contiguous().reshape(-1).numpy().data,
+        values=_wire(values, tensors.wire_dtype_of_torch(values.dtype)),
+    )
 
 
 def _encode_grad(
