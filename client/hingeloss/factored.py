@@ -108,6 +108,8 @@ def unpack_torch(bits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, ceil(C/8)) uint8 -> (B, C) uint8 of 0s and 1s, on the bits' device."""
     import torch
 
+    if bits.device.type == "cpu":  # numpy's table lookup: several times faster than shifts
+        return torch.from_numpy(unpack_numpy(bits.numpy(), num_classes))
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     spread = torch.bitwise_right_shift(bits.unsqueeze(2), shifts).bitwise_and_(1)
     return spread.reshape(bits.shape[0], -1)[:, :num_classes]

@@ -178,7 +178,10 @@ def _dense_from_factored(
             rule=rule,
             true_classes=np.asarray(kind.true_classes),
         )
-        return factored.expand_numpy(grad, np.dtype(wire.numpy or "float32")), grad
+        if wire.numpy is not None:
+            return factored.expand_numpy(grad, np.dtype(wire.numpy)), grad
+        # bfloat16 decodes to float32 here (numpy lacks it): its values, widened.
+        return tensors.round_to_bfloat16(factored.expand_numpy(grad, np.dtype("float32"))), grad
     import torch
 
     device = kind.device
