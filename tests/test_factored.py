@@ -20,11 +20,11 @@ import pytest
 import torch
 from support import ServerThread, server_config
 
-from hingeloss import AsyncLossClient, InvalidArgumentError, LossClient, factored
-from hingeloss.requests import build_request
+from hingeloss import AsyncLossClient, InvalidArgumentError, LossClient, factored, tensors
+from hingeloss.requests import InputKind, build_request
+from hingeloss.results import decode_response
 from hingeloss.torch import RemoteHingeLoss
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import BatchingConfig
 
 LOSSES = ("multiclass_hinge", "crammer_singer")
@@ -369,11 +369,13 @@ def test_other_losses_and_power_2_are_refused_naming_the_field(
         assert client.compute(loss, *positional(loss, inputs), **options).grads
 
 
-def _response_bytes(target: str, request: pb.ComputeRequest) -> int:
+def _response_bytes(target: str, request: pb.ComputeRequest) -> bytes:
+    """The serialized response, as it came over the wire."""
     options = [("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(target, options=options) as channel:
-        response = pb_grpc.LossServiceStub(channel).Compute(request, timeout=60)
-    return int(response.ByteSize())
+        compute = channel.unary_unary("/hingeloss.v1.LossService/Compute")
+        answer: bytes = compute(request.SerializeToString(), timeout=60)
+    return answer
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -386,7 +388,7 @@ def test_the_response_is_a_thirty_second_of_the_dense_one(server: ServerThread, 
         request, _ = build_request(
             loss, {"scores": scores, "targets": targets}, {"gradient_format": fmt}
         )
-        sizes[fmt] = _response_bytes(server.target, request)
+        sizes[fmt] = len(_response_bytes(server.target, request))
     # 125 mask bytes and 4 value bytes a row against 4000 gradient bytes.
     assert sizes["factored"] / sizes["dense"] <= 0.04
     assert sizes["factored"] >= 256 * (1000 // 8 + 4)
@@ -406,3 +408,29 @@ def test_pack_and_unpack_follow_numpys_little_bit_order() -> None:
         one_hot[np.arange(5), first[:, 0].numpy()] = True
         packed_one_hot = factored.pack_one_hot(first, columns).numpy()
         assert np.array_equal(packed_one_hot, np.packbits(one_hot, axis=1, bitorder="little"))
+
+
+def test_numpy_callers_of_a_bfloat16_answer_get_torchs_rounding(server: ServerThread) -> None:
+    """numpy has no bfloat16: a bfloat16 answer decodes to float32 holding bfloat16 values."""
+    rng = np.random.default_rng(4)
+    scores = torch.from_numpy(rng.normal(size=(40, 9))).to(torch.bfloat16)
+    targets = rng.integers(0, 9, size=40)
+    numpy_kind = InputKind(is_torch=False, true_classes=targets)
+    grads = {}
+    for fmt in ("dense", "factored"):
+        request, _ = build_request(
+            "multiclass_hinge",
+            {"scores": scores, "targets": targets},
+            {"gradient_format": fmt, "class_normalization": "divide_by_num_classes"},
+        )
+        response = pb.ComputeResponse.FromString(_response_bytes(server.target, request))
+        grads[fmt] = decode_response(response, numpy_kind).grad
+    assert grads["factored"].dtype == grads["dense"].dtype == np.float32
+    assert _bytes(grads["factored"]) == _bytes(grads["dense"])
+
+
+def test_bfloat16_rounding_is_torchs() -> None:
+    values = np.random.default_rng(6).normal(scale=1e3, size=100_000).astype(np.float32)
+    values[:6] = [0.0, -0.0, 1.0000001, -3.3895314e38, 1.00390625, 1.01171875]  # ties too
+    expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    assert _bytes(tensors.round_to_bfloat16(values)) == _bytes(expected)
