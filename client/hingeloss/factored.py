@@ -135,7 +135,8 @@ def expand_torch(factored: FactoredGrad, dtype: torch.dtype) -> torch.Tensor:
         grad.scatter_(1, true, column.neg())
     else:
         # The kernel scatters v into zeros: +0.0 elsewhere, whatever the sign of v.
-        grad = torch.where(mask.bool(), column, torch.zeros((), dtype=values.dtype))
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        grad = torch.where(mask.bool(), column, zero)
         grad.scatter_(1, true, column.neg())
     return grad.to(dtype)
 
