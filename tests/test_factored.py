@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import ServerThread, server_config
 
 from hingeloss import AsyncLossClient, InvalidArgumentError, LossClient, factored, tensors
@@ -25,7 +27,11 @@ from hingeloss.requests import InputKind, build_request
 from hingeloss.results import decode_response
 from hingeloss.torch import RemoteHingeLoss
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.config import BatchingConfig
+from hingeloss_server.batch_compute import compute_batch
+from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.decode import decode_request
+from hingeloss_server.prepare import prepare
+from hingeloss_server.wire import encode_response
 
 LOSSES = ("multiclass_hinge", "crammer_singer")
 
@@ -434,3 +440,75 @@ def test_bfloat16_rounding_is_torchs() -> None:
     values[:6] = [0.0, -0.0, 1.0000001, -3.3895314e38, 1.00390625, 1.01171875]  # ties too
     expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
     assert _bytes(tensors.round_to_bfloat16(values)) == _bytes(expected)
+
+
+def _through_the_engine(requests: list[tuple[pb.ComputeRequest, InputKind]]) -> list[Any]:
+    """One batch of requests through decode, prepare, compute_batch, the wire and the SDK."""
+    jobs = [decode_request(request, LimitsConfig()) for request, _ in requests]
+    prepared = [prepare(job) for job in jobs]
+    output = compute_batch(prepared, torch.device("cpu"))
+    decoded = []
+    for job, result, (_, kind) in zip(jobs, output.results, requests, strict=True):
+        assert not isinstance(result, Exception), result
+        response = pb.ComputeResponse.FromString(encode_response(job, result))
+        decoded.append(decode_response(response, kind))
+    return decoded
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    data=st.data(),
+    rows=st.integers(1, 9),
+    classes=st.integers(2, 19),
+    loss=st.sampled_from(LOSSES),
+    dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64"]),
+    kink=st.sampled_from(["zero", "one"]),
+    margin=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    reduction=st.sampled_from(["mean", "sum", "none", "weighted_mean"]),
+)
+def test_any_batch_expands_to_its_dense_gradient(
+    data: st.DataObject,
+    rows: int,
+    classes: int,
+    loss: str,
+    dtype: str,
+    kink: str,
+    margin: float,
+    reduction: str,
+) -> None:
+    """Random options and small integer scores (ties, kinks), batched dense beside factored."""
+    scores = data.draw(
+        st.lists(st.integers(-2, 2), min_size=rows * classes, max_size=rows * classes)
+    )
+    scores_t = torch.tensor(scores, dtype=torch.float64).reshape(rows, classes)
+    targets = np.array(
+        data.draw(st.lists(st.integers(0, classes - 1), min_size=rows, max_size=rows))
+    )
+    options: dict[str, Any] = {"kink": kink, "margin": margin, "reduction": reduction}
+    weights = st.sampled_from([0.0, -0.0, 0.25, 1.0, 3.0])
+    if reduction == "weighted_mean":
+        drawn = data.draw(st.lists(weights, min_size=rows, max_size=rows))
+        options["sample_weights"] = np.array([*drawn[:-1], 1.0])  # never all zero
+    if loss == "crammer_singer":
+        options["tie_break"] = data.draw(st.sampled_from(["first_index", "split_evenly"]))
+    else:
+        options["class_normalization"] = data.draw(
+            st.sampled_from(["sum_over_classes", "divide_by_num_classes"])
+        )
+        if data.draw(st.booleans()):
+            options["class_weights"] = np.array(
+                data.draw(st.lists(weights, min_size=classes, max_size=classes))
+            )
+        if rows > 1 and data.draw(st.booleans()):
+            options["ignore_index"] = -1
+            targets[data.draw(st.integers(0, rows - 2))] = -1
+    inputs = {"scores": scores_t.to(getattr(torch, dtype)), "targets": torch.from_numpy(targets)}
+    requests = [
+        build_request(loss, inputs, {**options, "gradient_format": fmt})
+        for fmt in ("dense", "factored", "factored")
+    ]
+    dense, *factored_results = _through_the_engine(requests)
+    # Alone: a batch that computes no dense gradient.
+    factored_results += _through_the_engine(requests[1:2])
+    for result in factored_results:
+        _assert_same_bits(result.grad, dense.grad)
