@@ -512,3 +512,19 @@ def test_any_batch_expands_to_its_dense_gradient(
     factored_results += _through_the_engine(requests[1:2])
     for result in factored_results:
         _assert_same_bits(result.grad, dense.grad)
+
+
+def test_targets_of_another_array_type_than_the_scores(server: ServerThread) -> None:
+    rng = np.random.default_rng(12)
+    scores = rng.normal(size=(16, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, size=16)
+    with LossClient(server.target) as client:
+        dense = client.multiclass_hinge(scores, targets)
+        mine = client.multiclass_hinge(
+            scores, torch.from_numpy(targets), gradient_format="factored"
+        )
+        torch_scores = client.multiclass_hinge(
+            torch.from_numpy(scores), targets, gradient_format="factored"
+        )
+    _assert_same_bits(mine.grad, dense.grad)
+    assert _bytes(torch_scores.grad) == _bytes(dense.grad)

@@ -161,6 +161,13 @@ def _factored_rule(resolved: pb.ResolvedOptions) -> factored.Rule:
     raise ValueError(f"a factored gradient for {resolved.loss!r} is unknown to this SDK version")
 
 
+def _numpy(array: Any) -> np.ndarray[Any, Any]:
+    """An array as numpy, from a torch tensor on any device too."""
+    if hasattr(array, "detach"):
+        return np.asarray(array.detach().cpu().numpy())
+    return np.asarray(array)
+
+
 def _dense_from_factored(
     message: pb.FactoredGradient, resolved: pb.ResolvedOptions, kind: InputKind
 ) -> tuple[Any, factored.FactoredGrad]:
@@ -176,7 +183,7 @@ def _dense_from_factored(
             values=tensors.to_numpy(message.row_values),
             dense_shape=(rows, columns),
             rule=rule,
-            true_classes=np.asarray(kind.true_classes),
+            true_classes=_numpy(kind.true_classes),
         )
         if wire.numpy is not None:
             return factored.expand_numpy(grad, np.dtype(wire.numpy)), grad
@@ -187,7 +194,8 @@ def _dense_from_factored(
     device = kind.device
     grad = factored.FactoredGrad(
         mask_bits=torch.from_numpy(bits.copy()).to(device),
-        values=tensors.to_torch(message.row_values).to(device),
+        # Copied: the caller owns what it gets, as with the dense gradient.
+        values=tensors.to_torch(message.row_values).to(device, copy=True),
         dense_shape=(rows, columns),
         rule=rule,
         true_classes=torch.as_tensor(kind.true_classes, device=device),
