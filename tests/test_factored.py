@@ -30,6 +30,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import decode_request
+from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.prepare import prepare
 from hingeloss_server.wire import encode_response
 
@@ -528,3 +529,20 @@ def test_targets_of_another_array_type_than_the_scores(server: ServerThread) -> 
         )
     _assert_same_bits(mine.grad, dense.grad)
     assert _bytes(torch_scores.grad) == _bytes(dense.grad)
+
+
+def test_more_classes_than_float32_counts_exactly_are_refused() -> None:
+    """Past 2^24 classes a float32 count of set bits depends on the order of the sum."""
+    for classes, refused in ((1 << 24, False), ((1 << 24) + 1, True)):
+        request, _ = build_request(
+            "multiclass_hinge",
+            {"scores": np.zeros((1, classes), dtype=np.float16), "targets": np.zeros(1, np.int64)},
+            {"gradient_format": "factored"},
+        )
+        if not refused:
+            assert decode_request(request, LimitsConfig()).options.gradient_format == "factored"
+            continue
+        with pytest.raises(InvalidInputError) as caught:
+            decode_request(request, LimitsConfig())
+        assert caught.value.field == "gradient_format"
+        assert "16777216 classes" in str(caught.value)

@@ -184,7 +184,7 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     decoder = _Decoder(limits, loss_field)
     job = _DECODERS[kind](message, decoder)
     if gradient_format is GradientFormat.FACTORED:
-        _check_factorable(job.key.params)
+        _check_factorable(job.key)
     option_fields = _options(kind, message, decoder)
     options = RequestOptions(
         reduction=reduction,
@@ -219,13 +219,29 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     return job
 
 
-def _check_factorable(params: LossParams) -> None:
-    """Only the power-1 multi-class gradients factor into a mask and row values."""
+# Counts of set mask bits are exact in float32 up to here, whatever the order of the sum.
+_EXACT_FLOAT32_COUNTS = 1 << 24
+
+
+def _check_factorable(key: BatchKey) -> None:
+    """Only the power-1 multi-class gradients factor into a mask and row values.
+
+    And only where a row's count of active entries is exact in the compute dtype:
+    beyond 2^24 classes in float32 the server's count would depend on the order of
+    its sum, which the SDK could not repeat.
+    """
+    params = key.params
     allowed = " or ".join(k.value for k in FACTORED_LOSSES)
     if params.kind not in FACTORED_LOSSES:
         got = params.kind.value
     elif params.power != 1:
         got = f"{params.kind.value} with power {params.power}"
+    elif key.wire_dtype != pb.DTYPE_FLOAT64 and key.trailing_shape[0] > _EXACT_FLOAT32_COUNTS:
+        raise InvalidInputError(
+            "gradient_format",
+            f"GRADIENT_FORMAT_FACTORED needs at most {_EXACT_FLOAT32_COUNTS} classes below "
+            f"float64 scores, got {key.trailing_shape[0]}",
+        )
     else:
         return
     raise InvalidInputError(
