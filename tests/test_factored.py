@@ -28,7 +28,7 @@ from hingeloss.results import decode_response
 from hingeloss.torch import RemoteHingeLoss
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.batch_compute import compute_batch
-from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.prepare import prepare
@@ -285,6 +285,29 @@ def test_cuda_tensors_expand_on_their_gpu(server: ServerThread) -> None:
     for case in TORCH_CASES:
         for dtype in TORCH_DTYPES:
             _check_torch_case(server.target, case, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_server_packs_on_its_device() -> None:
+    """The server on cuda:0 (mask packed there, pinned downloads), numpy and CUDA callers."""
+    config = server_config(
+        workers=WorkerConfig(devices=("cuda:0",)),
+        batching=BatchingConfig(max_batch_delay_us=5000),
+    )
+    thread = ServerThread(config).start()
+    try:
+        for case in CASES:
+            inputs = _inputs(case, seed=len(case.name))
+            dense, *mine = asyncio.run(_mixed_and_alone(thread.target, case.loss, inputs))
+            assert dense.timing.device == "cuda:0"
+            for result in mine:
+                _assert_same_bits(result.grad, dense.grad)
+        for case in TORCH_CASES:
+            for dtype in TORCH_DTYPES:
+                _check_torch_case(thread.target, case, dtype, "cuda")
+    finally:
+        thread.stop()
 
 
 def test_the_mask_and_values_are_the_gradients_factors(server: ServerThread) -> None:
