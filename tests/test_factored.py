@@ -1,9 +1,11 @@
 """Factored gradients over a real server: the SDK's expansion is the dense gradient, bit for bit.
 
-Every case sends the same inputs with the dense and the factored format at once, so
-that they share a batch (mixed: the dense gradient is computed, the factored job's is
-not downloaded), and twice factored (a batch that computes no dense gradient at all).
-Bit for bit means the bytes: -0.0 and 0.0 differ here.
+Every case sends the same inputs with the dense and the factored format at once (a
+gathering window makes them share a batch: the dense gradient is computed, the
+factored job's is not downloaded), then twice factored (batches that compute no
+dense gradient at all). The property test at the end builds such batches itself,
+through the server's code without gRPC, so that both kinds are certain. Bit for bit
+means the bytes: -0.0 and 0.0 differ here.
 """
 
 from __future__ import annotations
