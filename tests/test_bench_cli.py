@@ -89,6 +89,13 @@ def test_sweep_writes_json_csv_and_plot(server: ServerThread, tmp_path: Path) ->
         ),
         pytest.param(["--loss", "gan_discriminator", "--shape", "64", "--dtype", "bfloat16",
                       "--concurrency", "3"], id="two-gradients"),
+        pytest.param(["--gradient-format", "factored", "--concurrency", "4", "--option",
+                      "class_normalization=divide_by_num_classes"], id="factored"),
+        pytest.param(
+            ["--loss", "crammer_singer", "--dtype", "bfloat16", "--gradient-format", "factored",
+             "--option", "tie_break=split_evenly", "--mode", "stream", "--concurrency", "3"],
+            id="factored-stream",
+        ),
     ],
 )  # fmt: skip
 def test_modes_verify_every_answer(server: ServerThread, tmp_path: Path, extra: list[str]) -> None:
@@ -102,7 +109,7 @@ def test_modes_verify_every_answer(server: ServerThread, tmp_path: Path, extra: 
     assert cell["error_count"] == 0
 
 
-@pytest.mark.parametrize("gradient_format", ["dense", "row_sparse"])
+@pytest.mark.parametrize("gradient_format", ["dense", "row_sparse", "factored"])
 def test_verification_catches_one_wrong_element(
     server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str], gradient_format: str
 ) -> None:

@@ -146,6 +146,15 @@ def run_workload(target: str) -> Expected:
             expected.sent_bytes += s.nbytes
             expected.unary_ok += 1
 
+        # Factored: the packed mask (ceil(C / 8) bytes a row) and one float32 value a row.
+        s = quarters(rng, (6, 12), "float32")
+        t = rng.integers(0, 12, size=6).astype(np.int64)
+        client.multiclass_hinge(s, t, gradient_format="factored")
+        multiclass.add(class_margins(s, t))
+        expected.received_bytes += s.nbytes + t.nbytes
+        expected.sent_bytes += 6 * 2 + 6 * 4
+        expected.unary_ok += 1
+
         # Three requests pipelined on one ComputeStream call.
         stream_inputs = [(quarters(rng, (4,), "float64"), signs(rng, 4)) for _ in range(3)]
         with client.stream(max_in_flight=8) as stream:

@@ -46,6 +46,10 @@ def test_every_option_path_runs_in_every_score_dtype() -> None:
             LossKind.MULTICLASS_HINGE,
             LossKind.MARGIN_RANKING,
         }
+        assert kinds(lambda j: j.options.gradient_format is GradientFormat.FACTORED) == {
+            LossKind.MULTICLASS_HINGE,
+            LossKind.CRAMMER_SINGER,
+        }
         assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.class_weights is not None)
         assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.options.ignore_index is not None)
         assert LossKind.MULTICLASS_HINGE in kinds(lambda j: j.key.params.divide_by_num_classes)

@@ -21,6 +21,7 @@ from hingeloss.errors import (  # noqa: E402
     UnauthenticatedError,
     UnavailableError,
 )
+from hingeloss.factored import FactoredGrad  # noqa: E402
 from hingeloss.results import LossResult, Timing  # noqa: E402
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "AsyncLossStream",
     "CancelledError",
     "DeadlineExceededError",
+    "FactoredGrad",
     "FieldViolation",
     "HingelossError",
     "InternalError",

@@ -13,7 +13,8 @@ R = TypeVar("R")
 _COMMON_DOC = """
         Common keyword options: reduction ("mean" | "sum" | "none" |
         "weighted_mean"), sample_weights, gradient_format ("dense" |
-        "row_sparse" | "none"), return_per_sample, request_id, timeout (seconds).
+        "row_sparse" | "none" | "factored": multi-class losses at power 1),
+        return_per_sample, request_id, timeout (seconds).
 """
 
 

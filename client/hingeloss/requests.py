@@ -95,6 +95,9 @@ class InputKind:
     device: Any = None
     dtype: Any = None
     shapes: tuple[tuple[int, ...], ...] = ()
+    # With a factored gradient: each row's true-class column (0 where ignored), int64,
+    # as the caller's targets were (numpy, or torch on their device).
+    true_classes: Any = None
 
 
 def _is_torch(value: object) -> bool:
@@ -176,8 +179,29 @@ def build_request(
         raise TypeError(f"unknown option(s) for {loss}: {sorted(rest)}")
 
     shapes = tuple(_shape(inputs[f]) for f in SCORE_FIELDS[loss])
+    true_classes = None
+    if request.gradient_format == pb.GRADIENT_FORMAT_FACTORED and "targets" in inputs:
+        ignore_index = None
+        if loss == "multiclass_hinge" and message.HasField("ignore_index"):
+            ignore_index = message.ignore_index
+        true_classes = _true_classes(inputs["targets"], ignore_index)
     if _is_torch(first):
-        kind = InputKind(is_torch=True, device=first.device, dtype=first.dtype, shapes=shapes)
+        kind = InputKind(
+            is_torch=True,
+            device=first.device,
+            dtype=first.dtype,
+            shapes=shapes,
+            true_classes=true_classes,
+        )
     else:
-        kind = InputKind(is_torch=False, shapes=shapes)
+        kind = InputKind(is_torch=False, shapes=shapes, true_classes=true_classes)
     return request, kind
+
+
+def _true_classes(targets: Any, ignore_index: int | None) -> Any:
+    """The column of each row's true class, as the server's kernels see it: ignored rows, 0."""
+    if _is_torch(targets):
+        classes = targets.detach().long()
+        return classes if ignore_index is None else classes.masked_fill(classes == ignore_index, 0)
+    classes = np.asarray(targets).astype(np.int64)
+    return classes if ignore_index is None else np.where(classes == ignore_index, 0, classes)

@@ -4,7 +4,9 @@ numpy in -> read-only numpy views of the response bytes (no copy beyond the one
 read out of the message); torch in -> tensors on the caller's device and dtype,
 the caller's own writable memory (one copy beyond that read, so that autograd
 may later accumulate into them). Row-sparse gradients are densified, and also
-kept as (indices, values) for callers that want them.
+kept as (indices, values) for callers that want them; factored gradients are
+expanded (on the caller's device) bit for bit into the dense gradient, and also
+kept as mask and row values.
 
 A newer server may send enum values or dtypes this SDK does not know: `resolved`
 reports such a value as "unknown(N)", and only a tensor actually decoded in an
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss import tensors
+from hingeloss import factored, tensors
 from hingeloss.requests import InputKind, enum_name
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -49,6 +51,7 @@ class LossResult:
         timing: the server's queue and compute split.
         resolved: the options the server applied, defaults resolved, by name.
         sparse_grads: (row indices, rows) of each gradient, with "row_sparse".
+        factored_grads: packed mask and row values of each gradient, with "factored".
     """
 
     request_id: str
@@ -60,6 +63,7 @@ class LossResult:
     timing: Timing
     resolved: dict[str, Any]
     sparse_grads: tuple[tuple[Any, Any], ...] = field(default=())
+    factored_grads: tuple[factored.FactoredGrad, ...] = field(default=())
 
     @property
     def grad(self) -> Any:
@@ -67,6 +71,13 @@ class LossResult:
         if len(self.grads) != 1:
             raise AttributeError(f"this loss has {len(self.grads)} gradients; use .grads")
         return self.grads[0]
+
+    @property
+    def grad_factored(self) -> factored.FactoredGrad:
+        """The factored gradient (mask and row values) of a "factored" request."""
+        if len(self.factored_grads) != 1:
+            raise AttributeError("no factored gradient: ask for gradient_format='factored'")
+        return self.factored_grads[0]
 
     @property
     def active_fraction(self) -> float:
@@ -140,15 +151,76 @@ def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, 
     return dense_array, indices, rows
 
 
+def _factored_rule(resolved: pb.ResolvedOptions) -> factored.Rule:
+    if resolved.loss == "multiclass_hinge":
+        return factored.Rule.WESTON_WATKINS
+    if resolved.loss == "crammer_singer":
+        if resolved.tie_break == pb.TIE_BREAK_SPLIT_EVENLY:
+            return factored.Rule.SPLIT_EVENLY
+        return factored.Rule.FIRST_INDEX
+    raise ValueError(f"a factored gradient for {resolved.loss!r} is unknown to this SDK version")
+
+
+def _numpy(array: Any) -> np.ndarray[Any, Any]:
+    """An array as numpy, from a torch tensor on any device too."""
+    if hasattr(array, "detach"):
+        return np.asarray(array.detach().cpu().numpy())
+    return np.asarray(array)
+
+
+def _dense_from_factored(
+    message: pb.FactoredGradient, resolved: pb.ResolvedOptions, kind: InputKind
+) -> tuple[Any, factored.FactoredGrad]:
+    if kind.true_classes is None:
+        raise ValueError("a factored gradient needs the request's targets to expand")
+    rows, columns = (int(d) for d in message.dense_shape)
+    bits = np.frombuffer(message.mask, dtype=np.uint8).reshape(rows, factored.packed_width(columns))
+    rule = _factored_rule(resolved)
+    wire = tensors.dtype_info(message.dtype)
+    if not kind.is_torch:
+        grad = factored.FactoredGrad(
+            mask_bits=bits,
+            values=tensors.to_numpy(message.row_values),
+            dense_shape=(rows, columns),
+            rule=rule,
+            true_classes=_numpy(kind.true_classes),
+        )
+        if wire.numpy is not None:
+            return factored.expand_numpy(grad, np.dtype(wire.numpy)), grad
+        # bfloat16 decodes to float32 here (numpy lacks it): its values, widened.
+        return tensors.round_to_bfloat16(factored.expand_numpy(grad, np.dtype("float32"))), grad
+    import torch
+
+    device = kind.device
+    grad = factored.FactoredGrad(
+        mask_bits=torch.from_numpy(bits.copy()).to(device),
+        # Copied: the caller owns what it gets, as with the dense gradient.
+        values=tensors.to_torch(message.row_values).to(device, copy=True),
+        dense_shape=(rows, columns),
+        rule=rule,
+        true_classes=torch.as_tensor(kind.true_classes, device=device),
+    )
+    dense = factored.expand_torch(grad, tensors.torch_dtype(message.dtype))
+    if kind.dtype is not None and dense.dtype != kind.dtype:
+        dense = dense.to(kind.dtype)
+    return dense, grad
+
+
 def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult:
     """Builds the LossResult of a response, in the caller's array type."""
     grads = []
     sparse = []
+    factored_grads = []
     for gradient in response.gradients:
-        if gradient.WhichOneof("value") == "row_sparse":
+        value = gradient.WhichOneof("value")
+        if value == "row_sparse":
             dense, indices, values = _dense_from_rows(gradient.row_sparse, kind)
             grads.append(dense)
             sparse.append((indices, values))
+        elif value == "factored":
+            dense, parts = _dense_from_factored(gradient.factored, response.resolved, kind)
+            grads.append(dense)
+            factored_grads.append(parts)
         else:
             grads.append(_to_caller(gradient.dense, kind))
     timing = response.timing
@@ -168,4 +240,5 @@ def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult
         ),
         resolved=_resolved(response.resolved),
         sparse_grads=tuple(sparse),
+        factored_grads=tuple(factored_grads),
     )

@@ -108,6 +108,17 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     return np.frombuffer(tensor.data, dtype=np.dtype(info.numpy).newbyteorder("<")).reshape(shape)
 
 
+def round_to_bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32.
+
+    The rounding of torch's float32 -> bfloat16 conversion, for finite values: numpy
+    has no bfloat16, and a bfloat16 tensor decodes to float32 here.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
 def torch_dtype(wire: int) -> torch.dtype:
     """The torch dtype of a wire dtype."""
     import torch

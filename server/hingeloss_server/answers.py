@@ -19,8 +19,10 @@ from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
     INPUT_SETS,
     BatchInfo,
+    FactoredRows,
     GradientFormat,
     JobResult,
+    LossJob,
     SparseRows,
     WireArray,
 )
@@ -62,8 +64,13 @@ def split(
             continue
         job = prepared.job
         options = job.options
-        grads: tuple[WireArray | SparseRows, ...] = ()
-        if options.gradient_format is not GradientFormat.NONE:
+        grads: tuple[WireArray | SparseRows | FactoredRows, ...] = ()
+        if options.gradient_format is GradientFormat.FACTORED:
+            grads = tuple(
+                _factored_rows(bits[spans[input_sets[k]]], values[spans[input_sets[k]]], job)
+                for k, (bits, values) in enumerate(downloads.factors)
+            )
+        elif options.gradient_format.dense:
             grads = tuple(
                 encode_grad(
                     downloads.grads[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
@@ -156,6 +163,16 @@ def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:
     # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
     raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
     return WireArray(dtype=wire_dtype, shape=shape, data=raw.data)
+
+
+def _factored_rows(bits: torch.Tensor, values: torch.Tensor, job: LossJob) -> FactoredRows:
+    """One job's rows of a factored gradient, viewed, not copied."""
+    return FactoredRows(
+        dense_shape=(int(bits.shape[0]), *job.key.trailing_shape),
+        dtype=job.key.wire_dtype,
+        mask=bits.contiguous().reshape(-1).numpy().data,
+        values=_wire(values, tensors.wire_dtype_of_torch(values.dtype)),
+    )
 
 
 def encode_grad(

@@ -123,7 +123,9 @@ class _DeviceBatch:
     targets: torch.Tensor | None
     ignore_mask: torch.Tensor | None
     class_weights: torch.Tensor | None
+    # Some job reads the dense gradient (DENSE, ROW_SPARSE); some reads it factored.
     need_grad: bool
+    need_factors: bool
     host_reads_free: bool
 
 
@@ -168,14 +170,18 @@ def _upload(
         targets=targets,
         ignore_mask=_ignore_mask(jobs, staging),
         class_weights=class_weights,
-        need_grad=any(p.job.options.gradient_format is not GradientFormat.NONE for p in jobs),
+        need_grad=any(p.job.options.gradient_format.dense for p in jobs),
+        need_factors=any(p.job.options.gradient_format is GradientFormat.FACTORED for p in jobs),
         host_reads_free=staging.host_reads_free,
     )
 
 
 def _fusable(batch: _DeviceBatch) -> bool:
-    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton."""
-    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda":
+    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton.
+
+    A batch with a factored gradient runs eager: the fused kernels write no mask.
+    """
+    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda" or batch.need_factors:
         return False
     kind = batch.params.kind
     if kind is LossKind.MULTICLASS_HINGE:
@@ -204,11 +210,17 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
         batch.class_weights,
         batch.scales,
         batch.need_grad,
+        batch.need_factors,
     )
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
         bad = not_finite_rows(grad, reads_free=batch.host_reads_free)
         flags[input_sets[k]] |= bad.to(torch.uint8) * GRAD_OVERFLOW
+    if not grads_wire:
+        # A factored row overflows the wire dtype exactly where its largest entry does.
+        for k, factors in enumerate(output.factors):
+            overflow = ~torch.isfinite(factors.peak.to(batch.wire))
+            flags[input_sets[k]] |= overflow.to(torch.uint8) * GRAD_OVERFLOW
     margins = _sample_margins(params.kind, inputs, labels, batch.targets, margin_rows)
     return _Computed(output, grads_wire, flags, margins)
 
@@ -318,6 +330,7 @@ def _run_kernel(
     class_weights: torch.Tensor | None,
     scales: tuple[torch.Tensor, ...],
     need_grad: bool,
+    need_factors: bool,
 ) -> losses.LossOutput:
     if kind is LossKind.BINARY_HINGE:
         assert labels is not None
@@ -343,6 +356,7 @@ def _run_kernel(
             row_scale=scales[0],
             ignore_mask=ignore_mask,
             need_grad=need_grad,
+            need_factors=need_factors,
         )
     if kind is LossKind.CRAMMER_SINGER:
         assert targets is not None
@@ -355,6 +369,7 @@ def _run_kernel(
             split_ties=params.split_ties,
             row_scale=scales[0],
             need_grad=need_grad,
+            need_factors=need_factors,
         )
     if kind is LossKind.GAN_DISCRIMINATOR:
         return losses.gan_discriminator(

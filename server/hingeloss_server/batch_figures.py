@@ -42,6 +42,8 @@ class Downloads:
     grads: tuple[torch.Tensor, ...]
     per_sample: tuple[torch.Tensor, ...]
     lease: HostLease | None
+    # Per score input with a factored gradient: its packed mask and its row values.
+    factors: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
     def read_figures(self) -> Figures:
         n = len(self.set_sizes)
@@ -92,13 +94,17 @@ def download(
         figures = [pack_figures(output.per_sample, output.active, flags, margins)]
     else:
         figures = [*output.per_sample, *output.active, *flags, margins]
-    hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire])
+    factors = [t for f in output.factors for t in (f.mask_bits, f.values)]
+    hosts, lease = staging.download([*figures, *grads_wire, *per_sample_wire, *factors])
     grads_end = len(figures) + len(grads_wire)
+    per_sample_end = grads_end + len(per_sample_wire)
+    factor_hosts = hosts[per_sample_end:]
     return Downloads(
         figures=hosts[: len(figures)],
         set_sizes=[int(p.shape[0]) for p in output.per_sample],
         dtype=dtype,
         grads=tuple(hosts[len(figures) : grads_end]),
-        per_sample=tuple(hosts[grads_end:]),
+        per_sample=tuple(hosts[grads_end:per_sample_end]),
         lease=lease,
+        factors=tuple(zip(factor_hosts[::2], factor_hosts[1::2], strict=True)),
     )

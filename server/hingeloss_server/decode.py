@@ -19,6 +19,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
+    FACTORED_LOSSES,
     BatchKey,
     GradientFormat,
     LossJob,
@@ -44,6 +45,7 @@ _GRADIENT_FORMATS = {
     pb.GRADIENT_FORMAT_DENSE: GradientFormat.DENSE,
     pb.GRADIENT_FORMAT_ROW_SPARSE: GradientFormat.ROW_SPARSE,
     pb.GRADIENT_FORMAT_NONE: GradientFormat.NONE,
+    pb.GRADIENT_FORMAT_FACTORED: GradientFormat.FACTORED,
 }
 
 
@@ -181,6 +183,8 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     message = getattr(request, loss_field)
     decoder = _Decoder(limits, loss_field)
     job = _DECODERS[kind](message, decoder)
+    if gradient_format is GradientFormat.FACTORED:
+        _check_factorable(job.key)
     option_fields = _options(kind, message, decoder)
     options = RequestOptions(
         reduction=reduction,
@@ -213,6 +217,36 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
     job.rows = rows
     job.nbytes = decoder.nbytes  # every tensor of the request, weights included
     return job
+
+
+# Counts of set mask bits are exact in float32 up to here, whatever the order of the sum.
+_EXACT_FLOAT32_COUNTS = 1 << 24
+
+
+def _check_factorable(key: BatchKey) -> None:
+    """Only the power-1 multi-class gradients factor into a mask and row values.
+
+    And only where a row's count of active entries is exact in the compute dtype:
+    beyond 2^24 classes in float32 the server's count would depend on the order of
+    its sum, which the SDK could not repeat.
+    """
+    params = key.params
+    allowed = " or ".join(k.value for k in FACTORED_LOSSES)
+    if params.kind not in FACTORED_LOSSES:
+        got = params.kind.value
+    elif params.power != 1:
+        got = f"{params.kind.value} with power {params.power}"
+    elif key.wire_dtype != pb.DTYPE_FLOAT64 and key.trailing_shape[0] > _EXACT_FLOAT32_COUNTS:
+        raise InvalidInputError(
+            "gradient_format",
+            f"GRADIENT_FORMAT_FACTORED needs at most {_EXACT_FLOAT32_COUNTS} classes below "
+            f"float64 scores, got {key.trailing_shape[0]}",
+        )
+    else:
+        return
+    raise InvalidInputError(
+        "gradient_format", f"GRADIENT_FORMAT_FACTORED needs {allowed} with power 1, got {got}"
+    )
 
 
 def _options(kind: LossKind, message: Any, decoder: _Decoder) -> dict[str, Any]:

@@ -49,6 +49,16 @@ class GradientFormat(enum.StrEnum):
     DENSE = "dense"
     ROW_SPARSE = "row_sparse"
     NONE = "none"
+    FACTORED = "factored"
+
+    @property
+    def dense(self) -> bool:
+        """Whether the job's gradient is read from the dense gradient (whole or rows)."""
+        return self in (GradientFormat.DENSE, GradientFormat.ROW_SPARSE)
+
+
+# The losses whose power-1 gradient travels factored: a bitmask and one value per row.
+FACTORED_LOSSES = (LossKind.MULTICLASS_HINGE, LossKind.CRAMMER_SINGER)
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,20 @@ class SparseRows:
 
 
 @dataclass(frozen=True)
+class FactoredRows:
+    """A power-1 multi-class gradient as a packed mask and row values (hingeloss.factored).
+
+    `mask` is uint8 (rows, ceil(C / 8)) under the wire dtype of its bytes; `values` are
+    in the compute dtype; `dtype` is the wire dtype of the dense gradient they stand for.
+    """
+
+    dense_shape: tuple[int, ...]
+    dtype: int
+    mask: memoryview
+    values: WireArray
+
+
+@dataclass(frozen=True)
 class BatchInfo:
     """Facts about the batch a request was computed in."""
 
@@ -148,7 +172,7 @@ class JobResult:
     """The answer to one job."""
 
     loss: float
-    grads: tuple[WireArray | SparseRows, ...]
+    grads: tuple[WireArray | SparseRows | FactoredRows, ...]
     per_sample: tuple[WireArray, ...]
     samples: int
     active: int

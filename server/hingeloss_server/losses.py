@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hingeloss import factored as factored_format
+
 __all__ = [
+    "Factors",
     "LossOutput",
     "binary_hinge",
     "crammer_singer",
@@ -48,6 +51,23 @@ class LossOutput:
     per_sample: tuple[Tensor, ...]
     grads: tuple[Tensor, ...]
     active: tuple[Tensor, ...]
+    factors: tuple[Factors, ...] = ()
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A power-1 multi-class gradient as its packed mask and row values (hingeloss.factored).
+
+    Attributes:
+        mask_bits: uint8, shape (N, ceil(C / 8)): the entries that take the row's value.
+        values: v_i, shape (N,), in the compute dtype.
+        peak: the true class's entry, shape (N,): the row's largest magnitude, so that
+            the row overflows a dtype exactly when this value does.
+    """
+
+    mask_bits: Tensor
+    values: Tensor
+    peak: Tensor
 
 
 def _row_sum(z: Tensor) -> Tensor:
@@ -68,6 +88,11 @@ def _row_sum_of_squares(z: Tensor) -> Tensor:
     wide = z.device.type == "cuda" and z.dtype != torch.float64
     norm: Tensor = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64 if wide else None)
     return norm.square_().to(z.dtype)
+
+
+def _check_factorable(power: int, need_factors: bool) -> None:
+    if need_factors and power != 1:
+        raise ValueError(f"only a power-1 gradient factors into a mask and row values, not {power}")
 
 
 def _active(z: Tensor, *, power: int, kink_one: bool) -> Tensor:
@@ -145,6 +170,7 @@ def multiclass_hinge(
     row_scale: Tensor,
     ignore_mask: Tensor | None = None,
     need_grad: bool = True,
+    need_factors: bool = False,
 ) -> LossOutput:
     """Weston-Watkins l_i = (w[y_i] / D) * sum_{j != y_i} max(0, margin - f_iy + f_ij)^power.
 
@@ -159,10 +185,12 @@ def multiclass_hinge(
         row_scale: r_i, shape (N,).
         ignore_mask: True for rows that contribute nothing, shape (N,), or None.
         need_grad: Whether to compute d/dscores.
+        need_factors: Whether to return d/dscores factored (power 1 only).
 
     Returns:
-        per_sample (l,), grads (dscores,), active (active,).
+        per_sample (l,), grads (dscores,), active (active,), factors (when asked).
     """
+    _check_factorable(power, need_factors)
     num_classes = scores.shape[1]
     tt = targets.unsqueeze(1)
     # z = f_ij - (f_iy - margin) rounds exactly like margin - f_iy + f_ij.
@@ -183,19 +211,25 @@ def multiclass_hinge(
         factor = factor / num_classes
 
     grad: Tensor | None = None
+    factors: tuple[Factors, ...] = ()
     if power == 1:
-        if need_grad:
+        if need_grad or need_factors:
             coef = row_scale if isinstance(factor, float) and factor == 1.0 else row_scale * factor
             # Keep the kink ONE indicator before relu_ erases the sign of z == 0.
-            grad = torch.ge(z, 0, out=torch.empty_like(z)) if kink_one else None
+            indicator = torch.ge(z, 0, out=torch.empty_like(z)) if kink_one else None
             z.relu_()
             raw = _row_sum(z)
-            if grad is None:
-                grad = z.gt_(0)
-            count = grad.sum(1)
+            if indicator is None:
+                indicator = z.gt_(0)
+            count = indicator.sum(1)
             active = count > 0
-            grad.mul_(coef.unsqueeze(1))
-            grad.scatter_(1, tt, coef.mul(count).neg_().unsqueeze(1))
+            true_entry = coef.mul(count).neg_()
+            if need_factors:
+                bits = factored_format.pack_rows(indicator)
+                factors = (Factors(mask_bits=bits, values=coef, peak=true_entry),)
+            if need_grad:
+                grad = indicator.mul_(coef.unsqueeze(1))
+                grad.scatter_(1, tt, true_entry.unsqueeze(1))
         else:
             zmax = z.amax(1) if kink_one else None
             raw = _row_sum(z.relu_())
@@ -218,7 +252,7 @@ def multiclass_hinge(
     else:
         loss = raw.mul_(factor) if factor != 1.0 else raw
     grads = () if grad is None else (grad,)
-    return LossOutput(per_sample=(loss,), grads=grads, active=(active,))
+    return LossOutput(per_sample=(loss,), grads=grads, active=(active,), factors=factors)
 
 
 @torch.no_grad()
@@ -232,6 +266,7 @@ def crammer_singer(
     split_ties: bool,
     row_scale: Tensor,
     need_grad: bool = True,
+    need_factors: bool = False,
 ) -> LossOutput:
     """Crammer-Singer l_i = max(0, margin - (f_iy - max_{j != y_i} f_ij))^power.
 
@@ -245,37 +280,50 @@ def crammer_singer(
             of giving it to the lowest index (FIRST_INDEX).
         row_scale: r_i, shape (N,).
         need_grad: Whether to compute d/dscores.
+        need_factors: Whether to return d/dscores factored (power 1 only): the mask
+            marks the competitors that take the row's slope (all tied maxima with
+            split_ties, else the first), whether or not the row is active.
 
     Returns:
-        per_sample (l,), grads (dscores,), active (active,).
+        per_sample (l,), grads (dscores,), active (active,), factors (when asked).
     """
+    _check_factorable(power, need_factors)
+    num_classes = int(scores.shape[1])
     tt = targets.unsqueeze(1)
     others = scores.clone()
     others.scatter_(1, tt, float("-inf"))
     first: Tensor | None = None
-    if need_grad and not split_ties and scores.device.type != "cpu":
+    if (need_grad or need_factors) and not split_ties and scores.device.type != "cpu":
         # One pass for the maximum and its lowest index: torch.max(dim) returns the first.
         best, first = others.max(1, keepdim=True)
     else:
         best = others.amax(1, keepdim=True)
     z = torch.sub(scores.gather(1, tt), best).neg_().add_(margin).squeeze(1)
     loss, active, slope = _hinge(
-        z, power=power, kink_one=kink_one, row_scale=row_scale, need_grad=need_grad
+        z, power=power, kink_one=kink_one, row_scale=row_scale, need_grad=need_grad or need_factors
     )
     if slope is None:
         return LossOutput(per_sample=(loss,), grads=(), active=(active,))
 
-    slope = slope.unsqueeze(1)
+    factors: tuple[Factors, ...] = ()
+    slope_column = slope.unsqueeze(1)
     if split_ties:
         # 1.0 on every maximum among j != y; the target column holds -inf and never ties.
-        grad = others.eq_(best)
-        grad.mul_(slope / grad.sum(1, keepdim=True))
+        tied = others.eq_(best)
+        if need_factors:
+            factors = (Factors(factored_format.pack_rows(tied), slope, slope.neg()),)
+        grad = tied.mul_(slope_column / tied.sum(1, keepdim=True)) if need_grad else None
     else:
         if first is None:
             first = _first_maximum(others, best)
-        grad = others.zero_().scatter_(1, first, slope)
-    grad.scatter_(1, tt, slope.neg())
-    return LossOutput(per_sample=(loss,), grads=(grad,), active=(active,))
+        if need_factors:
+            bits = factored_format.pack_one_hot(first, num_classes)
+            factors = (Factors(bits, slope, slope.neg()),)
+        grad = others.zero_().scatter_(1, first, slope_column) if need_grad else None
+    if grad is None:
+        return LossOutput(per_sample=(loss,), grads=(), active=(active,), factors=factors)
+    grad.scatter_(1, tt, slope_column.neg())
+    return LossOutput(per_sample=(loss,), grads=(grad,), active=(active,), factors=factors)
 
 
 def _first_maximum(values: Tensor, best: Tensor) -> Tensor:

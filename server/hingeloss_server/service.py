@@ -23,7 +23,7 @@ from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
 from hingeloss_server.errors import ComputeFailedError, HingelossError, OverloadedError
-from hingeloss_server.jobs import JobResult, LossKind, SparseRows
+from hingeloss_server.jobs import FactoredRows, JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.status import error_status, status_mapping
 from hingeloss_server.wire import encode_response
@@ -42,6 +42,8 @@ def _payload_bytes(result: JobResult) -> int:
     for grad in result.grads:
         if isinstance(grad, SparseRows):
             total += len(grad.indices.data) + len(grad.values.data)
+        elif isinstance(grad, FactoredRows):
+            total += grad.mask.nbytes + len(grad.values.data)
         else:
             total += len(grad.data)
     return total

@@ -40,12 +40,15 @@ _VARIANTS: dict[str, list[dict[str, Any]]] = {
         {"gradient_format": "none", "class_weights": "weights"},
         {"kink": "one", "gradient_format": "none"},
         {"power": 2, "gradient_format": "row_sparse", "return_per_sample": True},
+        {"gradient_format": "factored", "ignore_index": -100},
     ],
     "crammer_singer": [
         {},
         {"tie_break": "split_evenly"},
         {"power": 2, "kink": "one"},
         {"gradient_format": "none"},
+        {"gradient_format": "factored"},
+        {"gradient_format": "factored", "tie_break": "split_evenly"},
     ],
     "gan_discriminator": [
         {},

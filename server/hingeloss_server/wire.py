@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from hingeloss import tensors
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.jobs import JobResult, LossJob, LossKind, SparseRows, WireArray
+from hingeloss_server.jobs import (
+    FactoredRows,
+    JobResult,
+    LossJob,
+    LossKind,
+    SparseRows,
+    WireArray,
+)
 
 # A piece of a serialized message: encoded fields, or a tensor's memory as it is.
 Piece = bytes | memoryview
@@ -22,6 +29,9 @@ _RESPONSE_GRADIENTS = 3
 _RESPONSE_PER_SAMPLE = 4
 _GRADIENT_DENSE = 2
 _GRADIENT_ROW_SPARSE = 3
+_GRADIENT_FACTORED = 4
+_FACTORED_MASK = 3
+_FACTORED_ROW_VALUES = 4
 _ROW_SPARSE_INDICES = 2
 _ROW_SPARSE_VALUES = 3
 _TENSOR_DATA = 3
@@ -64,9 +74,19 @@ def _tensor(array: WireArray) -> _Chunks:
     return chunks
 
 
-def _gradient(name: str, grad: WireArray | SparseRows) -> _Chunks:
+def _factored(grad: FactoredRows) -> _Chunks:
+    head = pb.FactoredGradient(dense_shape=grad.dense_shape, dtype=grad.dtype)  # type: ignore[arg-type]
+    chunks = _Chunks(head.SerializeToString())
+    chunks.add_field(_FACTORED_MASK, _Chunks(grad.mask))
+    chunks.add_field(_FACTORED_ROW_VALUES, _tensor(grad.values))
+    return chunks
+
+
+def _gradient(name: str, grad: WireArray | SparseRows | FactoredRows) -> _Chunks:
     chunks = _Chunks(pb.Gradient(input=name).SerializeToString())
-    if isinstance(grad, SparseRows):
+    if isinstance(grad, FactoredRows):
+        chunks.add_field(_GRADIENT_FACTORED, _factored(grad))
+    elif isinstance(grad, SparseRows):
         rows = _Chunks(pb.RowSparseTensor(dense_shape=grad.dense_shape).SerializeToString())
         rows.add_field(_ROW_SPARSE_INDICES, _tensor(grad.indices))
         rows.add_field(_ROW_SPARSE_VALUES, _tensor(grad.values))

@@ -121,7 +121,10 @@ def _handler(
 
 
 class PerturbingProxy:
-    """Forwards to `upstream` and adds 1.0 to element 0 of every gradient it returns."""
+    """Forwards to `upstream` and adds 1.0 to element 0 of every gradient it returns.
+
+    Element 0 of what travels: of a factored gradient, the value of row 0.
+    """
 
     def __init__(self, upstream: str) -> None:
         self._upstream = upstream
@@ -130,11 +133,10 @@ class PerturbingProxy:
     def _perturb(self, payload: bytes) -> bytes:
         response = pb.ComputeResponse.FromString(payload)
         for gradient in response.gradients:
-            tensor = (
-                gradient.row_sparse.values
-                if gradient.WhichOneof("value") == "row_sparse"
-                else gradient.dense
-            )
+            tensor = {
+                "row_sparse": gradient.row_sparse.values,
+                "factored": gradient.factored.row_values,
+            }.get(str(gradient.WhichOneof("value")), gradient.dense)
             values = np.array(tensors.to_numpy(tensor))
             if values.size:
                 values.reshape(-1)[0] += 1.0

@@ -6,7 +6,8 @@ without this service), (d) the loss in-process with the project's kernel and wit
 torch autograd (compute floor), (e) the service with batching off
 (--max-batch-rows 1), for each shape and concurrency; also the service
 with one intra-op thread, metrics on against off (both with one intra-op thread),
-and row-sparse against dense gradients at sparsity 0.9. Every server runs in its
+row-sparse against dense gradients at sparsity 0.9, and factored gradients (decoded
+by the SDK on the clock) against dense ones and the echo. Every server runs in its
 own process, all of them up at
 once; the load generator (hingeloss-bench's) runs in this one. The servers compared
 in a cell are measured back to back, in rounds whose order rotates, and each figure
@@ -58,6 +59,8 @@ class Settings:
     sparsity: float = 0.9
     metrics_shape: tuple[int, int] = (32, 10)
     metrics_concurrency: int = 8
+    factored_shapes: tuple[tuple[int, int], ...] = ((256, 1000), (4096, 1000))
+    factored_concurrency: tuple[int, ...] = (1, 8)
 
 
 FULL = Settings(
@@ -74,6 +77,7 @@ QUICK = Settings(
     warmup_s=0.2,
     rounds=1,
     large_requests=6,
+    factored_shapes=((256, 1000),),
 )
 
 # Performance targets, reported (never asserted).
@@ -84,7 +88,11 @@ TARGETS = {
     "closed_form_over_autograd": 5.0,
     "sparse_bytes_over_dense": 0.15,
     "sparse_rps_over_dense": 1.3,
+    "factored_bytes_over_dense": 0.04,
+    "factored_rps_over_echo": 1.5,
 }
+# Labels of the factored comparison's arms.
+FACTORED, FACTORED_DENSE, FACTORED_ECHO = "factored", "factored: dense", "factored: echo"
 
 
 def _free_port() -> int:
@@ -300,6 +308,24 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
     sparse = runner.find("row_sparse@0.9", sparse_shape, sparse_c)
     dense = runner.find("dense@0.9", sparse_shape, sparse_c)
     metrics_shape, metrics_c = _shape(settings.metrics_shape), settings.metrics_concurrency
+    factored_cells = []
+    for shape in settings.factored_shapes:
+        for concurrency in settings.factored_concurrency:
+            name = _shape(shape)
+            factored = runner.find(FACTORED, name, concurrency)
+            dense = runner.find(FACTORED_DENSE, name, concurrency)
+            factored_cells.append(
+                {
+                    "shape": name,
+                    "concurrency": concurrency,
+                    "factored_rps": factored.rps if factored else None,
+                    "factored_bytes_over_dense": _ratio(factored, dense, "response_bytes"),
+                    "factored_rps_over_dense": _ratio(factored, dense),
+                    "factored_rps_over_echo": _ratio(
+                        factored, runner.find(FACTORED_ECHO, name, concurrency)
+                    ),
+                }
+            )
     return {
         "cells": per_cell,
         "closed_form_over_autograd": {f["shape"]: f["closed_form_over_autograd"] for f in floors},
@@ -324,6 +350,7 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
                 sparse, runner.find("echo dense@0.9", sparse_shape, sparse_c)
             ),
         },
+        "factored": factored_cells,
     }
 
 
@@ -409,6 +436,20 @@ def print_summary(
         f"{_met(sparse['sparse_rps_over_dense'], TARGETS['sparse_rps_over_dense'])}, "
         f"sparse service / dense echo {_fmt(sparse['sparse_rps_over_echo_dense'])}"
     )
+    for cell in ratio["factored"]:
+        figures = [
+            f"bytes / dense {_against(cell, 'factored_bytes_over_dense', below=True)}",
+            f"throughput / echo {_against(cell, 'factored_rps_over_echo')}",
+            f"/ dense {_fmt(cell['factored_rps_over_dense'])}",
+        ]
+        where = f"{cell['shape']} c={cell['concurrency']}"
+        print(f"factored (SDK decoding on the clock) at {where}: " + ", ".join(figures))
+
+
+def _against(cell: dict[str, Any], key: str, below: bool = False) -> str:
+    """A ratio of a cell and whether it meets its target."""
+    value = cell[key]
+    return f"{_fmt(value, 4 if below else 2)} {_met(value, TARGETS[key], below)}".rstrip()
 
 
 def measure(runner: Runner) -> None:
@@ -438,6 +479,19 @@ def measure(runner: Runner) -> None:
         ],
         settings.rounds,
     )
+    print("factored against dense and the echo ...", file=sys.stderr, flush=True)
+    for shape in settings.factored_shapes:
+        for concurrency in settings.factored_concurrency:
+            runner.compare(
+                shape,
+                concurrency,
+                [
+                    Arm(FACTORED, "service", "factored"),
+                    Arm(FACTORED_DENSE, "service", "dense"),
+                    Arm(FACTORED_ECHO, "echo", "dense"),
+                ],
+                settings.rounds,
+            )
     print("metrics on against off ...", file=sys.stderr, flush=True)
     runner.compare(
         settings.metrics_shape,

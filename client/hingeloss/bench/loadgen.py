@@ -2,7 +2,9 @@
 
 Requests are serialized once and sent as raw bytes on grpc.aio channels, so the
 generator does no protobuf work per call; responses are kept as bytes and only
-their Timing is read. In the open loop every request has a scheduled send time
+their Timing is read, except that factored gradients are decoded by the SDK (to
+the dense array) before the request counts as done: a caller cannot use them
+otherwise. In the open loop every request has a scheduled send time
 and its latency counts from that time, so a stalled server shows as growing
 latency and never as a silently lower offered rate (no coordinated omission).
 
@@ -32,6 +34,8 @@ from hingeloss.bench import reference
 from hingeloss.bench.wire import response_timing
 from hingeloss.bench.workload import Workload, WorkloadSpec
 from hingeloss.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_options
+from hingeloss.results import LossResult, decode_response
+from hingeloss.v1 import loss_service_pb2 as pb
 
 COMPUTE_METHOD = "/hingeloss.v1.LossService/Compute"
 STREAM_METHOD = "/hingeloss.v1.LossService/ComputeStream"
@@ -153,12 +157,16 @@ class _Recorder:
     last_done: float = 0.0
     samples: list[tuple[int, bytes]] = field(default_factory=list)
     progress: Any = None
+    # Run on each answer before its latency is taken (variant, payload).
+    decode: Callable[[int, bytes], object] | None = None
 
     def sending(self, nbytes: int) -> None:
         self.sent += 1
         self.bytes_up += nbytes
 
     def answered(self, started: float, variant: int, payload: bytes) -> None:
+        if self.decode is not None:
+            self.decode(variant, payload)
         done = time.perf_counter()
         self.latencies.append(done - started)
         self.last_done = max(self.last_done, done)
@@ -245,10 +253,17 @@ class _Share:
         self.metadata = call_metadata(spec.target.token) or None
         self._variant = itertools.cycle(range(len(self.payloads)))
         self.recorder = _Recorder(spec.verify_fraction, random.Random(spec.seed + 7919 * index))
+        if spec.workload.gradient_format == "factored":
+            self.recorder.decode = self._decode
         self.window_start = 0.0
         self.window_end = float("inf")
         # Measured requests scheduled so far (the `requests` budget counts these).
         self.claimed = 0
+
+    def _decode(self, variant: int, payload: bytes) -> LossResult:
+        """What an SDK caller pays for its answer: parsing, and expanding the gradient."""
+        response = pb.ComputeResponse.FromString(payload)
+        return decode_response(response, self.workload.variants[variant].kind)
 
     def _part(self, total: int) -> int:
         return total // self.count + (1 if self.index < total % self.count else 0)

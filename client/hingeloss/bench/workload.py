@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS, build_request
+from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS, InputKind, build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 
 LOSSES = tuple(SCORE_FIELDS)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-GRADIENT_FORMATS = ("dense", "row_sparse", "none")
+GRADIENT_FORMATS = ("dense", "row_sparse", "none", "factored")
 _TWO_D = ("multiclass_hinge", "crammer_singer")
 # Requests held in memory per workload, at most this many bytes of them in all.
 _VARIANT_BYTES = 64 << 20
@@ -51,7 +51,8 @@ class WorkloadSpec:
         classes: classes per sample (C) for multi-class losses; ignored by the others.
         dtype: wire dtype of the scores.
         sparsity: share of samples with a zero loss; None leaves the random draw as is.
-        gradient_format: "dense", "row_sparse" or "none".
+        gradient_format: "dense", "row_sparse", "none" or "factored" (multi-class
+            losses at power 1; the load generator decodes each answer with the SDK).
         options: loss options as the SDK takes them (margin, power, kink, ...).
         seed: the inputs depend on nothing else.
     """
@@ -74,6 +75,13 @@ class WorkloadSpec:
             raise ValueError(
                 f"gradient_format must be one of {', '.join(GRADIENT_FORMATS)}, "
                 f"got {self.gradient_format!r}"
+            )
+        if self.gradient_format == "factored" and (
+            self.loss not in _TWO_D or int(self.options.get("power", 1)) != 1
+        ):
+            raise ValueError(
+                f"gradient_format factored needs {' or '.join(_TWO_D)} with power 1, "
+                f"got {self.loss}"
             )
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
@@ -99,6 +107,8 @@ class Variant:
 
     payload: bytes
     inputs: dict[str, np.ndarray[Any, Any]]
+    # What the SDK needs to decode the answer as it would its own request's.
+    kind: InputKind
 
 
 @dataclass(frozen=True)
@@ -235,10 +245,10 @@ def _variant(spec: WorkloadSpec, index: int) -> Variant:
     options["gradient_format"] = spec.gradient_format
     options["request_id"] = f"bench-{spec.seed}-{index}"
     # Build with float64 placeholders, then put the scores in their wire dtype.
-    request, _ = build_request(spec.loss, inputs, options)
+    request, kind = build_request(spec.loss, inputs, options)
     message = getattr(request, spec.loss)
     for name in SCORE_FIELDS[spec.loss]:
         getattr(message, name).CopyFrom(encode_scores(inputs[name], spec.dtype))
     for name in OTHER_FIELDS[spec.loss]:
         assert inputs[name].dtype == np.int64
-    return Variant(payload=request.SerializeToString(), inputs=inputs)
+    return Variant(payload=request.SerializeToString(), inputs=inputs, kind=kind)

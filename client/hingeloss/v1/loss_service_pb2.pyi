@@ -31,6 +31,7 @@ class GradientFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRADIENT_FORMAT_DENSE: _ClassVar[GradientFormat]
     GRADIENT_FORMAT_ROW_SPARSE: _ClassVar[GradientFormat]
     GRADIENT_FORMAT_NONE: _ClassVar[GradientFormat]
+    GRADIENT_FORMAT_FACTORED: _ClassVar[GradientFormat]
 
 class KinkSubgradient(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,6 +78,7 @@ GRADIENT_FORMAT_UNSPECIFIED: GradientFormat
 GRADIENT_FORMAT_DENSE: GradientFormat
 GRADIENT_FORMAT_ROW_SPARSE: GradientFormat
 GRADIENT_FORMAT_NONE: GradientFormat
+GRADIENT_FORMAT_FACTORED: GradientFormat
 KINK_SUBGRADIENT_UNSPECIFIED: KinkSubgradient
 KINK_SUBGRADIENT_ZERO: KinkSubgradient
 KINK_SUBGRADIENT_ONE: KinkSubgradient
@@ -214,14 +216,16 @@ class ComputeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., binary_hinge: _Optional[_Union[BinaryHinge, _Mapping]] = ..., multiclass_hinge: _Optional[_Union[MulticlassHinge, _Mapping]] = ..., crammer_singer: _Optional[_Union[CrammerSinger, _Mapping]] = ..., gan_discriminator: _Optional[_Union[GanDiscriminator, _Mapping]] = ..., gan_generator: _Optional[_Union[GanGenerator, _Mapping]] = ..., margin_ranking: _Optional[_Union[MarginRanking, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradient_format: _Optional[_Union[GradientFormat, str]] = ..., return_per_sample: _Optional[bool] = ..., sample_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Gradient(_message.Message):
-    __slots__ = ("input", "dense", "row_sparse")
+    __slots__ = ("input", "dense", "row_sparse", "factored")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     ROW_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    FACTORED_FIELD_NUMBER: _ClassVar[int]
     input: str
     dense: Tensor
     row_sparse: RowSparseTensor
-    def __init__(self, input: _Optional[str] = ..., dense: _Optional[_Union[Tensor, _Mapping]] = ..., row_sparse: _Optional[_Union[RowSparseTensor, _Mapping]] = ...) -> None: ...
+    factored: FactoredGradient
+    def __init__(self, input: _Optional[str] = ..., dense: _Optional[_Union[Tensor, _Mapping]] = ..., row_sparse: _Optional[_Union[RowSparseTensor, _Mapping]] = ..., factored: _Optional[_Union[FactoredGradient, _Mapping]] = ...) -> None: ...
 
 class RowSparseTensor(_message.Message):
     __slots__ = ("dense_shape", "indices", "values")
@@ -232,6 +236,18 @@ class RowSparseTensor(_message.Message):
     indices: Tensor
     values: Tensor
     def __init__(self, dense_shape: _Optional[_Iterable[int]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FactoredGradient(_message.Message):
+    __slots__ = ("dense_shape", "dtype", "mask", "row_values")
+    DENSE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    ROW_VALUES_FIELD_NUMBER: _ClassVar[int]
+    dense_shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    mask: bytes
+    row_values: Tensor
+    def __init__(self, dense_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., mask: _Optional[bytes] = ..., row_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Sparsity(_message.Message):
     __slots__ = ("samples", "active_samples")
