@@ -7,6 +7,8 @@ handed to the server as its --tls-cert, --tls-key and --tls-client-ca files.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +257,33 @@ def test_security_flags_and_environment(
         config_from_args(["--tls-cert", str(pki.server_cert)])  # no key
     with pytest.raises(SystemExit):
         config_from_args(["--tls-client-ca", str(pki.client_ca)])  # mTLS without TLS
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \t\n  \n"])
+def test_a_token_file_of_whitespace_refuses_to_start(
+    make_server: Callable[..., Any], tmp_path: Path, content: str
+) -> None:
+    """An empty token would make `authorization: Bearer ` a valid credential."""
+    blank = tmp_path / "token"
+    blank.write_text(content)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hingeloss_server",
+            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--devices", "cpu"),
+            *("--auth-token-file", str(blank)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert process.returncode == 2, process.stderr
+    assert "auth_token_file must be a file holding a token, not only whitespace" in process.stderr
+    # Built in-process (no flags), the server refuses too, before it binds.
+    with pytest.raises(ValueError, match="auth_token_file"):
+        make_server(server_config(security=SecurityConfig(auth_token_file=blank)))
 
 
 # ---- what errors may say -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, gc_collector, platform_collecto
 
 from hingeloss_server.batching import Batcher
 from hingeloss_server.budget import ByteBudget
-from hingeloss_server.config import ServerConfig
+from hingeloss_server.config import ServerConfig, read_token
 from hingeloss_server.decode import decode_request
 from hingeloss_server.errors import DrainingError
 from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
@@ -129,7 +129,7 @@ class HingelossServer:
 
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if config.security.auth_token_file is not None:
-            token = config.security.auth_token_file.read_text().strip()
+            token = read_token(config.security.auth_token_file)
             interceptors.append(TokenAuthInterceptor(token, self.metrics))
         # Innermost, so that unauthenticated garbage is refused as unauthenticated.
         interceptors.append(ParseGuardInterceptor())

@@ -21,6 +21,7 @@ from hingeloss_server.config import (
     SecurityConfig,
     ServerConfig,
     WorkerConfig,
+    read_token,
 )
 
 ENV_PREFIX = "HINGELOSS_"
@@ -154,7 +155,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return ServerConfig(
+        config = ServerConfig(
             host=args.host,
             port=args.port,
             port_file=args.port_file,
@@ -193,7 +194,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
                 auth_token_file=args.auth_token_file,
             ),
         )
-    except ValueError as error:
+        if config.security.auth_token_file is not None:
+            read_token(config.security.auth_token_file)  # refuse to start on an empty token
+        return config
+    except (ValueError, OSError) as error:
         parser.error(str(error))
         raise  # unreachable: error() exits
 

@@ -137,6 +137,20 @@ class SecurityConfig:
         return self.tls_cert is not None
 
 
+def read_token(path: Path) -> str:
+    """The bearer token in `path`, without surrounding whitespace.
+
+    Raises:
+        ValueError: the file holds only whitespace, which would make the empty
+            token (`authorization: Bearer `) valid.
+    """
+    token = path.read_text().strip()
+    _require(
+        bool(token), "auth_token_file", "a file holding a token, not only whitespace", str(path)
+    )
+    return token
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `hingeloss-server` needs; one per process."""
