@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import trustme
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hooks import FaultHook
 from prometheus_client import CollectorRegistry
-from support import server_config
+from support import memory_kib, server_config, server_process
 
 from hingeloss import (
     NO_RETRY,
@@ -214,6 +215,59 @@ def test_token_is_checked_exactly(make_server: Callable[..., Any], token_file: P
         )
         names = [s.name for a in answers for s in a.list_services_response.service]
         assert SERVICE_NAME in names
+
+
+def _unauthenticated_upload(target: str, megabytes: int) -> grpc.StatusCode:
+    request = pb.ComputeRequest(
+        gan_generator=pb.GanGenerator(
+            fake_scores=pb.Tensor(
+                dtype=pb.DTYPE_FLOAT32, shape=[megabytes << 18], data=bytes(megabytes << 20)
+            )
+        )
+    )
+    options = [("grpc.max_send_message_length", 1 << 30)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        try:
+            pb_grpc.LossServiceStub(channel).Compute(request, timeout=60)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_no_token_is_refused_on_the_headers_before_the_body_is_read(
+    tmp_path: Path, token_file: Path
+) -> None:
+    """No token: UNAUTHENTICATED before the message arrives; the server holds none of it."""
+    with server_process(tmp_path, "--auth-token-file", str(token_file)) as (process, port):
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as channel:
+            # A request that never arrives: a unary method called with a request stream
+            # that sends no message and never half-closes.
+            never = threading.Event()
+
+            def nothing() -> Iterator[bytes]:
+                never.wait(60)
+                yield b""  # pragma: no cover - never reached
+
+            compute = channel.stream_unary("/hingeloss.v1.LossService/Compute")
+            with pytest.raises(grpc.RpcError) as info:
+                compute(nothing(), timeout=20)
+            never.set()
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        # Four 100 MB uploads at once: the server's peak RSS does not move.
+        before = memory_kib(process.pid)
+        codes: list[grpc.StatusCode] = []
+        uploads = [
+            threading.Thread(target=lambda: codes.append(_unauthenticated_upload(target, 100)))
+            for _ in range(4)
+        ]
+        for upload in uploads:
+            upload.start()
+        for upload in uploads:
+            upload.join(120)
+        after = memory_kib(process.pid)
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert after["VmHWM"] - before["VmHWM"] < 64 << 10, (before, after)
 
 
 def test_token_over_tls_and_mutual_tls(
