@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from grpc_tools import protoc
+from support import wait_for_port
 
 from hingeloss import LossClient, UnavailableError
 from hingeloss.health import check
@@ -43,17 +44,6 @@ def test_invalid_configuration_names_the_field(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         config_from_args(["--workers-per-device", "0"])
     assert "workers_per_device must be >= 1, got 0" in capsys.readouterr().err
-
-
-def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text())
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early with {process.returncode}")
-        time.sleep(0.05)
-    raise AssertionError("server did not start")
 
 
 def _free_port() -> int:
@@ -110,7 +100,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], in
         stderr=subprocess.PIPE,
     )
     try:
-        yield process, _wait_for_port(port_file, process), metrics_port
+        yield process, wait_for_port(port_file, process), metrics_port
     finally:
         if process.poll() is None:
             process.kill()
@@ -184,7 +174,7 @@ def test_make_serve_starts_a_serving_server(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        port = _wait_for_port(port_file, process, timeout=240)
+        port = wait_for_port(port_file, process, timeout=240)
         health = subprocess.run(
             [str(BIN / "hingeloss-health"), "--target", f"127.0.0.1:{port}"],
             capture_output=True,
