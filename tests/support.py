@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -96,7 +97,7 @@ def wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: fl
 
 
 @contextlib.contextmanager
-def server_process(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def spawn_server(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`python -m hingeloss_server` on 127.0.0.1, any free port, CPU, metrics off.
 
     Yields the process (stderr piped) and its port; kills it on the way out.
@@ -119,6 +120,27 @@ def server_process(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def compute_without_a_request(channel: grpc.Channel, timeout: float) -> grpc.RpcError:
+    """Calls Compute with headers only: its request message never comes, nor a half-close.
+
+    Returns the error the call ends with (it must end with one).
+    """
+    stalled = threading.Event()
+
+    def never_sent() -> Iterator[bytes]:
+        stalled.wait(timeout + 30)
+        yield b""  # pragma: no cover - never reached
+
+    compute = channel.stream_unary("/hingeloss.v1.LossService/Compute")
+    try:
+        compute(never_sent(), timeout=timeout)
+    except grpc.RpcError as error:
+        return error
+    finally:
+        stalled.set()
+    raise AssertionError("a call without a request was answered OK")
 
 
 def memory_kib(pid: int) -> dict[str, int]:

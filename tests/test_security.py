@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import trustme
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hooks import FaultHook
 from prometheus_client import CollectorRegistry
-from support import memory_kib, server_config, server_process
+from support import compute_without_a_request, memory_kib, server_config, spawn_server
 
 from hingeloss import (
     NO_RETRY,
@@ -238,22 +238,11 @@ def test_no_token_is_refused_on_the_headers_before_the_body_is_read(
     tmp_path: Path, token_file: Path
 ) -> None:
     """No token: UNAUTHENTICATED before the message arrives; the server holds none of it."""
-    with server_process(tmp_path, "--auth-token-file", str(token_file)) as (process, port):
+    with spawn_server(tmp_path, "--auth-token-file", str(token_file)) as (process, port):
         target = f"127.0.0.1:{port}"
         with grpc.insecure_channel(target) as channel:
-            # A request that never arrives: a unary method called with a request stream
-            # that sends no message and never half-closes.
-            never = threading.Event()
-
-            def nothing() -> Iterator[bytes]:
-                never.wait(60)
-                yield b""  # pragma: no cover - never reached
-
-            compute = channel.stream_unary("/hingeloss.v1.LossService/Compute")
-            with pytest.raises(grpc.RpcError) as info:
-                compute(nothing(), timeout=20)
-            never.set()
-            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            error = compute_without_a_request(channel, timeout=20)
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED, error.details()
         # Four 100 MB uploads at once: the server's peak RSS does not move.
         before = memory_kib(process.pid)
         codes: list[grpc.StatusCode] = []

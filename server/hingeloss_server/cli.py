@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--tls-key", Path, None, "PEM private key")
     p.add("--tls-client-ca", Path, None, "PEM CA bundle; requires client certificates (mTLS)")
     p.add("--auth-token-file", Path, None, "require 'authorization: Bearer <token>' from this file")
+    p.add(
+        "--request-arrival-seconds",
+        float,
+        defaults.request_arrival_seconds,
+        "refuse a Compute request (DEADLINE_EXCEEDED) whose message takes longer to arrive",
+    )
     p.add("--log-level", str, defaults.log_level, "DEBUG, INFO, WARNING or ERROR")
     p.add("--log-format", str, defaults.log_format, "text or json")
     return p.parser
@@ -193,6 +199,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
                 tls_client_ca=args.tls_client_ca,
                 auth_token_file=args.auth_token_file,
             ),
+            request_arrival_seconds=args.request_arrival_seconds,
         )
         if config.security.auth_token_file is not None:
             read_token(config.security.auth_token_file)  # refuse to start on an empty token

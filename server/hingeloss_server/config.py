@@ -176,9 +176,18 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     workers: WorkerConfig = field(default_factory=WorkerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # A Compute request whose message has not arrived in full after this long is
+    # refused (DEADLINE_EXCEEDED), so a stalled upload without a deadline is not held forever.
+    request_arrival_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "in [0, 65535]", self.port)
+        _require(
+            self.request_arrival_seconds > 0,
+            "request_arrival_seconds",
+            "> 0",
+            self.request_arrival_seconds,
+        )
         _require(
             0 <= self.metrics_port <= 65535, "metrics_port", "in [0, 65535]", self.metrics_port
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -22,9 +23,18 @@ from hingeloss_server.batching import Batcher
 from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
-from hingeloss_server.errors import ComputeFailedError, HingelossError, OverloadedError
+from hingeloss_server.drain import CallTracker
+from hingeloss_server.errors import (
+    ArrivalTimeoutError,
+    ComputeFailedError,
+    DrainingError,
+    HingelossError,
+    InvalidInputError,
+    OverloadedError,
+)
 from hingeloss_server.jobs import JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
+from hingeloss_server.parse_guard import unparsable_error
 from hingeloss_server.status import error_status, status_mapping
 from hingeloss_server.wire import encode_response
 
@@ -57,12 +67,50 @@ class LossServicer(pb_grpc.LossServiceServicer):
         budget: ByteBudget,
         metrics: Metrics,
         server_info: Callable[[], pb.ServerInfo],
+        *,
+        arrival_seconds: float = 300.0,
     ) -> None:
         self._limits = limits
         self._batcher = batcher
         self._budget = budget
         self._metrics = metrics
         self._server_info = server_info
+        self._arrival_seconds = arrival_seconds
+        self._draining = False
+        self._drained = asyncio.Event()
+        # Compute and ComputeStream calls in progress, for a shutdown to wait on.
+        self.calls = CallTracker()
+
+    def drain(self) -> None:
+        """Shutdown has begun: new calls, and new requests on open streams, are refused.
+
+        Calls already accepted (their request still arriving included) are answered;
+        streams answer what they have read, then end with UNAVAILABLE.
+        """
+        self._draining = True
+        self._drained.set()
+
+    def _refuse(self, error: HingelossError) -> None:
+        """Counts a call refused before its request was read or parsed."""
+        mapping = status_mapping(error)
+        self._metrics.request_done("none", mapping.code, None)
+        if mapping.rejected is not None:
+            self._metrics.rejected.labels(mapping.rejected).inc()
+
+    async def _receive(self, requests: AsyncIterator[bytes]) -> pb.ComputeRequest:
+        """The call's one request message, within the arrival limit."""
+        try:
+            raw = await asyncio.wait_for(anext(requests), self._arrival_seconds)
+        except TimeoutError:
+            raise ArrivalTimeoutError(
+                f"the request did not arrive within {self._arrival_seconds:g} s"
+            ) from None
+        except StopAsyncIteration:
+            raise InvalidInputError("request", "the call carried no request message") from None
+        try:
+            return pb.ComputeRequest.FromString(raw)
+        except DecodeError:
+            raise unparsable_error() from None
 
     async def _compute_one(
         self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
@@ -114,13 +162,29 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.inflight.dec()
 
     async def Compute(  # noqa: N802 - gRPC method name
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> bytes:
-        try:
-            return await self._compute_one(request, context)
-        except HingelossError as error:
-            await _abort(context, error, {"requestId": _short(request.request_id)})
-            raise  # unreachable: abort raises
+        """One request, one answer; registered with a request *stream* of raw bytes.
+
+        So the handler starts on the call's headers: a call is accepted (and counted
+        for a graceful shutdown) from then on, however long its message takes to
+        arrive, and a message that never arrives is refused after the arrival limit.
+        """
+        with self.calls.track():
+            try:
+                if self._draining:
+                    raise DrainingError("the server is shutting down")
+                request = await self._receive(requests)
+            except HingelossError as error:
+                if not isinstance(error, InvalidInputError):
+                    self._refuse(error)
+                await _abort(context, error, {})
+                raise  # unreachable: abort raises
+            try:
+                return await self._compute_one(request, context)
+            except HingelossError as error:
+                await _abort(context, error, {"requestId": _short(request.request_id)})
+                raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
@@ -133,6 +197,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         request ends the stream with its status, whose ErrorInfo names it
         (`streamIndex`, `requestId`); the answers before it are all sent first.
         """
+        with self.calls.track():
+            async for response in self._stream(request_iterator, context):
+                yield response
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[pb.ComputeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         read_error: list[BaseException] = []
@@ -151,6 +224,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        # On shutdown the stream reads no further; what it has read is answered.
+        draining = asyncio.create_task(self._drained.wait())
+        draining.add_done_callback(lambda _: reader.cancel())
         try:
             while (item := await pending.get()) is not None:
                 try:
@@ -167,7 +243,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if read_error:
                 logger.error("request stream failed: %s", read_error[0])
                 await _abort(context, ComputeFailedError("the request stream failed"), {})
+            if self._draining:
+                await _abort(context, DrainingError("the server is shutting down"), {})
         finally:
+            draining.cancel()
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
@@ -245,10 +324,10 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     itself, and so copy each gradient twice more.
     """
     handlers = {
-        "Compute": grpc.unary_unary_rpc_method_handler(
-            servicer.Compute,
-            request_deserializer=pb.ComputeRequest.FromString,
-            response_serializer=_serialize,
+        # A request stream of raw bytes (one message on the wire, as for any unary
+        # call): see LossServicer.Compute.
+        "Compute": grpc.stream_unary_rpc_method_handler(
+            servicer.Compute, response_serializer=_serialize
         ),
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeStream,
