@@ -163,10 +163,10 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
     server = make_server(
         server_config(security=SecurityConfig(auth_token_file=token_file)), registry=registry
     )
-    assert _call(server.target, token=TOKEN) == pytest.approx(EXPECTED)
+    assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
     for token in (None, "wrong", TOKEN + "x", TOKEN[:-1], ""):
         with pytest.raises(UnauthenticatedError):
-            _call(server.target, token=token)
+            _call(server.target, token=token, local_token=True)
     with LossClient(server.target, retry=NO_RETRY, timeout=5) as client:
         with pytest.raises(UnauthenticatedError):
             client.server_info()
@@ -176,13 +176,33 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
         # Probes carry no credentials: health stays open.
         assert client.health() == "SERVING"
         assert client.health(SERVICE_NAME) == "SERVING"
-    with LossClient(server.target, token=TOKEN, timeout=5) as client:
+    with LossClient(server.target, token=TOKEN, timeout=5, local_token=True) as client:
         assert client.server_info().version
     rejected = registry.get_sample_value(
         "hingeloss_requests_rejected_total", {"reason": "unauthenticated"}
     )
     assert rejected is not None
     assert rejected >= 7
+
+
+async def test_the_sdk_sends_a_token_only_over_tls_or_to_this_machine_when_asked(
+    make_server: Callable[..., Any], token_file: Path
+) -> None:
+    """The token goes as call credentials, which gRPC refuses to send in plaintext."""
+    server = make_server(server_config(security=SecurityConfig(auth_token_file=token_file)))
+    for client_type in (LossClient, AsyncLossClient):
+        with pytest.raises(ValueError, match="a bearer token needs TLS credentials"):
+            client_type(server.target, token=TOKEN)
+    async with AsyncLossClient(server.target, token=TOKEN, local_token=True) as client:
+        assert (await client.binary_hinge(SCORES, LABELS)).loss == pytest.approx(EXPECTED)
+        async with client.stream() as stream:
+            streamed = stream.binary_hinge(SCORES, LABELS)
+        assert (await streamed).loss == pytest.approx(EXPECTED)
+    # By name too: gRPC's local credentials accept any loopback peer.
+    with LossClient(
+        f"localhost:{server.server.port}", token=TOKEN, local_token=True, retry=NO_RETRY
+    ) as client:
+        assert client.binary_hinge(SCORES, LABELS).loss == pytest.approx(EXPECTED)
 
 
 def test_token_is_checked_exactly(make_server: Callable[..., Any], token_file: Path) -> None:

@@ -16,8 +16,8 @@ from hingeloss.channel import (
     DEFAULT_TIMEOUT_S,
     Retrier,
     RetryPolicy,
-    call_metadata,
     open_channel,
+    with_token,
 )
 from hingeloss.errors import CancelledError, HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
@@ -44,14 +44,19 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        local_token: bool = False,
     ) -> None:
         self._channel = open_channel(
-            grpc.aio, target, credentials, compression, max_message_bytes, options
+            grpc.aio,
+            target,
+            with_token(credentials, token, local_token=local_token),
+            compression,
+            max_message_bytes,
+            options,
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
-        self._metadata = call_metadata(token)
         self._retry = Retrier(retry or RetryPolicy())
 
     def _submit(
@@ -71,9 +76,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                response = await self._stub.Compute(
-                    request, timeout=remaining, metadata=self._metadata
-                )
+                response = await self._stub.Compute(request, timeout=remaining)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 remaining = None if deadline is None else deadline - loop.time()
@@ -99,7 +102,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         """What the server computes and the limits it enforces."""
         try:
             info: pb.ServerInfo = await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout, metadata=self._metadata
+                pb.GetServerInfoRequest(), timeout=self._timeout
             )
         except grpc.RpcError as rpc_error:
             raise from_rpc_error(rpc_error) from rpc_error
@@ -124,9 +127,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
                 stream may live as long as the training run).
         """
         per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
-        return AsyncLossStream(
-            self._stub, max_in_flight, per_request, stream_timeout, self._metadata
-        )
+        return AsyncLossStream(self._stub, max_in_flight, per_request, stream_timeout)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -168,7 +169,6 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         max_in_flight: int,
         timeout: float | None,
         stream_timeout: float | None,
-        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -183,7 +183,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
             clock=self._loop.time,
             timeout=timeout,
         )
-        self._call = stub.ComputeStream(timeout=stream_timeout, metadata=metadata)
+        self._call = stub.ComputeStream(timeout=stream_timeout)
         self._final: grpc.RpcError | None = None
         self._call.add_done_callback(self._on_call_done)
         self._writer = asyncio.create_task(self._write_all())
