@@ -319,7 +319,7 @@ def test_request_byte_limit_flag_and_environment(monkeypatch: pytest.MonkeyPatch
 def test_inflight_byte_budget_sheds_with_retry_info(make_server: Callable[..., Any]) -> None:
     """Everything held for requests is bounded, not only the queue: beyond it, shed."""
     hook = FaultHook()
-    scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of 2 KiB
+    scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of about 3 KiB
     config = server_config(batching=BatchingConfig(max_inflight_bytes=3 * 1024))
     server = make_server(config, fault_hook=hook)
     with (

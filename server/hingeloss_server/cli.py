@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight-bytes",
         int,
         batching.max_inflight_bytes,
-        "bytes held for requests (2x their tensors, queued to answered) before shedding load",
+        "bytes held for requests (message, result and answer: about 3x their tensors) "
+        "before shedding load",
     )
     p.add("--max-request-rows", int, limits.max_request_rows, "rows per request at most")
     p.add("--max-request-elements", int, limits.max_request_elements, "elements per tensor at most")

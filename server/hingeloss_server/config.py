@@ -62,8 +62,9 @@ class BatchingConfig:
     # queue is at most three quarters full, and is not starved by a stream of small ones.
     max_queue_rows: int = 1 << 24
     max_queue_bytes: int = 2048 * MIB
-    # Everything held for requests (queued, computing, answers not yet sent), at twice
-    # each request's tensor bytes; beyond it requests are shed like a full queue.
+    # Everything held for requests (queued, computing, answers not yet sent): each
+    # request's message, result and serialized answer (budget.held_bytes, about three
+    # times its tensor bytes); beyond it requests are shed like a full queue.
     max_inflight_bytes: int = 4096 * MIB
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
-from hingeloss_server.budget import ByteBudget
+from hingeloss_server.budget import ByteBudget, held_bytes
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
 from hingeloss_server.drain import CallTracker
@@ -35,6 +35,7 @@ from hingeloss_server.errors import (
 from hingeloss_server.jobs import JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.parse_guard import unparsable_error
+from hingeloss_server.request_wire import ParsedRequest, parse_request
 from hingeloss_server.status import error_status, status_mapping
 from hingeloss_server.wire import encode_response
 
@@ -97,7 +98,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if mapping.rejected is not None:
             self._metrics.rejected.labels(mapping.rejected).inc()
 
-    async def _receive(self, requests: AsyncIterator[bytes]) -> pb.ComputeRequest:
+    async def _receive(self, requests: AsyncIterator[bytes]) -> ParsedRequest:
         """The call's one request message, within the arrival limit."""
         try:
             raw = await asyncio.wait_for(anext(requests), self._arrival_seconds)
@@ -108,29 +109,29 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except StopAsyncIteration:
             raise InvalidInputError("request", "the call carried no request message") from None
         try:
-            return pb.ComputeRequest.FromString(raw)
+            return parse_request(raw)
         except DecodeError:
             raise unparsable_error() from None
 
-    async def _compute_one(
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
+    async def _compute_one(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Decodes, queues and encodes one request; raises HingelossError on failure."""
         started = time.perf_counter()
+        request = parsed.message
         loss = request.WhichOneof("loss") or "none"
         self._metrics.inflight.inc()
         charge = 0
         try:
-            job = decode_request(request, self._limits)
+            job = decode_request(parsed, self._limits)
             self._metrics.received_bytes.inc(job.nbytes)
-            if not self._budget.try_acquire(2 * job.nbytes):
+            cost = held_bytes(parsed.nbytes, job.nbytes)
+            if not self._budget.try_acquire(cost):
                 raise OverloadedError(
                     "inflight_full",
                     INFLIGHT_RETRY_S,
                     f"the server holds {self._budget.used} bytes for requests in flight; "
                     f"retry in {INFLIGHT_RETRY_S}s",
                 )
-            charge = 2 * job.nbytes
+            charge = cost
             remaining = context.time_remaining()
             if remaining is not None:
                 job.deadline = asyncio.get_running_loop().time() + remaining
@@ -183,12 +184,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             try:
                 return await self._compute_one(request, context)
             except HingelossError as error:
-                await _abort(context, error, {"requestId": _short(request.request_id)})
+                await _abort(context, error, {"requestId": _short(request.message.request_id)})
                 raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
-        request_iterator: AsyncIterator[pb.ComputeRequest],
+        request_iterator: AsyncIterator[ParsedRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         """Submits requests as they arrive and answers them in order.
@@ -203,7 +204,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _stream(
         self,
-        request_iterator: AsyncIterator[pb.ComputeRequest],
+        request_iterator: AsyncIterator[ParsedRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
@@ -216,7 +217,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 async for request in request_iterator:
                     await window.acquire()  # before the task exists: nothing is orphaned
                     task = asyncio.create_task(self._compute_one(request, context))
-                    pending.put_nowait(_StreamItem(index, request.request_id, task))
+                    pending.put_nowait(_StreamItem(index, request.message.request_id, task))
                     index += 1
             except Exception as error:  # the request stream itself broke
                 read_error.append(error)
@@ -331,7 +332,7 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
         ),
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeStream,
-            request_deserializer=pb.ComputeRequest.FromString,
+            request_deserializer=parse_request,
             response_serializer=_serialize,
         ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(

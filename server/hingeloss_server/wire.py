@@ -43,12 +43,13 @@ class _Chunks:
 
     def add_field(self, number: int, body: _Chunks) -> None:
         """A length-delimited field: key, length, then the body's pieces as they are."""
-        self.add(_varint(number << 3 | _LENGTH_DELIMITED) + _varint(body.size))
+        self.add(varint(number << 3 | _LENGTH_DELIMITED) + varint(body.size))
         self.pieces.extend(body.pieces)
         self.size += body.size
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a non-negative int."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
