@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 # Suggested wait when the in-flight byte budget is spent (answers drain in milliseconds).
 INFLIGHT_RETRY_S = 0.05
+# Answers at least this large are serialized on a thread, not on the event loop.
+ENCODE_OFF_LOOP_BYTES = 1 << 20
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
 
@@ -136,8 +138,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if remaining is not None:
                 job.deadline = asyncio.get_running_loop().time() + remaining
             result = await self._batcher.submit(job)
-            response = encode_response(job, result)
-            self._metrics.sent_bytes.inc(_payload_bytes(result))
+            payload = _payload_bytes(result)
+            if payload < ENCODE_OFF_LOOP_BYTES:
+                response = encode_response(job, result)
+            else:
+                # The final join copies the whole answer (with the GIL released): off the
+                # event loop, other callers' calls go on meanwhile.
+                loop = asyncio.get_running_loop()
+                response = await loop.run_in_executor(None, encode_response, job, result)
+            self._metrics.sent_bytes.inc(payload)
             self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
             self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
             return response
