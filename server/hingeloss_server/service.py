@@ -100,16 +100,21 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if mapping.rejected is not None:
             self._metrics.rejected.labels(mapping.rejected).inc()
 
-    async def _receive(self, requests: AsyncIterator[bytes]) -> ParsedRequest:
-        """The call's one request message, within the arrival limit."""
+    async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
+        """The call's one request message, within the arrival limit.
+
+        Read with `context.read()`, not the request iterator: the iterator is an async
+        generator that would keep the last message it yielded (megabytes) alive in its
+        frame until the garbage collector finds it.
+        """
         try:
-            raw = await asyncio.wait_for(anext(requests), self._arrival_seconds)
+            raw = await asyncio.wait_for(context.read(), self._arrival_seconds)
         except TimeoutError:
             raise ArrivalTimeoutError(
                 f"the request did not arrive within {self._arrival_seconds:g} s"
             ) from None
-        except StopAsyncIteration:
-            raise InvalidInputError("request", "the call carried no request message") from None
+        if raw is grpc.aio.EOF:
+            raise InvalidInputError("request", "the call carried no request message")
         try:
             return parse_request(raw)
         except DecodeError:
@@ -184,7 +189,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             try:
                 if self._draining:
                     raise DrainingError("the server is shutting down")
-                request = await self._receive(requests)
+                request = await self._receive(context)
             except HingelossError as error:
                 if not isinstance(error, InvalidInputError):
                     self._refuse(error)
@@ -193,7 +198,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             try:
                 return await self._compute_one(request, context)
             except HingelossError as error:
-                await _abort(context, error, {"requestId": _short(request.message.request_id)})
+                metadata = {"requestId": _short(request.message.request_id)}
+                del request  # gRPC keeps the abort, whose traceback holds this frame
+                await _abort(context, error, metadata)
                 raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
@@ -290,7 +297,24 @@ async def _abort(
     status = error_status(error, metadata)
     if status.code is grpc.StatusCode.INTERNAL:
         logger.error("request %r: %s", metadata.get("requestId", ""), error)
+    _forget_frames(error)
     await context.abort_with_status(status)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drops the tracebacks of an error and of every error it chains to.
+
+    gRPC keeps the exception an abort raises (chained to this error) for as long as
+    it keeps the call's state; the frames in these tracebacks hold the request's
+    bytes and tensors, megabytes a refused request would otherwise keep. The status
+    says all a caller needs (INTERNAL errors are logged with theirs beforehand).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def server_info(
