@@ -204,24 +204,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
 
-        def echo() -> ServerProcess:
-            return ServerProcess("echo", [sys.executable, str(HERE / "echo_server.py")], workdir)
+        def echo(name: str) -> ServerProcess:
+            return ServerProcess(name, [sys.executable, str(HERE / "echo_server.py")], workdir)
 
         # Two workers: on a CPU, the small calls' batches would otherwise wait for the
         # large one's compute (seconds), which is the device's time, not the event loop's.
+        two_workers = service_argv("--workers-per-device", "2")
         stalls = [
-            _run(
-                ServerProcess("service", service_argv("--workers-per-device", "2"), workdir), stall
-            ),
-            _run(echo(), stall),
+            _run(ServerProcess("service-stall", two_workers, workdir), stall),
+            _run(echo("echo-stall"), stall),
         ]
-        queue_rows = str(FLOOD_QUEUE_ROWS)
+        queue_rows = service_argv("--max-queue-rows", str(FLOOD_QUEUE_ROWS))
         floods = [
             _run(
-                ServerProcess("service", service_argv("--max-queue-rows", queue_rows), workdir),
+                ServerProcess("service-flood", queue_rows, workdir),
                 lambda s: flood(s, args.flood_seconds),
             ),
-            _run(echo(), lambda s: flood(s, args.flood_seconds)),
+            _run(echo("echo-flood"), lambda s: flood(s, args.flood_seconds)),
         ]
     stall_ratio = stalls[0].small_p99_ms / stalls[1].small_p99_ms
     flood_ratio = floods[0].rss_growth_mib / floods[1].rss_growth_mib
