@@ -8,8 +8,8 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PROTO := proto/hingeloss/v1/loss_service.proto
 
-.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak fuzz docker wheelhouse \
-	image-check clean
+.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak pressure fuzz docker \
+	wheelhouse image-check clean
 
 venv: $(PY)
 
@@ -51,6 +51,11 @@ deploy-check: $(STAMP)
 soak: $(STAMP)
 	$(PY) tests/soak.py --seconds 60
 	HINGELOSS_OVERLOAD_SECONDS=20 $(BIN)/pytest -q tests/test_overload.py -k ten_times
+
+# Small-call p99 beside a 512 MiB request, and RSS growth under a flood of 4 MB
+# requests, each as a ratio to the echo floor's in the same run (about 4 GiB, minutes).
+pressure: $(STAMP)
+	$(PY) tests/bench/pressure.py --output pressure-results.json
 
 # atheris is installed here only: `make test` does not need it (its test skips without it).
 FUZZ_SECONDS ?= 60

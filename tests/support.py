@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -76,6 +82,72 @@ class ServerThread:
         if self._thread.is_alive():
             self.begin_stop()
             self._thread.join(60)
+
+
+def wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """The port a server process writes to its --port-file once it serves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early with {process.returncode}")
+        time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+@contextlib.contextmanager
+def spawn_server(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`python -m hingeloss_server` on 127.0.0.1, any free port, CPU, metrics off.
+
+    Yields the process (stderr piped) and its port; kills it on the way out.
+    """
+    port_file = folder / "port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hingeloss_server",
+            *("--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)),
+            *("--metrics-port", "0", "--devices", "cpu"),
+            *flags,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield process, wait_for_port(port_file, process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def compute_without_a_request(channel: grpc.Channel, timeout: float) -> grpc.RpcError:
+    """Calls Compute with headers only: its request message never comes, nor a half-close.
+
+    Returns the error the call ends with (it must end with one).
+    """
+    stalled = threading.Event()
+
+    def never_sent() -> Iterator[bytes]:
+        stalled.wait(timeout + 30)
+        yield b""  # pragma: no cover - never reached
+
+    compute = channel.stream_unary("/hingeloss.v1.LossService/Compute")
+    try:
+        compute(never_sent(), timeout=timeout)
+    except grpc.RpcError as error:
+        return error
+    finally:
+        stalled.set()
+    raise AssertionError("a call without a request was answered OK")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in status)
+    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

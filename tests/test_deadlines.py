@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hooks import BLOCKER, FaultHook, wait_until
 from prometheus_client import CollectorRegistry
-from support import server_config
+from support import compute_without_a_request, server_config
 
 from hingeloss import NO_RETRY, DeadlineExceededError, LossClient
 from hingeloss.requests import build_request
@@ -197,3 +197,24 @@ async def test_cancel_at_the_deadline_counts_as_an_expiry() -> None:
     await asyncio.sleep(0)
     assert dropped == ["deadline_exceeded", "cancelled", "cancelled"]
     assert batcher.stats.requests == 0
+
+
+def test_a_request_that_never_arrives_is_refused_after_the_arrival_limit(
+    make_server: Callable[..., Any],
+) -> None:
+    """A stalled upload without a deadline is not held forever: DEADLINE_EXCEEDED, counted."""
+    registry = CollectorRegistry()
+    server = make_server(server_config(request_arrival_seconds=0.5), registry=registry)
+    with grpc.insecure_channel(server.target) as channel:
+        # The caller set no deadline (the 30 s here only keeps a broken server from
+        # hanging the test).
+        error = compute_without_a_request(channel, timeout=30)
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error.details() == "the request did not arrive within 0.5 s"
+        # A request that arrives in time is answered as usual.
+        stub = pb_grpc.LossServiceStub(channel)
+        assert stub.Compute(_request("on-time"), timeout=30).request_id == "on-time"
+    rejected = registry.get_sample_value(
+        "hingeloss_requests_rejected_total", {"reason": "arrival_timeout"}
+    )
+    assert rejected == 1

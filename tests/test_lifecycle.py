@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from grpc_tools import protoc
+from support import spawn_server, wait_for_port
+from throttle import ThrottlingProxy
 
-from hingeloss import LossClient, UnavailableError
+from hingeloss import NO_RETRY, LossClient, UnavailableError
 from hingeloss.health import check
 from hingeloss_server.cli import config_from_args
 
@@ -43,17 +45,6 @@ def test_invalid_configuration_names_the_field(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         config_from_args(["--workers-per-device", "0"])
     assert "workers_per_device must be >= 1, got 0" in capsys.readouterr().err
-
-
-def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text())
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early with {process.returncode}")
-        time.sleep(0.05)
-    raise AssertionError("server did not start")
 
 
 def _free_port() -> int:
@@ -110,7 +101,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], in
         stderr=subprocess.PIPE,
     )
     try:
-        yield process, _wait_for_port(port_file, process), metrics_port
+        yield process, wait_for_port(port_file, process), metrics_port
     finally:
         if process.poll() is None:
             process.kill()
@@ -184,7 +175,7 @@ def test_make_serve_starts_a_serving_server(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        port = _wait_for_port(port_file, process, timeout=240)
+        port = wait_for_port(port_file, process, timeout=240)
         health = subprocess.run(
             [str(BIN / "hingeloss-health"), "--target", f"127.0.0.1:{port}"],
             capture_output=True,
@@ -234,3 +225,54 @@ def test_allocator_keeps_freed_memory_on_glibc() -> None:
 
     # Linux with glibc here; elsewhere it reports False and changes nothing.
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def _drain_under_sigterm(tmp_path: Path, *, up_bps: float | None, down_bps: float | None) -> None:
+    """Eight callers, each on its own connection through a pacing proxy, 8 MB each way.
+
+    SIGTERM lands once every transfer in the paced direction is 1 MB in: gRPC has
+    accepted every call. Each must be answered OK, and the server must exit 0.
+    """
+    callers, rows = 8, 2 << 20
+    scores = np.random.default_rng(1).normal(size=rows).astype(np.float32)
+    labels = np.ones(rows, np.float32)
+    expected = float(np.maximum(0.0, 1.0 - scores.astype(np.float64)).mean())
+    with (
+        spawn_server(tmp_path, "--drain-seconds", "60") as (process, port),
+        ThrottlingProxy(("127.0.0.1", port), up_bps=up_bps, down_bps=down_bps) as proxy,
+    ):
+        results: list[object] = []
+
+        def call() -> None:
+            # A private connection each: in-process channels would share one.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with LossClient(proxy.target, retry=NO_RETRY, timeout=120, options=options) as c:
+                try:
+                    results.append(c.binary_hinge(scores, labels).loss)
+                except Exception as error:  # recorded and asserted on below
+                    results.append(error)
+
+        threads = [threading.Thread(target=call) for _ in range(callers)]
+        for thread in threads:
+            thread.start()
+        paced = "up" if up_bps is not None else "down"
+        assert proxy.wait_until(
+            lambda ts: sum(getattr(t, paced) >= 1 << 20 for t in ts) >= callers, 120
+        )
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        assert process.wait(60) == 0
+    assert [r if isinstance(r, Exception) else "OK" for r in results] == ["OK"] * callers
+    assert results == pytest.approx([expected] * callers, rel=1e-5)
+    assert not any(t.reset for t in proxy.transfers)
+
+
+@pytest.mark.slow
+def test_sigterm_answers_calls_whose_requests_are_still_arriving(tmp_path: Path) -> None:
+    _drain_under_sigterm(tmp_path, up_bps=4 << 20, down_bps=None)
+
+
+@pytest.mark.slow
+def test_sigterm_lets_slow_downloads_finish(tmp_path: Path) -> None:
+    _drain_under_sigterm(tmp_path, up_bps=None, down_bps=4 << 20)

@@ -319,7 +319,7 @@ def test_request_byte_limit_flag_and_environment(monkeypatch: pytest.MonkeyPatch
 def test_inflight_byte_budget_sheds_with_retry_info(make_server: Callable[..., Any]) -> None:
     """Everything held for requests is bounded, not only the queue: beyond it, shed."""
     hook = FaultHook()
-    scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of 2 KiB
+    scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of about 3 KiB
     config = server_config(batching=BatchingConfig(max_inflight_bytes=3 * 1024))
     server = make_server(config, fault_hook=hook)
     with (
@@ -338,3 +338,40 @@ def test_inflight_byte_budget_sheds_with_retry_info(make_server: Callable[..., A
     assert after.loss == pytest.approx(1.0)
     assert server.server.batcher.stats.bytes == 0
     assert server.server.budget.used == 0
+
+
+def test_refused_requests_are_freed_at_once(make_server: Callable[..., Any]) -> None:
+    """A refused request's message is freed when it is refused, not by a later GC pass.
+
+    The garbage collector is off while the requests go in: anything a reference
+    cycle (or a suspended generator) keeps alive stays alive, and shows.
+    """
+    import gc
+    import tracemalloc
+
+    from hingeloss.v1 import loss_service_pb2 as pb
+
+    server = make_server(server_config())
+    request = pb.ComputeRequest(
+        gan_generator=pb.GanGenerator(
+            fake_scores=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1 << 20], data=bytes(4 * MIB))
+        ),
+        reduction=99,  # refused at decode: INVALID_ARGUMENT
+    ).SerializeToString()
+    options = [("grpc.max_send_message_length", 64 * MIB)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        call = channel.unary_unary("/hingeloss.v1.LossService/Compute")
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            for _ in range(10):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(request, timeout=30)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+    # Ten messages of 4 MiB went in; at most one may still be on its way out.
+    assert held < 6 * MIB, held

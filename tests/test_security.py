@@ -7,6 +7,9 @@ handed to the server as its --tls-cert, --tls-key and --tls-client-ca files.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import trustme
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hooks import FaultHook
 from prometheus_client import CollectorRegistry
-from support import server_config
+from support import compute_without_a_request, memory_kib, server_config, spawn_server
 
 from hingeloss import (
     NO_RETRY,
@@ -160,10 +163,10 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
     server = make_server(
         server_config(security=SecurityConfig(auth_token_file=token_file)), registry=registry
     )
-    assert _call(server.target, token=TOKEN) == pytest.approx(EXPECTED)
+    assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
     for token in (None, "wrong", TOKEN + "x", TOKEN[:-1], ""):
         with pytest.raises(UnauthenticatedError):
-            _call(server.target, token=token)
+            _call(server.target, token=token, local_token=True)
     with LossClient(server.target, retry=NO_RETRY, timeout=5) as client:
         with pytest.raises(UnauthenticatedError):
             client.server_info()
@@ -173,13 +176,33 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
         # Probes carry no credentials: health stays open.
         assert client.health() == "SERVING"
         assert client.health(SERVICE_NAME) == "SERVING"
-    with LossClient(server.target, token=TOKEN, timeout=5) as client:
+    with LossClient(server.target, token=TOKEN, timeout=5, local_token=True) as client:
         assert client.server_info().version
     rejected = registry.get_sample_value(
         "hingeloss_requests_rejected_total", {"reason": "unauthenticated"}
     )
     assert rejected is not None
     assert rejected >= 7
+
+
+async def test_the_sdk_sends_a_token_only_over_tls_or_to_this_machine_when_asked(
+    make_server: Callable[..., Any], token_file: Path
+) -> None:
+    """The token goes as call credentials, which gRPC refuses to send in plaintext."""
+    server = make_server(server_config(security=SecurityConfig(auth_token_file=token_file)))
+    for client_type in (LossClient, AsyncLossClient):
+        with pytest.raises(ValueError, match="a bearer token needs TLS credentials"):
+            client_type(server.target, token=TOKEN)
+    async with AsyncLossClient(server.target, token=TOKEN, local_token=True) as client:
+        assert (await client.binary_hinge(SCORES, LABELS)).loss == pytest.approx(EXPECTED)
+        async with client.stream() as stream:
+            streamed = stream.binary_hinge(SCORES, LABELS)
+        assert (await streamed).loss == pytest.approx(EXPECTED)
+    # By name too: gRPC's local credentials accept any loopback peer.
+    with LossClient(
+        f"localhost:{server.server.port}", token=TOKEN, local_token=True, retry=NO_RETRY
+    ) as client:
+        assert client.binary_hinge(SCORES, LABELS).loss == pytest.approx(EXPECTED)
 
 
 def test_token_is_checked_exactly(make_server: Callable[..., Any], token_file: Path) -> None:
@@ -212,6 +235,48 @@ def test_token_is_checked_exactly(make_server: Callable[..., Any], token_file: P
         )
         names = [s.name for a in answers for s in a.list_services_response.service]
         assert SERVICE_NAME in names
+
+
+def _unauthenticated_upload(target: str, megabytes: int) -> grpc.StatusCode:
+    request = pb.ComputeRequest(
+        gan_generator=pb.GanGenerator(
+            fake_scores=pb.Tensor(
+                dtype=pb.DTYPE_FLOAT32, shape=[megabytes << 18], data=bytes(megabytes << 20)
+            )
+        )
+    )
+    options = [("grpc.max_send_message_length", 1 << 30)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        try:
+            pb_grpc.LossServiceStub(channel).Compute(request, timeout=60)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_no_token_is_refused_on_the_headers_before_the_body_is_read(
+    tmp_path: Path, token_file: Path
+) -> None:
+    """No token: UNAUTHENTICATED before the message arrives; the server holds none of it."""
+    with spawn_server(tmp_path, "--auth-token-file", str(token_file)) as (process, port):
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as channel:
+            error = compute_without_a_request(channel, timeout=20)
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED, error.details()
+        # Four 100 MB uploads at once: the server's peak RSS does not move.
+        before = memory_kib(process.pid)
+        codes: list[grpc.StatusCode] = []
+        uploads = [
+            threading.Thread(target=lambda: codes.append(_unauthenticated_upload(target, 100)))
+            for _ in range(4)
+        ]
+        for upload in uploads:
+            upload.start()
+        for upload in uploads:
+            upload.join(120)
+        after = memory_kib(process.pid)
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert after["VmHWM"] - before["VmHWM"] < 64 << 10, (before, after)
 
 
 def test_token_over_tls_and_mutual_tls(
@@ -255,6 +320,33 @@ def test_security_flags_and_environment(
         config_from_args(["--tls-cert", str(pki.server_cert)])  # no key
     with pytest.raises(SystemExit):
         config_from_args(["--tls-client-ca", str(pki.client_ca)])  # mTLS without TLS
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \t\n  \n"])
+def test_a_token_file_of_whitespace_refuses_to_start(
+    make_server: Callable[..., Any], tmp_path: Path, content: str
+) -> None:
+    """An empty token would make `authorization: Bearer ` a valid credential."""
+    blank = tmp_path / "token"
+    blank.write_text(content)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hingeloss_server",
+            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--devices", "cpu"),
+            *("--auth-token-file", str(blank)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert process.returncode == 2, process.stderr
+    assert "auth_token_file must be a file holding a token, not only whitespace" in process.stderr
+    # Built in-process (no flags), the server refuses too, before it binds.
+    with pytest.raises(ValueError, match="auth_token_file"):
+        make_server(server_config(security=SecurityConfig(auth_token_file=blank)))
 
 
 # ---- what errors may say -----------------------------------------------------------------

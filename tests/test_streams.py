@@ -245,6 +245,26 @@ async def test_async_bad_request_fails_alone_and_aborts_the_rest(
     _check_bad_in_the_middle(outcomes, cases)
 
 
+async def test_async_writes_racing_the_abort_report_the_status_the_server_sent(
+    shared_server: ServerThread,
+) -> None:
+    """Requests still being written when the server ends the call fail with its status.
+
+    Such a write fails with a local INTERNAL ("Internal error from Core") that
+    gRPC also stores as the call's status; the server's INVALID_ARGUMENT must win.
+    """
+    cases = _cases(40)
+    cases[0] = _bad(cases[0])
+    async with AsyncLossClient(shared_server.target) as client:
+        for _ in range(30):
+            async with client.stream(max_in_flight=64) as stream:
+                outcomes = await _outcomes(
+                    [stream.binary_hinge(c["scores"], c["labels"]) for c in cases]
+                )
+            assert isinstance(outcomes[0], InvalidArgumentError), outcomes[0]
+            assert all(isinstance(o, StreamAbortedError) for o in outcomes[1:])
+
+
 def test_sync_bad_request_fails_alone_and_aborts_the_rest(shared_server: ServerThread) -> None:
     cases = _cases(6)
     cases[2] = _bad(cases[2])

@@ -95,3 +95,15 @@ def test_result_bytes_view_tensor_memory() -> None:
     assert isinstance(grad, WireArray)
     assert isinstance(grad.data, memoryview)
     assert grad.data.nbytes == 64 * 8
+
+
+def test_join_without_gil_builds_the_same_bytes() -> None:
+    from hingeloss_server.wire import join_without_gil
+
+    rng = np.random.default_rng(3)
+    tensor = rng.normal(size=(1000, 300)).astype(np.float32)
+    pieces = [b"\x0a\x05", memoryview(tensor).cast("B"), b"", b"tail" * 1000]
+    joined = join_without_gil(pieces, sum(memoryview(p).nbytes for p in pieces))
+    assert type(joined) is bytes
+    assert joined == b"".join(pieces)
+    assert hash(joined) == hash(b"".join(pieces))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,8 +16,8 @@ from hingeloss.channel import (
     DEFAULT_TIMEOUT_S,
     Retrier,
     RetryPolicy,
-    call_metadata,
     open_channel,
+    with_token,
 )
 from hingeloss.errors import CancelledError, HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
@@ -26,6 +26,8 @@ from hingeloss.results import LossResult, decode_response
 from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
@@ -42,14 +44,19 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        local_token: bool = False,
     ) -> None:
         self._channel = open_channel(
-            grpc.aio, target, credentials, compression, max_message_bytes, options
+            grpc.aio,
+            target,
+            with_token(credentials, token, local_token=local_token),
+            compression,
+            max_message_bytes,
+            options,
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
-        self._metadata = call_metadata(token)
         self._retry = Retrier(retry or RetryPolicy())
 
     def _submit(
@@ -69,9 +76,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                response = await self._stub.Compute(
-                    request, timeout=remaining, metadata=self._metadata
-                )
+                response = await self._stub.Compute(request, timeout=remaining)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 remaining = None if deadline is None else deadline - loop.time()
@@ -97,7 +102,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
         """What the server computes and the limits it enforces."""
         try:
             info: pb.ServerInfo = await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout, metadata=self._metadata
+                pb.GetServerInfoRequest(), timeout=self._timeout
             )
         except grpc.RpcError as rpc_error:
             raise from_rpc_error(rpc_error) from rpc_error
@@ -122,9 +127,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
                 stream may live as long as the training run).
         """
         per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
-        return AsyncLossStream(
-            self._stub, max_in_flight, per_request, stream_timeout, self._metadata
-        )
+        return AsyncLossStream(self._stub, max_in_flight, per_request, stream_timeout)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -166,7 +169,6 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         max_in_flight: int,
         timeout: float | None,
         stream_timeout: float | None,
-        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -181,7 +183,9 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
             clock=self._loop.time,
             timeout=timeout,
         )
-        self._call = stub.ComputeStream(timeout=stream_timeout, metadata=metadata)
+        self._call = stub.ComputeStream(timeout=stream_timeout)
+        self._final: grpc.RpcError | None = None
+        self._call.add_done_callback(self._on_call_done)
         self._writer = asyncio.create_task(self._write_all())
         self._reader = asyncio.create_task(self._read_all())
 
@@ -194,6 +198,19 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         future: asyncio.Future[LossResult] = self._loop.create_future()
         self._state.submit(future, kind, request, deadline=self._state.deadline())
         return future
+
+    def _on_call_done(self, call: grpc.aio.Call) -> None:
+        """Keeps the status the call ended with, as it is set.
+
+        A write that races the server's end of the call fails afterwards and
+        overwrites the call's status with a local INTERNAL ("Internal error from
+        Core"); the status the server sent is the one every caller must see.
+        """
+        self._final = _status_error(call)
+
+    def _error(self, rpc_error: grpc.RpcError) -> HingelossError:
+        """The error to report for a failed read or write: the call's own status first."""
+        return _stream_error(self._final or rpc_error)
 
     def _changed(self) -> None:
         self._wake.set()
@@ -232,7 +249,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         try:
             await self._call.write(request)
         except grpc.RpcError as rpc_error:
-            self._state.finish(_stream_error(rpc_error))
+            self._state.finish(self._error(rpc_error))
             return False
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
@@ -258,7 +275,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                     return
                 self._state.answer(response)
         except grpc.RpcError as rpc_error:
-            self._state.finish(_stream_error(rpc_error))
+            self._state.finish(self._error(rpc_error))
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
             if not self._call.cancelled():
@@ -304,6 +321,29 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         if exc is not None:
             self._call.cancel()
         await self.close()
+
+
+def _now(status: Coroutine[Any, Any, T]) -> T:
+    """The value of a call's status accessor once the call is done (it does not wait then)."""
+    try:
+        status.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    status.close()
+    raise RuntimeError("the call is not done")
+
+
+def _status_error(call: grpc.aio.Call) -> grpc.RpcError | None:
+    """The status a done call ended with, as an RpcError; None when it is OK."""
+    code = _now(call.code())
+    if code is grpc.StatusCode.OK:
+        return None
+    return grpc.aio.AioRpcError(
+        code,
+        _now(call.initial_metadata()),
+        _now(call.trailing_metadata()),
+        _now(call.details()),
+    )
 
 
 def _stream_error(rpc_error: grpc.RpcError) -> HingelossError:

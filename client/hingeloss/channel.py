@@ -201,6 +201,34 @@ def channel_options(
     ]
 
 
+def with_token(
+    credentials: grpc.ChannelCredentials | None, token: str | None, *, local_token: bool = False
+) -> grpc.ChannelCredentials | None:
+    """Channel credentials that also send `authorization: Bearer <token>` on every call.
+
+    The token travels as gRPC call credentials (`access_token_call_credentials`),
+    which gRPC sends only over a secure channel: with TLS `credentials`, or, with
+    `local_token=True`, over a plaintext connection to this machine
+    (`local_channel_credentials`: loopback or a Unix socket), meant for tests and
+    local development. A token with neither is refused, never sent in the clear.
+
+    Raises:
+        ValueError: a token without TLS credentials and without `local_token`.
+    """
+    if not token:
+        return credentials
+    if credentials is None:
+        if not local_token:
+            raise ValueError(
+                "a bearer token needs TLS credentials; for a server on this machine "
+                "without TLS, pass local_token=True"
+            )
+        credentials = grpc.local_channel_credentials()
+    return grpc.composite_channel_credentials(
+        credentials, grpc.access_token_call_credentials(token)
+    )
+
+
 def open_channel(
     api: Any,
     target: str,
@@ -214,8 +242,3 @@ def open_channel(
     if credentials is None:
         return api.insecure_channel(target, args, compression)
     return api.secure_channel(target, credentials, args, compression)
-
-
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Per-call metadata: the bearer token, when one is set (works with or without TLS)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()

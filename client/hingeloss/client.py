@@ -17,8 +17,8 @@ from hingeloss.channel import (
     DEFAULT_TIMEOUT_S,
     Retrier,
     RetryPolicy,
-    call_metadata,
     open_channel,
+    with_token,
 )
 from hingeloss.errors import DeadlineExceededError, HingelossError, from_rpc_error
 from hingeloss.methods import LossMethods
@@ -37,12 +37,16 @@ class LossClient(LossMethods[LossResult]):
             calls are spread round-robin over every address.
         timeout: default deadline of each call, in seconds (None: no deadline).
         credentials: grpc.ssl_channel_credentials(...) for TLS / mTLS.
-        token: bearer token sent as `authorization` metadata.
+        token: bearer token, sent as gRPC call credentials (`authorization: Bearer
+            <token>`) and so only over TLS, unless `local_token` says otherwise.
         compression: e.g. grpc.Compression.Gzip (off by default).
         max_message_bytes: send and receive limit (the server's default: 512 MiB).
         retry: retries of UNAVAILABLE and load shedding, throttled per client
             (see RetryPolicy).
         options: extra channel arguments.
+        local_token: send the token over a plaintext connection to this machine
+            (loopback or a Unix socket; `grpc.local_channel_credentials`), for
+            tests and local development. Without TLS or this, a token is refused.
 
     Example:
         >>> with LossClient("localhost:50051") as client:
@@ -61,14 +65,19 @@ class LossClient(LossMethods[LossResult]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        local_token: bool = False,
     ) -> None:
         self._channel = open_channel(
-            grpc, target, credentials, compression, max_message_bytes, options
+            grpc,
+            target,
+            with_token(credentials, token, local_token=local_token),
+            compression,
+            max_message_bytes,
+            options,
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
-        self._metadata = call_metadata(token)
         self._retry = Retrier(retry or RetryPolicy())
 
     def _submit(self, loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> LossResult:
@@ -83,9 +92,7 @@ class LossClient(LossMethods[LossResult]):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                response: pb.ComputeResponse = self._stub.Compute(
-                    request, timeout=remaining, metadata=self._metadata
-                )
+                response: pb.ComputeResponse = self._stub.Compute(request, timeout=remaining)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -111,7 +118,7 @@ class LossClient(LossMethods[LossResult]):
         """What the server computes and the limits it enforces."""
         try:
             info: pb.ServerInfo = self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout, metadata=self._metadata
+                pb.GetServerInfoRequest(), timeout=self._timeout
             )
         except grpc.RpcError as rpc_error:
             raise from_rpc_error(rpc_error) from rpc_error
@@ -136,7 +143,7 @@ class LossClient(LossMethods[LossResult]):
                 stream may live as long as the training run).
         """
         per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
-        return LossStream(self._stub, max_in_flight, per_request, stream_timeout, self._metadata)
+        return LossStream(self._stub, max_in_flight, per_request, stream_timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -176,7 +183,6 @@ class LossStream(LossMethods["Future[LossResult]"]):
         max_in_flight: int,
         timeout: float | None,
         stream_timeout: float | None,
-        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -190,9 +196,7 @@ class LossStream(LossMethods["Future[LossResult]"]):
             timeout=timeout,
         )
         self._timeout = timeout
-        self._responses = stub.ComputeStream(
-            self._requests(), timeout=stream_timeout, metadata=metadata
-        )
+        self._responses = stub.ComputeStream(self._requests(), timeout=stream_timeout)
         self._reader = threading.Thread(target=self._read, name="hingeloss-stream", daemon=True)
         self._reader.start()
         if timeout is not None:

@@ -165,7 +165,7 @@ def to_torch(tensor: pb.Tensor) -> torch.Tensor:
     return torch_view(tensor.data, tensor.dtype, tuple(tensor.shape))
 
 
-def torch_view(data: bytes, wire: int, shape: Sequence[int]) -> torch.Tensor:
+def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> torch.Tensor:
     """A CPU torch tensor viewing `data` (no copy), of wire dtype `wire` and `shape`."""
     import torch
 

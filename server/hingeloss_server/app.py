@@ -3,8 +3,9 @@
 Start-up order: metrics, batcher and worker pool, servicer, health (NOT_SERVING)
 and reflection, interceptors, bind, start, warm every worker up, then health
 SERVING: the port answers health checks during warm-up. Shutdown runs the other
-way: health NOT_SERVING, optional delay for load balancers, stop taking work,
-drain in-flight requests, stop the server, then the workers.
+way: health NOT_SERVING, optional delay for load balancers, refuse new calls,
+answer every accepted one and wait for its answer's delivery (within the drain
+time), stop the gRPC server, then the queue and the workers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from prometheus_client import CollectorRegistry, gc_collector, platform_collecto
 
 from hingeloss_server.batching import Batcher
 from hingeloss_server.budget import ByteBudget
-from hingeloss_server.config import ServerConfig
+from hingeloss_server.config import ServerConfig, read_token
 from hingeloss_server.decode import decode_request
+from hingeloss_server.drain import wait_until_delivered
 from hingeloss_server.errors import DrainingError
 from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
@@ -113,6 +115,7 @@ class HingelossServer:
         self._metrics_http: object | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._servicer: LossServicer | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -131,7 +134,7 @@ class HingelossServer:
 
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if config.security.auth_token_file is not None:
-            token = config.security.auth_token_file.read_text().strip()
+            token = read_token(config.security.auth_token_file)
             interceptors.append(TokenAuthInterceptor(token, self.metrics))
         # Innermost, so that unauthenticated garbage is refused as unauthenticated.
         interceptors.append(ParseGuardInterceptor())
@@ -148,8 +151,10 @@ class HingelossServer:
             lambda: server_info(
                 self.pool.device_names, len(self.pool.workers), config.limits, config.batching
             ),
+            arrival_seconds=config.request_arrival_seconds,
         )
         add_to_server(servicer, server)
+        self._servicer = servicer
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.reflection:
             reflection.enable_server_reflection(
@@ -222,10 +227,18 @@ class HingelossServer:
         await self.health.enter_graceful_shutdown()
         if config.shutdown_delay_seconds > 0:
             await asyncio.sleep(config.shutdown_delay_seconds)
-        self.batcher.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.drain_seconds
+        if self._servicer is not None:
+            # New calls are refused from here; every accepted one (its request still
+            # arriving included) is computed and answered, and its answer delivered,
+            # before gRPC closes the connections (see drain.py).
+            self._servicer.drain()
+            await self._servicer.calls.wait_idle(deadline - loop.time())
+            await wait_until_delivered(self.port, deadline - loop.time())
         if self._server is not None:
-            # New RPCs are refused from here; accepted ones get the grace period.
-            await self._server.stop(config.drain_seconds)
+            await self._server.stop(max(0.0, deadline - loop.time()))
+        self.batcher.close()
         self.batcher.fail_all(DrainingError("the server stopped before this request was computed"))
         await self.pool.stop()
         if self._metrics_http is not None:

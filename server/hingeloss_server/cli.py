@@ -21,6 +21,7 @@ from hingeloss_server.config import (
     SecurityConfig,
     ServerConfig,
     WorkerConfig,
+    read_token,
 )
 
 ENV_PREFIX = "HINGELOSS_"
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight-bytes",
         int,
         batching.max_inflight_bytes,
-        "bytes held for requests (2x their tensors, queued to answered) before shedding load",
+        "bytes held for requests (message, result and answer: about 3x their tensors) "
+        "before shedding load",
     )
     p.add("--max-request-rows", int, limits.max_request_rows, "rows per request at most")
     p.add("--max-request-elements", int, limits.max_request_elements, "elements per tensor at most")
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--tls-key", Path, None, "PEM private key")
     p.add("--tls-client-ca", Path, None, "PEM CA bundle; requires client certificates (mTLS)")
     p.add("--auth-token-file", Path, None, "require 'authorization: Bearer <token>' from this file")
+    p.add(
+        "--request-arrival-seconds",
+        float,
+        defaults.request_arrival_seconds,
+        "refuse a Compute request (DEADLINE_EXCEEDED) whose message takes longer to arrive",
+    )
     p.add("--log-level", str, defaults.log_level, "DEBUG, INFO, WARNING or ERROR")
     p.add("--log-format", str, defaults.log_format, "text or json")
     return p.parser
@@ -154,7 +162,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return ServerConfig(
+        config = ServerConfig(
             host=args.host,
             port=args.port,
             port_file=args.port_file,
@@ -192,8 +200,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
                 tls_client_ca=args.tls_client_ca,
                 auth_token_file=args.auth_token_file,
             ),
+            request_arrival_seconds=args.request_arrival_seconds,
         )
-    except ValueError as error:
+        if config.security.auth_token_file is not None:
+            read_token(config.security.auth_token_file)  # refuse to start on an empty token
+        return config
+    except (ValueError, OSError) as error:
         parser.error(str(error))
         raise  # unreachable: error() exits
 

@@ -62,8 +62,9 @@ class BatchingConfig:
     # queue is at most three quarters full, and is not starved by a stream of small ones.
     max_queue_rows: int = 1 << 24
     max_queue_bytes: int = 2048 * MIB
-    # Everything held for requests (queued, computing, answers not yet sent), at twice
-    # each request's tensor bytes; beyond it requests are shed like a full queue.
+    # Everything held for requests (queued, computing, answers not yet sent): each
+    # request's message, result and serialized answer (budget.held_bytes, about three
+    # times its tensor bytes); beyond it requests are shed like a full queue.
     max_inflight_bytes: int = 4096 * MIB
 
     def __post_init__(self) -> None:
@@ -137,6 +138,20 @@ class SecurityConfig:
         return self.tls_cert is not None
 
 
+def read_token(path: Path) -> str:
+    """The bearer token in `path`, without surrounding whitespace.
+
+    Raises:
+        ValueError: the file holds only whitespace, which would make the empty
+            token (`authorization: Bearer `) valid.
+    """
+    token = path.read_text().strip()
+    _require(
+        bool(token), "auth_token_file", "a file holding a token, not only whitespace", str(path)
+    )
+    return token
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `hingeloss-server` needs; one per process."""
@@ -162,9 +177,18 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     workers: WorkerConfig = field(default_factory=WorkerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # A Compute request whose message has not arrived in full after this long is
+    # refused (DEADLINE_EXCEEDED), so a stalled upload without a deadline is not held forever.
+    request_arrival_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "in [0, 65535]", self.port)
+        _require(
+            self.request_arrival_seconds > 0,
+            "request_arrival_seconds",
+            "> 0",
+            self.request_arrival_seconds,
+        )
         _require(
             0 <= self.metrics_port <= 65535, "metrics_port", "in [0, 65535]", self.metrics_port
         )

@@ -29,6 +29,7 @@ from hingeloss_server.jobs import (
     RequestOptions,
     set_rows,
 )
+from hingeloss_server.request_wire import ParsedRequest
 
 FLOAT_WIRE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 _INT_WIRE_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)
@@ -81,9 +82,10 @@ def _power(message: object, field: str) -> int:
 class _Decoder:
     """Decodes one request's tensors under the server's limits."""
 
-    def __init__(self, limits: LimitsConfig, loss_field: str) -> None:
+    def __init__(self, limits: LimitsConfig, loss_field: str, parsed: ParsedRequest) -> None:
         self._limits = limits
         self._prefix = loss_field
+        self._parsed = parsed
         self.nbytes = 0
 
     def field(self, name: str) -> str:
@@ -101,8 +103,9 @@ class _Decoder:
     ) -> torch.Tensor | None:
         """Checks and wraps one tensor; `top_level` names a field of the request itself."""
         field = name if top_level else self.field(name)
+        owner = "" if top_level else self._prefix
         # ByteSize, not `data`: under upb every read of a bytes field is a fresh copy.
-        if message.ByteSize() == 0:
+        if message.ByteSize() == 0 and not self._parsed.has_data(owner, name):
             if required:
                 raise InvalidInputError(field, "is required")
             return None
@@ -136,7 +139,9 @@ class _Decoder:
                 f"{self._limits.max_request_elements}",
             )
         expected = elements * tensors.BY_WIRE[message.dtype].itemsize
-        data = message.data  # the one copy out of the message; the tensor views it
+        # The received bytes themselves for a large request (request_wire.py); a copy
+        # out of the message otherwise. The tensor views them.
+        data = self._parsed.tensor_data(owner, name, message)
         if len(data) != expected:
             raise InvalidInputError(
                 f"{field}.data",
@@ -164,12 +169,14 @@ def _required(tensor: torch.Tensor | None) -> torch.Tensor:
     return tensor
 
 
-def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
+def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsConfig) -> LossJob:
     """Checks a request's structure and wraps its tensors without copying them.
 
     Raises:
         InvalidInputError: naming the first offending field.
     """
+    parsed = request if isinstance(request, ParsedRequest) else ParsedRequest(request, 0)
+    request = parsed.message
     loss_field = request.WhichOneof("loss")
     if loss_field is None:
         raise InvalidInputError("loss", "one loss must be set")
@@ -181,7 +188,7 @@ def decode_request(request: pb.ComputeRequest, limits: LimitsConfig) -> LossJob:
         raise InvalidInputError("gradient_format", f"unknown enum value {request.gradient_format}")
     kind = LossKind(loss_field)
     message = getattr(request, loss_field)
-    decoder = _Decoder(limits, loss_field)
+    decoder = _Decoder(limits, loss_field, parsed)
     job = _DECODERS[kind](message, decoder)
     if gradient_format is GradientFormat.FACTORED:
         _check_factorable(job.key)

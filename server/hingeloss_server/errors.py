@@ -35,6 +35,10 @@ class DeadlineExpiredError(HingelossError):
     """The request's deadline passed while it waited in the queue."""
 
 
+class ArrivalTimeoutError(HingelossError):
+    """A request's message did not arrive in full within the server's limit."""
+
+
 class DrainingError(HingelossError):
     """The server is shutting down and takes no new work."""
 

@@ -61,10 +61,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = _code_of(context, error).name
             metrics.child(metrics.grpc_handled, service, method, code).inc()
 
-        if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
+        # Unary responses, whether the request is one message or a stream of them.
+        behaviour = handler.unary_unary or handler.stream_unary
+        if behaviour is not None:
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 error: BaseException | None = None
                 try:
@@ -75,8 +76,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     record(context, started, error)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return make(
+                unary_response,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -105,22 +111,29 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+async def _deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    yield  # pragma: no cover - makes this an async generator
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC but health and reflection."""
+    """Requires `authorization: Bearer <token>` on every RPC but health and reflection.
+
+    A caller without the token is refused on its headers, before any of its
+    message is read: the refusal handlers take a request *stream*, which gRPC
+    hands over without reading it (a unary handler would wait for, and hold,
+    the whole message first, however large it claims to be).
+    """
 
     def __init__(self, token: str, metrics: Metrics) -> None:
         self._expected = f"Bearer {token}".encode()
         self._metrics = metrics
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-        async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-            yield  # pragma: no cover - makes this an async generator
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+        self._deny = grpc.stream_unary_rpc_method_handler(_deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(_deny_stream)
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
@@ -137,6 +150,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         self._metrics.rejected.labels("unauthenticated").inc()
         handler = await continuation(handler_call_details)
-        if handler is not None and handler.stream_stream is not None:
+        if handler is not None and handler.response_streaming:
             return self._deny_stream
         return self._deny

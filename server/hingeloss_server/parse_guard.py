@@ -28,10 +28,13 @@ class _Unparsable:
 UNPARSABLE = _Unparsable()
 
 
+def unparsable_error() -> InvalidInputError:
+    """The refusal of a message that is not valid protobuf (its bytes are not echoed)."""
+    return InvalidInputError("request", "is not a valid protobuf message of this method's type")
+
+
 def _status() -> grpc.Status:
-    return error_status(
-        InvalidInputError("request", "is not a valid protobuf message of this method's type")
-    )
+    return error_status(unparsable_error())
 
 
 def _guard(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

@@ -14,17 +14,28 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
-from hingeloss_server.budget import ByteBudget
+from hingeloss_server.budget import ByteBudget, held_bytes
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
-from hingeloss_server.errors import ComputeFailedError, HingelossError, OverloadedError
+from hingeloss_server.drain import CallTracker
+from hingeloss_server.errors import (
+    ArrivalTimeoutError,
+    ComputeFailedError,
+    DrainingError,
+    HingelossError,
+    InvalidInputError,
+    OverloadedError,
+)
 from hingeloss_server.jobs import FactoredRows, JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
+from hingeloss_server.parse_guard import unparsable_error
+from hingeloss_server.request_wire import ParsedRequest, parse_request
 from hingeloss_server.status import error_status, status_mapping
 from hingeloss_server.wire import encode_response
 
@@ -33,6 +44,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 # Suggested wait when the in-flight byte budget is spent (answers drain in milliseconds).
 INFLIGHT_RETRY_S = 0.05
+# Answers at least this large are serialized on a thread, not on the event loop.
+ENCODE_OFF_LOOP_BYTES = 1 << 20
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
 
@@ -59,38 +72,88 @@ class LossServicer(pb_grpc.LossServiceServicer):
         budget: ByteBudget,
         metrics: Metrics,
         server_info: Callable[[], pb.ServerInfo],
+        *,
+        arrival_seconds: float = 300.0,
     ) -> None:
         self._limits = limits
         self._batcher = batcher
         self._budget = budget
         self._metrics = metrics
         self._server_info = server_info
+        self._arrival_seconds = arrival_seconds
+        self._draining = False
+        self._drained = asyncio.Event()
+        # Compute and ComputeStream calls in progress, for a shutdown to wait on.
+        self.calls = CallTracker()
 
-    async def _compute_one(
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
+    def drain(self) -> None:
+        """Shutdown has begun: new calls, and new requests on open streams, are refused.
+
+        Calls already accepted (their request still arriving included) are answered;
+        streams answer what they have read, then end with UNAVAILABLE.
+        """
+        self._draining = True
+        self._drained.set()
+
+    def _refuse(self, error: HingelossError) -> None:
+        """Counts a call refused before its request was read or parsed."""
+        mapping = status_mapping(error)
+        self._metrics.request_done("none", mapping.code, None)
+        if mapping.rejected is not None:
+            self._metrics.rejected.labels(mapping.rejected).inc()
+
+    async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
+        """The call's one request message, within the arrival limit.
+
+        Read with `context.read()`, not the request iterator: the iterator is an async
+        generator that would keep the last message it yielded (megabytes) alive in its
+        frame until the garbage collector finds it.
+        """
+        try:
+            raw = await asyncio.wait_for(context.read(), self._arrival_seconds)
+        except TimeoutError:
+            raise ArrivalTimeoutError(
+                f"the request did not arrive within {self._arrival_seconds:g} s"
+            ) from None
+        if raw is grpc.aio.EOF:
+            raise InvalidInputError("request", "the call carried no request message")
+        try:
+            return parse_request(raw)
+        except DecodeError:
+            raise unparsable_error() from None
+
+    async def _compute_one(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> bytes:
         """Decodes, queues and encodes one request; raises HingelossError on failure."""
         started = time.perf_counter()
+        request = parsed.message
         loss = request.WhichOneof("loss") or "none"
         self._metrics.inflight.inc()
         charge = 0
         try:
-            job = decode_request(request, self._limits)
+            job = decode_request(parsed, self._limits)
             self._metrics.received_bytes.inc(job.nbytes)
-            if not self._budget.try_acquire(2 * job.nbytes):
+            cost = held_bytes(parsed.nbytes, job.nbytes)
+            if not self._budget.try_acquire(cost):
                 raise OverloadedError(
                     "inflight_full",
                     INFLIGHT_RETRY_S,
                     f"the server holds {self._budget.used} bytes for requests in flight; "
                     f"retry in {INFLIGHT_RETRY_S}s",
                 )
-            charge = 2 * job.nbytes
+            charge = cost
             remaining = context.time_remaining()
             if remaining is not None:
                 job.deadline = asyncio.get_running_loop().time() + remaining
             result = await self._batcher.submit(job)
-            response = encode_response(job, result)
-            self._metrics.sent_bytes.inc(_payload_bytes(result))
+            payload = _payload_bytes(result)
+            if payload < ENCODE_OFF_LOOP_BYTES:
+                response = encode_response(job, result)
+            else:
+                # The final join copies the whole answer (with the GIL released): off the
+                # event loop, other callers' calls go on meanwhile.
+                loop = asyncio.get_running_loop()
+                response = await loop.run_in_executor(None, encode_response, job, result)
+            self._metrics.sent_bytes.inc(payload)
             self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
             self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
             return response
@@ -116,17 +179,35 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.inflight.dec()
 
     async def Compute(  # noqa: N802 - gRPC method name
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> bytes:
-        try:
-            return await self._compute_one(request, context)
-        except HingelossError as error:
-            await _abort(context, error, {"requestId": _short(request.request_id)})
-            raise  # unreachable: abort raises
+        """One request, one answer; registered with a request *stream* of raw bytes.
+
+        So the handler starts on the call's headers: a call is accepted (and counted
+        for a graceful shutdown) from then on, however long its message takes to
+        arrive, and a message that never arrives is refused after the arrival limit.
+        """
+        with self.calls.track():
+            try:
+                if self._draining:
+                    raise DrainingError("the server is shutting down")
+                request = await self._receive(context)
+            except HingelossError as error:
+                if not isinstance(error, InvalidInputError):
+                    self._refuse(error)
+                await _abort(context, error, {})
+                raise  # unreachable: abort raises
+            try:
+                return await self._compute_one(request, context)
+            except HingelossError as error:
+                metadata = {"requestId": _short(request.message.request_id)}
+                del request  # gRPC keeps the abort, whose traceback holds this frame
+                await _abort(context, error, metadata)
+                raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
-        request_iterator: AsyncIterator[pb.ComputeRequest],
+        request_iterator: AsyncIterator[ParsedRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         """Submits requests as they arrive and answers them in order.
@@ -135,6 +216,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         request ends the stream with its status, whose ErrorInfo names it
         (`streamIndex`, `requestId`); the answers before it are all sent first.
         """
+        with self.calls.track():
+            async for response in self._stream(request_iterator, context):
+                yield response
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[ParsedRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         read_error: list[BaseException] = []
@@ -145,7 +235,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 async for request in request_iterator:
                     await window.acquire()  # before the task exists: nothing is orphaned
                     task = asyncio.create_task(self._compute_one(request, context))
-                    pending.put_nowait(_StreamItem(index, request.request_id, task))
+                    pending.put_nowait(_StreamItem(index, request.message.request_id, task))
                     index += 1
             except Exception as error:  # the request stream itself broke
                 read_error.append(error)
@@ -153,6 +243,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        # On shutdown the stream reads no further; what it has read is answered.
+        draining = asyncio.create_task(self._drained.wait())
+        draining.add_done_callback(lambda _: reader.cancel())
         try:
             while (item := await pending.get()) is not None:
                 try:
@@ -169,7 +262,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if read_error:
                 logger.error("request stream failed: %s", read_error[0])
                 await _abort(context, ComputeFailedError("the request stream failed"), {})
+            if self._draining:
+                await _abort(context, DrainingError("the server is shutting down"), {})
         finally:
+            draining.cancel()
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
@@ -203,7 +299,24 @@ async def _abort(
     status = error_status(error, metadata)
     if status.code is grpc.StatusCode.INTERNAL:
         logger.error("request %r: %s", metadata.get("requestId", ""), error)
+    _forget_frames(error)
     await context.abort_with_status(status)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drops the tracebacks of an error and of every error it chains to.
+
+    gRPC keeps the exception an abort raises (chained to this error) for as long as
+    it keeps the call's state; the frames in these tracebacks hold the request's
+    bytes and tensors, megabytes a refused request would otherwise keep. The status
+    says all a caller needs (INTERNAL errors are logged with theirs beforehand).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def server_info(
@@ -247,14 +360,14 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     itself, and so copy each gradient twice more.
     """
     handlers = {
-        "Compute": grpc.unary_unary_rpc_method_handler(
-            servicer.Compute,
-            request_deserializer=pb.ComputeRequest.FromString,
-            response_serializer=_serialize,
+        # A request stream of raw bytes (one message on the wire, as for any unary
+        # call): see LossServicer.Compute.
+        "Compute": grpc.stream_unary_rpc_method_handler(
+            servicer.Compute, response_serializer=_serialize
         ),
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeStream,
-            request_deserializer=pb.ComputeRequest.FromString,
+            request_deserializer=parse_request,
             response_serializer=_serialize,
         ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(

@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from hingeloss_server.errors import (
+    ArrivalTimeoutError,
     ComputeFailedError,
     DeadlineExpiredError,
     DeviceFailedError,
@@ -48,6 +49,10 @@ def status_mapping(error: HingelossError) -> StatusMapping:
         return StatusMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, error.reason.upper(), error.reason)
     if isinstance(error, DeadlineExpiredError):
         return StatusMapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXPIRED_IN_QUEUE", None)
+    if isinstance(error, ArrivalTimeoutError):
+        return StatusMapping(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_ARRIVAL_TIMEOUT", "arrival_timeout"
+        )
     if isinstance(error, DrainingError):
         return StatusMapping(grpc.StatusCode.UNAVAILABLE, "DRAINING", "draining")
     if isinstance(error, DeviceFailedError):

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument("--token", help="bearer token")
     target.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    target.add_argument(
+        "--local-token",
+        action="store_true",
+        help="send the token without TLS to a server on this machine (testing only)",
+    )
     target.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, s")
 
     work = parser.add_argument_group("workload")
@@ -164,6 +169,7 @@ def _target(args: argparse.Namespace) -> TargetSpec:
         certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
         server_name=args.tls_server_name,
         token=token,
+        local_token=args.local_token,
     )
 
 

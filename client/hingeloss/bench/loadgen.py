@@ -33,7 +33,7 @@ import numpy as np
 from hingeloss.bench import reference
 from hingeloss.bench.wire import response_timing
 from hingeloss.bench.workload import Workload, WorkloadSpec
-from hingeloss.channel import DEFAULT_MAX_MESSAGE_BYTES, call_metadata, channel_options
+from hingeloss.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, with_token
 from hingeloss.results import LossResult, decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -57,6 +57,8 @@ class TargetSpec:
     server_name: str | None = None
     token: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Send the token without TLS to a server on this machine (see channel.with_token).
+    local_token: bool = False
 
     @property
     def tls(self) -> bool:
@@ -205,13 +207,18 @@ def _channel(target: TargetSpec) -> Any:
     options = channel_options(target.max_message_bytes, [("grpc.use_local_subchannel_pool", 1)])
     if target.server_name:
         options.append(("grpc.ssl_target_name_override", target.server_name))
-    if not target.tls:
-        return grpc.aio.insecure_channel(target.address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=target.root_certificates,
-        private_key=target.private_key,
-        certificate_chain=target.certificate_chain,
+    credentials = (
+        grpc.ssl_channel_credentials(
+            root_certificates=target.root_certificates,
+            private_key=target.private_key,
+            certificate_chain=target.certificate_chain,
+        )
+        if target.tls
+        else None
     )
+    credentials = with_token(credentials, target.token, local_token=target.local_token)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target.address, options=options)
     return grpc.aio.secure_channel(target.address, credentials, options=options)
 
 
@@ -250,7 +257,6 @@ class _Share:
         self.index = index
         self.count = count
         self.rng = random.Random(spec.seed * 1_000_003 + index)
-        self.metadata = call_metadata(spec.target.token) or None
         self._variant = itertools.cycle(range(len(self.payloads)))
         self.recorder = _Recorder(spec.verify_fraction, random.Random(spec.seed + 7919 * index))
         if spec.workload.gradient_format == "factored":
@@ -347,7 +353,7 @@ class _Share:
                 recorder.sending(len(payload))
             started = time.perf_counter()
             try:
-                response = await call(payload, timeout=timeout, metadata=self.metadata)
+                response = await call(payload, timeout=timeout)
             except grpc.RpcError as error:
                 if measured:
                     recorder.failed(_code_name(error))
@@ -407,7 +413,7 @@ class _Share:
             recorder.sending(len(payload))
             recorder.send_lag.append(time.perf_counter() - scheduled)
         try:
-            response = await call(payload, timeout=self.spec.timeout_s, metadata=self.metadata)
+            response = await call(payload, timeout=self.spec.timeout_s)
         except grpc.RpcError as error:
             if measured:
                 recorder.failed(_code_name(error))
@@ -472,7 +478,7 @@ class _StreamLane:
         self._slots: asyncio.Semaphore | None = None
 
     async def open(self) -> None:
-        self._call = self._method(metadata=self._share.metadata)
+        self._call = self._method()
         self._reader = asyncio.create_task(self._read(self._call))
 
     async def _read(self, call: Any) -> None:

@@ -1,0 +1,170 @@
+"""Parses a large ComputeRequest without copying its tensors' bytes.
+
+Through protobuf a request's tensor bytes are copied twice, both with the GIL
+held: into the parsed message, then out of it on every read of `data` (upb hands
+out a fresh bytes object). For a 512 MiB request that stalls the event loop, and
+every other caller, for most of a second, and holds three copies. Here the wire
+format is walked instead: each `Tensor.data` field is located and left where it
+is (a memoryview of the received bytes, which the decoded tensors then view), and
+protobuf parses only the rest (dtypes, shapes, options, ids), a few hundred bytes.
+Protobuf's own rules are kept: the last occurrence of a field wins, a repeated
+sub-message merges, a loss field other than the current one resets the oneof, and
+a field with an unexpected wire type is an unknown field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from hingeloss.bench.wire import read_varint
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_server.wire import varint
+
+# Smaller messages are parsed by protobuf directly: the walk would cost more than the copy.
+WIRE_PARSE_MIN_BYTES = 1 << 20
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_SAMPLE_WEIGHTS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["sample_weights"].number
+_LOSS_FIELDS = pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields
+_LOSSES = {f.number: f.name for f in _LOSS_FIELDS}
+
+
+def _tensor_fields(loss: Any) -> dict[int, str]:
+    """The Tensor fields of a loss message, by field number."""
+    message = loss.message_type
+    assert message is not None  # every loss field is a message
+    tensor = pb.Tensor.DESCRIPTOR.full_name
+    return {
+        f.number: f.name
+        for f in message.fields
+        if f.message_type is not None and f.message_type.full_name == tensor
+    }
+
+
+_LOSS_TENSORS = {f.number: _tensor_fields(f) for f in _LOSS_FIELDS}
+
+
+@dataclass
+class ParsedRequest:
+    """A request as protobuf sees it, except that its tensors' `data` live in `data`.
+
+    `data` maps (loss field, tensor field) to the bytes of that tensor's `data`;
+    the request's own tensors (sample_weights) have "" as loss field. A tensor
+    missing from it has no data. `nbytes` is the size of the message received.
+    """
+
+    message: pb.ComputeRequest
+    nbytes: int
+    data: dict[tuple[str, str], memoryview] | None = field(default=None)
+
+    def has_data(self, loss_field: str, name: str) -> bool:
+        """Whether a tensor's data were set apart (and so are not in `message`)."""
+        return self.data is not None and len(self.data.get((loss_field, name), b"")) > 0
+
+    def tensor_data(self, loss_field: str, name: str, tensor: pb.Tensor) -> bytes | memoryview:
+        """The bytes of a tensor's `data`: the received ones, or a copy out of `message`."""
+        if self.data is None:
+            return tensor.data
+        return self.data.get((loss_field, name), b"")
+
+
+def parse_request(raw: bytes) -> ParsedRequest:
+    """Parses a serialized ComputeRequest; raises DecodeError when it is not one."""
+    if len(raw) < WIRE_PARSE_MIN_BYTES:
+        return ParsedRequest(pb.ComputeRequest.FromString(raw), len(raw))
+    view = memoryview(raw)
+    data: dict[tuple[str, str], memoryview] = {}
+    loss = ""
+
+    def request_field(number: int, start: int, end: int) -> bytes | None:
+        nonlocal loss, data
+        if number == _SAMPLE_WEIGHTS:
+            return _length_delimited(
+                number, _tensor(view, start, end, ("", "sample_weights"), data)
+            )
+        if number not in _LOSSES:
+            return None
+        if _LOSSES[number] != loss:  # the oneof switches: the old loss is gone
+            data = {k: v for k, v in data.items() if k[0] == ""}
+            loss = _LOSSES[number]
+        tensors = _LOSS_TENSORS[number]
+
+        def loss_field(inner: int, start: int, end: int) -> bytes | None:
+            if inner not in tensors:
+                return None
+            return _length_delimited(inner, _tensor(view, start, end, (loss, tensors[inner]), data))
+
+        return _length_delimited(number, _rewrite(view, start, end, loss_field))
+
+    try:
+        skeleton = _rewrite(view, 0, len(view), request_field)
+    except (ValueError, IndexError) as error:
+        raise DecodeError(f"malformed request: {error}") from None
+    return ParsedRequest(pb.ComputeRequest.FromString(skeleton), len(raw), data)
+
+
+def _tensor(
+    view: memoryview,
+    start: int,
+    end: int,
+    key: tuple[str, str],
+    data: dict[tuple[str, str], memoryview],
+) -> bytes:
+    """The Tensor without its data, which goes to `data[key]` (the last occurrence wins)."""
+
+    def without_data(number: int, start: int, end: int) -> bytes | None:
+        if number != _TENSOR_DATA:
+            return None
+        data[key] = view[start:end]
+        return b""
+
+    return _rewrite(view, start, end, without_data)
+
+
+def _rewrite(
+    view: memoryview, start: int, end: int, rewrite: Callable[[int, int, int], bytes | None]
+) -> bytes:
+    """One message level, re-encoded with some of its length-delimited fields rewritten.
+
+    `rewrite(number, payload start, payload end)` gives a field's new encoding,
+    or None to keep it as it is; other wire types are kept as they are.
+    """
+    parts = []
+    for number, wire_type, key_start, payload, stop in _fields(view, start, end):
+        new = rewrite(number, payload, stop) if wire_type == _LEN else None
+        parts.append(bytes(view[key_start:stop]) if new is None else new)
+    return b"".join(parts)
+
+
+def _fields(view: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
+    """(number, wire type, key start, payload start, end) of each field of one level."""
+    found = []
+    pos = start
+    while pos < end:
+        key_start = pos
+        key, pos = read_varint(view, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            _, pos = read_varint(view, pos)
+            found.append((number, wire_type, key_start, key_start, pos))
+            continue
+        if wire_type == _LEN:
+            length, pos = read_varint(view, pos)
+            payload, pos = pos, pos + length
+        elif wire_type in (_I64, _I32):
+            payload, pos = pos, pos + (8 if wire_type == _I64 else 4)
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated field")
+        found.append((number, wire_type, key_start, payload, pos))
+    return found
+
+
+def _length_delimited(number: int, body: bytes) -> bytes:
+    return varint(number << 3 | _LEN) + varint(len(body)) + body
