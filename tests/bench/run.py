@@ -1,8 +1,8 @@
 """`make bench`: the service measured against its floors, in one run, with one load generator.
 
 (a) the service, (b) the echo server (transport floor), (c) the plain server
-(plain_server.py: torch and autograd in a grpc.aio handler, what a user would write
-without this service), (d) the loss in-process with the project's kernel and with
+(plain_server.py: the loss in closed form with torch in a grpc.aio handler, what a
+user would write without this service), (d) the loss in-process with the project's kernel and with
 torch autograd (compute floor), (e) the service with batching off
 (--max-batch-rows 1), for each shape and concurrency; also the service
 with one intra-op thread, metrics on against off (both with one intra-op thread),
