@@ -211,15 +211,21 @@ class BackgroundServer:
         self._thread.join(30)
 
 
-async def _serve(port_file: Path, port: int) -> None:
-    server, bound = await start(Echo(), port=port)
+async def serve_until_signalled(server: grpc.aio.Server, port: int, port_file: Path) -> None:
+    """Publishes the bound port (atomically: readers never see half a file), serves until
+    SIGTERM or SIGINT. Shared by the benchmark's stand-in servers."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(0)))
     tmp = port_file.with_name(port_file.name + ".tmp")
-    tmp.write_text(f"{bound}\n")
+    tmp.write_text(f"{port}\n")
     tmp.replace(port_file)
     await server.wait_for_termination()
+
+
+async def _serve(port_file: Path, port: int) -> None:
+    server, bound = await start(Echo(), port=port)
+    await serve_until_signalled(server, bound, port_file)
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from pathlib import Path
 
 import grpc
 import torch
+from echo_server import serve_until_signalled
 
 from hingeloss import tensors
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -52,13 +52,7 @@ async def serve(port_file: Path) -> None:
     pb_grpc.add_LossServiceServicer_to_server(Plain(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(0)))
-    tmp = port_file.with_name(port_file.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(port_file)
-    await server.wait_for_termination()
+    await serve_until_signalled(server, port, port_file)
 
 
 if __name__ == "__main__":
