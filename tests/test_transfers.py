@@ -227,6 +227,8 @@ def test_packed_figures_read_back_as_computed(rng: np.random.Generator) -> None:
         np.testing.assert_array_equal(figures.per_sample[s], per_sample[s].numpy())
         np.testing.assert_array_equal(figures.active[s], active[s].numpy())
         np.testing.assert_array_equal(figures.flags[s] & 15, flags[s].numpy())
+        # The activity bit is not among the flags: an active row is not a flagged one.
+        np.testing.assert_array_equal(figures.flags[s], flags[s].numpy())
     assert torch.equal(figures.margins, margins)
 
 

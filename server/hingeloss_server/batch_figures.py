@@ -59,11 +59,12 @@ class Downloads:
         rows = sum(self.set_sizes)
         values_bytes = packed.numel() - rows
         values = packed[:values_bytes].view(self.dtype)
-        flags = [t.numpy() for t in torch.split(packed[values_bytes:], self.set_sizes)]
+        bits = [t.numpy() for t in torch.split(packed[values_bytes:], self.set_sizes)]
         return Figures(
             per_sample=[t.numpy() for t in torch.split(values[:rows], self.set_sizes)],
-            active=[(f & ACTIVE) != 0 for f in flags],
-            flags=flags,
+            active=[(b & ACTIVE) != 0 for b in bits],
+            # Without the activity bit: a job whose rows carry no other bit skips the scan.
+            flags=[b & (0xFF ^ ACTIVE) for b in bits],
             margins=values[rows:],
         )
 
