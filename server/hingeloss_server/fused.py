@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hingeloss_server import losses
+
 try:
     import triton
     import triton.language as tl
@@ -209,17 +211,18 @@ def row_factor(
     divide_by_num_classes: bool,
     ignore_mask: Tensor | None,
 ) -> Tensor:
-    """w[y_i] / D, zero on ignored rows, per row: rounded exactly as losses.multiclass_hinge."""
-    factor = (
-        class_weights.gather(0, targets)
-        if class_weights is not None
-        else torch.ones(targets.shape, dtype=dtype, device=targets.device)
+    """losses.class_factor as one value per row (the kernel reads it per row)."""
+    factor = losses.class_factor(
+        targets,
+        num_classes=num_classes,
+        dtype=dtype,
+        class_weights=class_weights,
+        divide_by_num_classes=divide_by_num_classes,
+        ignore_mask=ignore_mask,
     )
-    if ignore_mask is not None:
-        factor = factor.masked_fill(ignore_mask, 0.0)
-    if divide_by_num_classes:
-        factor = factor / num_classes
-    return factor
+    if isinstance(factor, Tensor):
+        return factor
+    return torch.full(targets.shape, factor, dtype=dtype, device=targets.device)
 
 
 def weston_watkins(

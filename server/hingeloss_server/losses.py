@@ -157,6 +157,34 @@ def binary_hinge(
     return LossOutput(per_sample=(loss,), grads=grads, active=(active,))
 
 
+def class_factor(
+    targets: Tensor,
+    *,
+    num_classes: int,
+    dtype: torch.dtype,
+    class_weights: Tensor | None,
+    divide_by_num_classes: bool,
+    ignore_mask: Tensor | None,
+) -> Tensor | float:
+    """Weston-Watkins' factor_i = w[y_i] / D, zero on ignored rows.
+
+    A float where it is the same for every row (no class weights, no ignored rows),
+    so that the kernel pays no per-row tensor for it. The fused kernel takes the same
+    values (fused.row_factor), rounded by these same operations.
+    """
+    factor: Tensor | float = 1.0
+    if class_weights is not None:
+        factor = class_weights.gather(0, targets)
+    if ignore_mask is not None:
+        if isinstance(factor, Tensor):
+            factor = factor.masked_fill(ignore_mask, 0.0)
+        else:
+            factor = torch.logical_not(ignore_mask).to(dtype)
+    if divide_by_num_classes:
+        factor = factor / num_classes
+    return factor
+
+
 @torch.no_grad()
 def multiclass_hinge(
     scores: Tensor,
@@ -198,17 +226,14 @@ def multiclass_hinge(
     # The true class is no competitor: any negative z drops it from every term below.
     z.scatter_(1, tt, -1.0)
 
-    # factor_i = w[y_i] / D, zero on ignored rows; a float when it is the same for all rows.
-    factor: Tensor | float = 1.0
-    if class_weights is not None:
-        factor = class_weights.gather(0, targets)
-    if ignore_mask is not None:
-        if isinstance(factor, Tensor):
-            factor = factor.masked_fill(ignore_mask, 0.0)
-        else:
-            factor = torch.logical_not(ignore_mask).to(scores.dtype)
-    if divide_by_num_classes:
-        factor = factor / num_classes
+    factor = class_factor(
+        targets,
+        num_classes=num_classes,
+        dtype=scores.dtype,
+        class_weights=class_weights,
+        divide_by_num_classes=divide_by_num_classes,
+        ignore_mask=ignore_mask,
+    )
 
     grad: Tensor | None = None
     factors: tuple[Factors, ...] = ()
