@@ -29,6 +29,11 @@ from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
+# What grpc.aio says when a write fails because the call already ended in Core.
+_LOCAL_WRITE_FAILURE = "Internal error from Core"
+# Core delivers the server's status right after such a failure; this only bounds a bug.
+_SERVER_STATUS_WAIT_S = 5.0
+
 
 class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
     """The asyncio twin of LossClient (same arguments); use `async with`."""
@@ -185,6 +190,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         )
         self._call = stub.ComputeStream(timeout=stream_timeout)
         self._final: grpc.RpcError | None = None
+        self._final_known = asyncio.Event()
         self._call.add_done_callback(self._on_call_done)
         self._writer = asyncio.create_task(self._write_all())
         self._reader = asyncio.create_task(self._read_all())
@@ -200,16 +206,28 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         return future
 
     def _on_call_done(self, call: grpc.aio.Call) -> None:
-        """Keeps the status the call ended with, as it is set.
+        """Keeps the status the call ended with; gRPC calls this once per status it sets.
 
-        A write that races the server's end of the call fails afterwards and
-        overwrites the call's status with a local INTERNAL ("Internal error from
-        Core"); the status the server sent is the one every caller must see.
+        A write that races the server's end of the call fails first and sets a
+        local INTERNAL ("Internal error from Core"); the server's status arrives
+        after it, and is the one every caller must see.
         """
-        self._final = _status_error(call)
+        status = _status_error(call)
+        if _is_local_write_failure(status):
+            if not self._final_known.is_set():
+                self._final = status
+            return
+        self._final = status
+        self._final_known.set()
 
-    def _error(self, rpc_error: grpc.RpcError) -> HingelossError:
-        """The error to report for a failed read or write: the call's own status first."""
+    async def _error(self, rpc_error: grpc.RpcError) -> HingelossError:
+        """The error to report for a failed read or write: the call's own status first.
+
+        After a local write failure, waits (briefly) for the status the server sent.
+        """
+        if not self._final_known.is_set() and _is_local_write_failure(self._final or rpc_error):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._final_known.wait(), _SERVER_STATUS_WAIT_S)
         return _stream_error(self._final or rpc_error)
 
     def _changed(self) -> None:
@@ -249,7 +267,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         try:
             await self._call.write(request)
         except grpc.RpcError as rpc_error:
-            self._state.finish(self._error(rpc_error))
+            self._state.finish(await self._error(rpc_error))
             return False
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
@@ -275,7 +293,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                     return
                 self._state.answer(response)
         except grpc.RpcError as rpc_error:
-            self._state.finish(self._error(rpc_error))
+            self._state.finish(await self._error(rpc_error))
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
             if not self._call.cancelled():
@@ -343,6 +361,15 @@ def _status_error(call: grpc.aio.Call) -> grpc.RpcError | None:
         _now(call.initial_metadata()),
         _now(call.trailing_metadata()),
         _now(call.details()),
+    )
+
+
+def _is_local_write_failure(error: grpc.RpcError | None) -> bool:
+    """True for the INTERNAL status grpc.aio sets itself when a write meets an ended call."""
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() is grpc.StatusCode.INTERNAL
+        and error.details() == _LOCAL_WRITE_FAILURE
     )
 
 
