@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from hingeloss_server import fused, losses
+from hingeloss_server.engine import fused, losses
 
 # (rows, classes): one chunk, two chunks, B=1.
 CASES = [(5, 300), (2, 5000), (1, 256)]

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from hingeloss_server.jobs import LossJob
+from hingeloss_server.engine.jobs import LossJob
 
 BLOCKER = "blocker"
 

@@ -15,11 +15,11 @@ from support import server_config
 
 from hingeloss import AsyncLossClient, LossClient
 from hingeloss.requests import build_request
-from hingeloss_server.batching import Batcher
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.errors import DeadlineExpiredError, DrainingError, OverloadedError
-from hingeloss_server.jobs import LossJob
+from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.errors import DeadlineExpiredError, DrainingError, OverloadedError
+from hingeloss_server.engine.jobs import LossJob
+from hingeloss_server.transport.request_codec import decode_request
 
 LIMITS = LimitsConfig()
 

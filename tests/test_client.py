@@ -41,7 +41,7 @@ from hingeloss.requests import InputKind, build_request, enum_value
 from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
-from hingeloss_server.jobs import LossJob
+from hingeloss_server.engine.jobs import LossJob
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,11 @@ from hingeloss import NO_RETRY, DeadlineExceededError, LossClient
 from hingeloss.requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
-from hingeloss_server.batching import Batcher
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.errors import DeadlineExpiredError
-from hingeloss_server.status import error_status
+from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.errors import DeadlineExpiredError
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.status import error_status
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
 LABELS = np.array([1.0, -1.0, 1.0, 1.0])

@@ -29,12 +29,12 @@ from hingeloss.requests import InputKind, build_request
 from hingeloss.results import decode_response
 from hingeloss.torch import RemoteHingeLoss
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.prepare import prepare
-from hingeloss_server.wire import encode_response
+from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.validation import prepare
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.response_codec import encode_response
 
 LOSSES = ("multiclass_hinge", "crammer_singer")
 

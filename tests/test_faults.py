@@ -24,11 +24,11 @@ from hingeloss import (
 from hingeloss.requests import build_request
 from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
-from hingeloss_server import workers
 from hingeloss_server.config import WorkerConfig
-from hingeloss_server.jobs import LossJob
-from hingeloss_server.prepare import PreparedJob, prepare
-from hingeloss_server.service import SERVICE_NAME
+from hingeloss_server.engine import workers
+from hingeloss_server.engine.jobs import LossJob
+from hingeloss_server.engine.validation import PreparedJob, prepare
+from hingeloss_server.transport.servicer import SERVICE_NAME
 
 IDS = ("r0", "r1", "bad", "r3", "r4", "r5")
 

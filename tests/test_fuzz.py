@@ -32,8 +32,8 @@ from hingeloss.errors import InvalidArgumentError, from_rpc_error
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.errors import InvalidInputError
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.transport.request_codec import decode_request
 
 FUZZ_TARGET = Path(__file__).parent / "fuzz" / "fuzz_decode.py"
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}

@@ -221,7 +221,7 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
 
 
 def test_allocator_keeps_freed_memory_on_glibc() -> None:
-    from hingeloss_server.allocator import keep_freed_memory
+    from hingeloss_server.engine.allocator import keep_freed_memory
 
     # Linux with glibc here; elsewhere it reports False and changes nothing.
     assert keep_freed_memory() is sys.platform.startswith("linux")

@@ -23,8 +23,8 @@ from references import (
     row_scales,
 )
 
-from hingeloss_server import losses
-from hingeloss_server.losses import LossOutput
+from hingeloss_server.engine import losses
+from hingeloss_server.engine.losses import LossOutput
 
 REDUCTIONS = ("mean", "sum", "none", "weighted_mean")
 IGNORE_INDEX = -100

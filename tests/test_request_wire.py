@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from hingeloss.requests import SCORE_FIELDS, build_request
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server import request_wire
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.request_wire import ParsedRequest, parse_request
+from hingeloss_server.transport import request_wire
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 
 LOSSES = tuple(SCORE_FIELDS)
 

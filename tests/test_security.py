@@ -38,7 +38,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.cli import config_from_args
 from hingeloss_server.config import SecurityConfig
-from hingeloss_server.service import SERVICE_NAME
+from hingeloss_server.transport.servicer import SERVICE_NAME
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
 LABELS = np.array([1, -1, 1, 1])

@@ -21,15 +21,15 @@ from cases import random_inputs
 from torch.overrides import TorchFunctionMode
 
 from hingeloss.requests import build_request
-from hingeloss_server.batch_compute import compute_batch
-from hingeloss_server.batch_figures import Downloads, pack_figures
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import JobResult, LossKind
-from hingeloss_server.prepare import PreparedJob, prepare
-from hingeloss_server.row_flags import not_finite_rows
-from hingeloss_server.staging import DeviceStaging
+from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.figures import Downloads, pack_figures
+from hingeloss_server.engine.jobs import JobResult, LossKind
+from hingeloss_server.engine.row_flags import not_finite_rows
+from hingeloss_server.engine.staging import DeviceStaging
+from hingeloss_server.engine.validation import PreparedJob, prepare
+from hingeloss_server.transport.request_codec import decode_request
 
 DEVICES = [
     "cpu",

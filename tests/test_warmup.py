@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 
 from hingeloss import tensors
-from hingeloss_server import fused
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.jobs import GradientFormat, LossJob, LossKind, Reduction
+from hingeloss_server.engine import fused
+from hingeloss_server.engine.jobs import GradientFormat, LossJob, LossKind, Reduction
+from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.warmup import full_size_request, gpu_warm_up_requests, warm_up_requests
 
 HINGES = {kind for kind in LossKind if kind is not LossKind.GAN_GENERATOR}

@@ -12,12 +12,12 @@ from cases import random_inputs
 from hingeloss import tensors
 from hingeloss.requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.jobs import JobResult, LossJob, SparseRows, WireArray
-from hingeloss_server.prepare import prepare
-from hingeloss_server.wire import encode_response
+from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.jobs import JobResult, LossJob, SparseRows, WireArray
+from hingeloss_server.engine.validation import prepare
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.response_codec import encode_response
 
 
 def _computed(loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> tuple[LossJob, Any]:
@@ -98,7 +98,7 @@ def test_result_bytes_view_tensor_memory() -> None:
 
 
 def test_join_without_gil_builds_the_same_bytes() -> None:
-    from hingeloss_server.wire import join_without_gil
+    from hingeloss_server.transport.response_codec import join_without_gil
 
     rng = np.random.default_rng(3)
     tensor = rng.normal(size=(1000, 300)).astype(np.float32)

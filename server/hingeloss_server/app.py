@@ -20,18 +20,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from hingeloss_server.batching import Batcher
-from hingeloss_server.budget import ByteBudget
 from hingeloss_server.config import ServerConfig, read_token
-from hingeloss_server.decode import decode_request
 from hingeloss_server.drain import wait_until_delivered
-from hingeloss_server.errors import DrainingError
-from hingeloss_server.interceptors import MetricsInterceptor, TokenAuthInterceptor
+from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.errors import DrainingError
+from hingeloss_server.engine.workers import FaultHook, WorkerPool
 from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
-from hingeloss_server.parse_guard import ParseGuardInterceptor
-from hingeloss_server.service import SERVICE_NAME, LossServicer, add_to_server, server_info
+from hingeloss_server.transport.budget import ByteBudget
+from hingeloss_server.transport.interceptors import MetricsInterceptor, TokenAuthInterceptor
+from hingeloss_server.transport.parse_guard import ParseGuardInterceptor
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.servicer import (
+    SERVICE_NAME,
+    LossServicer,
+    add_to_server,
+    server_info,
+)
 from hingeloss_server.warmup import gpu_warm_up_requests, warm_up_requests
-from hingeloss_server.workers import FaultHook, WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -236,8 +236,8 @@ def configure_logging(level: str, fmt: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     configure_logging(config.log_level, config.log_format)
-    from hingeloss_server.allocator import keep_freed_memory
     from hingeloss_server.app import serve  # torch loads here, after the flags are checked
+    from hingeloss_server.engine.allocator import keep_freed_memory
 
     keep_freed_memory()
     asyncio.run(serve(config))

@@ -1,6 +1,6 @@
 """The compute floor: the loss and gradient in-process, no gRPC, and where a request's time goes.
 
-- closed form: the project's kernel (`hingeloss_server.losses.multiclass_hinge`);
+- closed form: the project's kernel (`hingeloss_server.engine.losses.multiclass_hinge`);
 - autograd: the same Weston-Watkins loss written in plain torch ops, forward and
   backward; and `torch.nn.functional.multi_margin_loss` forward and backward
   (which divides by C: compared with the kernel's divide_by_num_classes);
@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from hingeloss.requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server import losses
+from hingeloss_server.engine import losses
 
 
 class torch_threads:  # noqa: N801 - used as a context manager, like torch's own
@@ -133,12 +133,12 @@ def compute_floor(batch: int, classes: int) -> dict[str, Any]:
 
 def server_stages(batch: int, classes: int) -> dict[str, Any]:
     """Seconds per stage of one request through the server's code, without gRPC."""
-    from hingeloss_server.allocator import keep_freed_memory
-    from hingeloss_server.batch_compute import compute_batch
     from hingeloss_server.config import LimitsConfig
-    from hingeloss_server.decode import decode_request
-    from hingeloss_server.prepare import prepare
-    from hingeloss_server.wire import encode_response
+    from hingeloss_server.engine.allocator import keep_freed_memory
+    from hingeloss_server.engine.compute import compute_batch
+    from hingeloss_server.engine.validation import prepare
+    from hingeloss_server.transport.request_codec import decode_request
+    from hingeloss_server.transport.response_codec import encode_response
 
     keep_freed_memory()  # as hingeloss-server does: stages pay no page faults it does not
     rng = np.random.default_rng(0)

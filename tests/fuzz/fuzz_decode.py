@@ -34,13 +34,13 @@ with _instrumented:
 
     from hingeloss.requests import build_request
     from hingeloss.v1 import loss_service_pb2 as pb
-    from hingeloss_server.batch_compute import compute_batch
     from hingeloss_server.config import LimitsConfig
-    from hingeloss_server.decode import decode_request
-    from hingeloss_server.errors import InvalidInputError
-    from hingeloss_server.prepare import prepare
+    from hingeloss_server.engine.compute import compute_batch
+    from hingeloss_server.engine.errors import InvalidInputError
+    from hingeloss_server.engine.validation import prepare
+    from hingeloss_server.transport.request_codec import decode_request
+    from hingeloss_server.transport.response_codec import encode_response
     from hingeloss_server.warmup import warm_up_requests
-    from hingeloss_server.wire import encode_response
 
 # Small limits keep each run fast; the logic under test is the same at any size.
 LIMITS = LimitsConfig(

@@ -54,13 +54,13 @@ import torch
 from hingeloss.requests import build_request
 from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server import fused, losses
-from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.prepare import prepare
-from hingeloss_server.staging import DeviceStaging
-from hingeloss_server.workers import Worker, staging_bytes
+from hingeloss_server.engine import fused, losses
+from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.staging import DeviceStaging
+from hingeloss_server.engine.validation import prepare
+from hingeloss_server.engine.workers import Worker, staging_bytes
+from hingeloss_server.transport.request_codec import decode_request
 
 SCHEMA = "hingeloss-gpu-check/1"
 TARGET_FRACTION = 0.6

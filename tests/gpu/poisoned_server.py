@@ -17,7 +17,7 @@ import torch
 
 from hingeloss_server.app import HingelossServer
 from hingeloss_server.config import ServerConfig, WorkerConfig
-from hingeloss_server.jobs import LossJob
+from hingeloss_server.engine.jobs import LossJob
 
 
 def poison(jobs: Sequence[LossJob]) -> None:

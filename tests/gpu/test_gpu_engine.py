@@ -25,13 +25,13 @@ from support import server_config
 from hingeloss import NO_RETRY, LossClient, UnavailableError
 from hingeloss.health import check
 from hingeloss.requests import build_request
-from hingeloss_server import workers
-from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.jobs import JobResult, LossKind
-from hingeloss_server.prepare import PreparedJob, prepare
-from hingeloss_server.staging import DOWNLOAD_BLOCKS, DeviceStaging
+from hingeloss_server.engine import workers
+from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.jobs import JobResult, LossKind
+from hingeloss_server.engine.staging import DOWNLOAD_BLOCKS, DeviceStaging
+from hingeloss_server.engine.validation import PreparedJob, prepare
+from hingeloss_server.transport.request_codec import decode_request
 
 pytestmark = [
     pytest.mark.gpu,

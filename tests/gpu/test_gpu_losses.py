@@ -29,11 +29,11 @@ from hingeloss import NO_RETRY, LossClient, LossResult
 from hingeloss.requests import SCORE_FIELDS, build_request
 from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server import losses
 from hingeloss_server.config import LimitsConfig, WorkerConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.wire import encode_response
-from hingeloss_server.workers import Worker
+from hingeloss_server.engine import losses
+from hingeloss_server.engine.workers import Worker
+from hingeloss_server.transport.request_codec import decode_request
+from hingeloss_server.transport.response_codec import encode_response
 
 DEVICE = str(torch.device(os.environ.get("HINGELOSS_GPU_TEST_DEVICE", "cuda:0")))
 pytestmark = [

@@ -17,10 +17,10 @@ import torch
 from cases import random_inputs
 
 from hingeloss.requests import build_request
-from hingeloss_server import losses
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.workers import Worker
+from hingeloss_server.engine import losses
+from hingeloss_server.engine.workers import Worker
+from hingeloss_server.transport.request_codec import decode_request
 
 DEVICES = [
     "cpu",

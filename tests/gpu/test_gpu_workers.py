@@ -30,10 +30,10 @@ from support import ServerThread, server_config
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
 from hingeloss.requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, ServerConfig, WorkerConfig
-from hingeloss_server.decode import decode_request
-from hingeloss_server.jobs import LossJob
-from hingeloss_server.staging import DeviceStaging
-from hingeloss_server.workers import Worker
+from hingeloss_server.engine.jobs import LossJob
+from hingeloss_server.engine.staging import DeviceStaging
+from hingeloss_server.engine.workers import Worker
+from hingeloss_server.transport.request_codec import decode_request
 
 DEVICE = str(torch.device(os.environ.get("HINGELOSS_GPU_TEST_DEVICE", "cuda:0")))
 pytestmark = [

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hingeloss_server.config import BatchingConfig
-from hingeloss_server.errors import DeadlineExpiredError, DrainingError, OverloadedError
-from hingeloss_server.jobs import BatchKey, JobResult, LossJob
+from hingeloss_server.engine.errors import DeadlineExpiredError, DrainingError, OverloadedError
+from hingeloss_server.engine.jobs import BatchKey, JobResult, LossJob
 
 logger = logging.getLogger(__name__)
 

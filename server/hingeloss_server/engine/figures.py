@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hingeloss_server import losses
-from hingeloss_server.row_flags import ACTIVE
-from hingeloss_server.staging import DeviceStaging, HostLease
+from hingeloss_server.engine import losses
+from hingeloss_server.engine.row_flags import ACTIVE
+from hingeloss_server.engine.staging import DeviceStaging, HostLease
 
 
 @dataclass

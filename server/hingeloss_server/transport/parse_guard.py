@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.status import error_status
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.transport.status import error_status
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 

@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from hingeloss_server.errors import (
+from hingeloss_server.engine.errors import (
     ArrivalTimeoutError,
     ComputeFailedError,
     DeadlineExpiredError,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import LossJob, LossKind, Reduction, set_rows
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.jobs import LossJob, LossKind, Reduction, set_rows
 
 
 @dataclass

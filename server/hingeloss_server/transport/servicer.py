@@ -19,12 +19,10 @@ from google.protobuf.message import DecodeError
 from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
-from hingeloss_server.batching import Batcher
-from hingeloss_server.budget import ByteBudget, held_bytes
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
 from hingeloss_server.drain import CallTracker
-from hingeloss_server.errors import (
+from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.errors import (
     ArrivalTimeoutError,
     ComputeFailedError,
     DrainingError,
@@ -32,12 +30,14 @@ from hingeloss_server.errors import (
     InvalidInputError,
     OverloadedError,
 )
-from hingeloss_server.jobs import FactoredRows, JobResult, LossKind, SparseRows
+from hingeloss_server.engine.jobs import FactoredRows, JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
-from hingeloss_server.parse_guard import unparsable_error
-from hingeloss_server.request_wire import ParsedRequest, parse_request
-from hingeloss_server.status import error_status, status_mapping
-from hingeloss_server.wire import encode_response
+from hingeloss_server.transport.budget import ByteBudget, held_bytes
+from hingeloss_server.transport.parse_guard import unparsable_error
+from hingeloss_server.transport.request_codec import FLOAT_WIRE_DTYPES, decode_request
+from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
+from hingeloss_server.transport.response_codec import encode_response
+from hingeloss_server.transport.status import error_status, status_mapping
 
 logger = logging.getLogger(__name__)
 

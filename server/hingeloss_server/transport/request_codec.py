@@ -17,8 +17,8 @@ import torch
 from hingeloss import tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import (
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.jobs import (
     FACTORED_LOSSES,
     BatchKey,
     GradientFormat,
@@ -29,7 +29,7 @@ from hingeloss_server.jobs import (
     RequestOptions,
     set_rows,
 )
-from hingeloss_server.request_wire import ParsedRequest
+from hingeloss_server.transport.request_wire import ParsedRequest
 
 FLOAT_WIRE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 _INT_WIRE_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from hingeloss import tensors
-from hingeloss_server import fused, losses
-from hingeloss_server.answers import split
-from hingeloss_server.batch_figures import download
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import (
+from hingeloss_server.engine import fused, losses
+from hingeloss_server.engine.answers import split
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.figures import download
+from hingeloss_server.engine.jobs import (
     INPUT_SETS,
     BatchInfo,
     GradientFormat,
@@ -26,15 +26,15 @@ from hingeloss_server.jobs import (
     LossKind,
     LossParams,
 )
-from hingeloss_server.prepare import PreparedJob
-from hingeloss_server.row_flags import (
+from hingeloss_server.engine.row_flags import (
     GRAD_OVERFLOW,
     SCORES_NOT_FINITE,
     not_finite_rows,
     row_flags,
     scores_flags,
 )
-from hingeloss_server.staging import DeviceStaging
+from hingeloss_server.engine.staging import DeviceStaging
+from hingeloss_server.engine.validation import PreparedJob
 
 # Rows of each batch whose margins feed the margin histogram (a sample keeps it cheap).
 MARGIN_SAMPLE_ROWS = 256

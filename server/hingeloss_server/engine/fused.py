@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hingeloss_server import losses
+from hingeloss_server.engine import losses
 
 try:
     import triton

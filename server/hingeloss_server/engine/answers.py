@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from hingeloss import tensors
-from hingeloss_server.batch_figures import Downloads, Figures
-from hingeloss_server.errors import InvalidInputError
-from hingeloss_server.jobs import (
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.figures import Downloads, Figures
+from hingeloss_server.engine.jobs import (
     INPUT_SETS,
     BatchInfo,
     FactoredRows,
@@ -26,13 +26,13 @@ from hingeloss_server.jobs import (
     SparseRows,
     WireArray,
 )
-from hingeloss_server.prepare import PreparedJob, check_scores_finite
-from hingeloss_server.row_flags import (
+from hingeloss_server.engine.row_flags import (
     GRAD_OVERFLOW,
     LOSS_OVERFLOW,
     PER_SAMPLE_OVERFLOW,
     SCORES_NOT_FINITE,
 )
+from hingeloss_server.engine.validation import PreparedJob, check_scores_finite
 
 
 def split(

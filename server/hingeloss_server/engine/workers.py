@@ -21,20 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss_server.batch_compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
-from hingeloss_server.batching import Batcher
 from hingeloss_server.config import BatchingConfig, WorkerConfig
-from hingeloss_server.errors import (
+from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
+from hingeloss_server.engine.errors import (
     ComputeFailedError,
     DeviceFailedError,
     DrainingError,
     HingelossError,
     InvalidInputError,
 )
-from hingeloss_server.jobs import JobResult, LossJob
+from hingeloss_server.engine.jobs import JobResult, LossJob
+from hingeloss_server.engine.staging import DeviceStaging
+from hingeloss_server.engine.validation import PreparedJob, prepare
 from hingeloss_server.metrics import Metrics, NoMetrics
-from hingeloss_server.prepare import PreparedJob, prepare
-from hingeloss_server.staging import DeviceStaging
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from hingeloss import tensors
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.jobs import (
+from hingeloss_server.engine.jobs import (
     FactoredRows,
     JobResult,
     LossJob,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hingeloss_server import losses
+from hingeloss_server.engine import losses
 
 # Bits of the per-row flags (one value per row of each sample set).
 LOSS_OVERFLOW = 1  # the loss in the compute dtype
