@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-from hingeloss import tensors
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine import fused
 from hingeloss_server.engine.jobs import GradientFormat, LossJob, LossKind, Reduction
@@ -22,15 +21,15 @@ def _jobs() -> list[LossJob]:
 
 
 def test_every_loss_runs_in_every_score_dtype() -> None:
-    seen = {(job.key.params.kind, tensors.torch_dtype(job.key.wire_dtype)) for job in _jobs()}
+    seen = {(job.key.params.kind, job.key.dtype) for job in _jobs()}
     dtypes = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
     assert seen == {(kind, dtype) for kind in LossKind for dtype in dtypes}
 
 
 def test_every_option_path_runs_in_every_score_dtype() -> None:
-    by_dtype: dict[int, list[LossJob]] = {}
+    by_dtype: dict[torch.dtype, list[LossJob]] = {}
     for job in _jobs():
-        by_dtype.setdefault(job.key.wire_dtype, []).append(job)
+        by_dtype.setdefault(job.key.dtype, []).append(job)
     for jobs in by_dtype.values():
 
         def kinds(
@@ -82,7 +81,7 @@ def test_gpu_workers_compile_the_fused_kernel_in_every_dtype_and_option() -> Non
         if j.key.params.kind is LossKind.MULTICLASS_HINGE
         and j.key.trailing_shape[0] >= fused.MIN_CLASSES
     ]
-    dtypes = {tensors.torch_dtype(j.key.wire_dtype) for j in fusable}
+    dtypes = {j.key.dtype for j in fusable}
     assert dtypes == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
     paths = {
         (

@@ -30,7 +30,7 @@ def _computed(loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> tup
 
 
 def _api_tensor(message: pb.Tensor, array: WireArray) -> None:
-    message.dtype = array.dtype  # type: ignore[assignment]
+    message.dtype = tensors.wire_dtype_of_torch(array.dtype)  # type: ignore[assignment]
     message.shape.extend(array.shape)
     message.data = bytes(array.data)
 

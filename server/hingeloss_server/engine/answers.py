@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hingeloss import tensors
 from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.engine.figures import Downloads, Figures
 from hingeloss_server.engine.jobs import (
@@ -39,7 +38,6 @@ def split(
     jobs: Sequence[PreparedJob],
     figures: Figures,
     downloads: Downloads,
-    wire_dtype: int,
     dtype: torch.dtype,
 ) -> list[JobResult | InvalidInputError]:
     """Splits the batch's host figures per job and reduces each job's rows.
@@ -58,7 +56,7 @@ def split(
             spans.append(slice(offsets[s], offsets[s] + rows))
             offsets[s] += rows
         loss = job_loss(prepared, figures, spans)
-        error = job_error(prepared, figures, spans, input_sets, wire_dtype, loss)
+        error = job_error(prepared, figures, spans, input_sets, loss)
         if error is not None:
             results.append(error)
             continue
@@ -72,15 +70,13 @@ def split(
             )
         elif options.gradient_format.dense:
             grads = tuple(
-                encode_grad(
-                    downloads.grads[k][spans[input_sets[k]]], wire_dtype, options.gradient_format
-                )
+                encode_grad(downloads.grads[k][spans[input_sets[k]]], options.gradient_format)
                 for k in range(len(downloads.grads))
             )
         per_sample_arrays: tuple[WireArray, ...] = ()
         if options.return_per_sample:
             per_sample_arrays = tuple(
-                _wire(downloads.per_sample[s][span], wire_dtype) for s, span in enumerate(spans)
+                _wire(downloads.per_sample[s][span]) for s, span in enumerate(spans)
             )
         results.append(
             JobResult(
@@ -115,7 +111,6 @@ def job_error(
     figures: Figures,
     spans: list[slice],
     input_sets: tuple[int, ...],
-    wire_dtype: int,
     loss: float,
 ) -> InvalidInputError | None:
     """The job's error from its rows' flags: scores not finite, or an overflow it would see.
@@ -150,42 +145,39 @@ def job_error(
     kind = job.key.params.kind
     field = job.input_fields[input_sets.index(set_index)]
     where = f"[{row}]" if overflow is not None else ""
-    torch_wire = tensors.torch_dtype(wire_dtype)
     return InvalidInputError(
         f"{kind.value}.{field}{where}",
         "overflow: the hinge term or its gradient exceeds the range of "
-        f"{str(torch_wire).removeprefix('torch.')}",
+        f"{str(job.key.dtype).removeprefix('torch.')}",
     )
 
 
-def _wire(tensor: torch.Tensor, wire_dtype: int) -> WireArray:
+def _wire(tensor: torch.Tensor) -> WireArray:
     shape = tuple(int(d) for d in tensor.shape)
     # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
     raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
-    return WireArray(dtype=wire_dtype, shape=shape, data=raw.data)
+    return WireArray(dtype=tensor.dtype, shape=shape, data=raw.data)
 
 
 def _factored_rows(bits: torch.Tensor, values: torch.Tensor, job: LossJob) -> FactoredRows:
     """One job's rows of a factored gradient, viewed, not copied."""
     return FactoredRows(
         dense_shape=(int(bits.shape[0]), *job.key.trailing_shape),
-        dtype=job.key.wire_dtype,
+        dtype=job.key.dtype,
         mask=bits.contiguous().reshape(-1).numpy().data,
-        values=_wire(values, tensors.wire_dtype_of_torch(values.dtype)),
+        values=_wire(values),
     )
 
 
-def encode_grad(
-    grad: torch.Tensor, wire_dtype: int, gradient_format: GradientFormat
-) -> WireArray | SparseRows:
+def encode_grad(grad: torch.Tensor, gradient_format: GradientFormat) -> WireArray | SparseRows:
     if gradient_format is GradientFormat.DENSE:
-        return _wire(grad, wire_dtype)
+        return _wire(grad)
     nonzero = grad != 0
     if nonzero.dim() == 2:
         nonzero = nonzero.any(dim=1)
     rows = torch.nonzero(nonzero).squeeze(1)
     return SparseRows(
         dense_shape=tuple(int(d) for d in grad.shape),
-        indices=_wire(rows.to(torch.int64), tensors.BY_NAME["int64"].wire),
-        values=_wire(grad.index_select(0, rows), wire_dtype),
+        indices=_wire(rows.to(torch.int64)),
+        values=_wire(grad.index_select(0, rows)),
     )

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss import tensors
 from hingeloss_server.engine import fused, losses
 from hingeloss_server.engine.answers import split
 from hingeloss_server.engine.errors import InvalidInputError
@@ -49,9 +48,9 @@ class BatchOutput:
     kind: LossKind
 
 
-def compute_dtype(wire_dtype: int) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other float computes in float32."""
-    return torch.float64 if tensors.torch_dtype(wire_dtype) == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def compute_batch(
@@ -81,7 +80,7 @@ def compute_batch(
     staging = staging if staging is not None else DeviceStaging(device)
     staging.begin()
     key = jobs[0].job.key
-    dtype = compute_dtype(key.wire_dtype)
+    dtype = compute_dtype(key.dtype)
     need_per_sample = any(p.job.options.return_per_sample for p in jobs)
     batch = _upload(jobs, dtype, staging)
     if _fusable(batch):
@@ -95,7 +94,7 @@ def compute_batch(
     downloads = download(staging, output, flags, margins, grads_wire, per_sample_wire)
     staging.wait()
     figures = downloads.read_figures()
-    results = split(jobs, figures, downloads, key.wire_dtype, dtype)
+    results = split(jobs, figures, downloads, dtype)
     kind = key.params.kind
     elapsed = time.perf_counter() - started
     info = BatchInfo(
@@ -163,7 +162,7 @@ def _upload(
     return _DeviceBatch(
         params=params,
         dtype=dtype,
-        wire=tensors.torch_dtype(key.wire_dtype),
+        wire=key.dtype,
         inputs=inputs,
         scales=tuple(_row_scale(jobs, s, dtype, staging) for s in range(len(jobs[0].scales))),
         labels=labels,

@@ -80,7 +80,8 @@ class BatchKey:
     """Requests with equal keys are computed together in one kernel call."""
 
     params: LossParams
-    wire_dtype: int
+    # The dtype the callers sent, which their answers come back in.
+    dtype: torch.dtype
     trailing_shape: tuple[int, ...]
 
 
@@ -124,12 +125,12 @@ class LossJob:
 
 @dataclass(frozen=True)
 class WireArray:
-    """A tensor ready for the response: wire dtype, shape, little-endian bytes.
+    """A tensor ready for the response: its dtype, shape and little-endian bytes.
 
     `data` views the result tensor's own memory (no copy); it keeps the tensor alive.
     """
 
-    dtype: int
+    dtype: torch.dtype
     shape: tuple[int, ...]
     data: memoryview
 
@@ -147,12 +148,12 @@ class SparseRows:
 class FactoredRows:
     """A power-1 multi-class gradient as a packed mask and row values (hingeloss.factored).
 
-    `mask` is uint8 (rows, ceil(C / 8)) under the wire dtype of its bytes; `values` are
-    in the compute dtype; `dtype` is the wire dtype of the dense gradient they stand for.
+    `mask` is uint8 (rows, ceil(C / 8)); `values` are in the compute dtype; `dtype` is
+    the dtype of the dense gradient they stand for.
     """
 
     dense_shape: tuple[int, ...]
-    dtype: int
+    dtype: torch.dtype
     mask: memoryview
     values: WireArray
 

@@ -243,7 +243,7 @@ def _check_factorable(key: BatchKey) -> None:
         got = params.kind.value
     elif params.power != 1:
         got = f"{params.kind.value} with power {params.power}"
-    elif key.wire_dtype != pb.DTYPE_FLOAT64 and key.trailing_shape[0] > _EXACT_FLOAT32_COUNTS:
+    elif key.dtype != torch.float64 and key.trailing_shape[0] > _EXACT_FLOAT32_COUNTS:
         raise InvalidInputError(
             "gradient_format",
             f"GRADIENT_FORMAT_FACTORED needs at most {_EXACT_FLOAT32_COUNTS} classes below "
@@ -280,13 +280,12 @@ def _job(
     params: LossParams,
     inputs: tuple[torch.Tensor, ...],
     input_fields: tuple[str, ...],
-    wire_dtype: int,
     **tensors_: torch.Tensor | None,
 ) -> LossJob:
     trailing = tuple(int(d) for d in inputs[0].shape[1:])
     return LossJob(
         request_id="",
-        key=BatchKey(params=params, wire_dtype=wire_dtype, trailing_shape=trailing),
+        key=BatchKey(params=params, dtype=inputs[0].dtype, trailing_shape=trailing),
         options=RequestOptions(),
         inputs=inputs,
         input_fields=input_fields,
@@ -312,7 +311,7 @@ def _binary(message: pb.BinaryHinge, decoder: _Decoder) -> LossJob:
         power=_power(message, decoder.field("power")),
         kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
     )
-    return _job(params, (scores,), ("scores",), message.scores.dtype, labels=labels)
+    return _job(params, (scores,), ("scores",), labels=labels)
 
 
 def _class_scores(
@@ -363,7 +362,6 @@ def _multiclass(message: pb.MulticlassHinge, decoder: _Decoder) -> LossJob:
         params,
         (scores,),
         ("scores",),
-        message.scores.dtype,
         targets=targets,
         class_weights=weights64,
     )
@@ -383,7 +381,7 @@ def _crammer_singer(message: pb.CrammerSinger, decoder: _Decoder) -> LossJob:
         kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
         split_ties=tie_break == pb.TIE_BREAK_SPLIT_EVENLY,
     )
-    return _job(params, (scores,), ("scores",), message.scores.dtype, targets=targets)
+    return _job(params, (scores,), ("scores",), targets=targets)
 
 
 def _gan_discriminator(message: pb.GanDiscriminator, decoder: _Decoder) -> LossJob:
@@ -397,13 +395,13 @@ def _gan_discriminator(message: pb.GanDiscriminator, decoder: _Decoder) -> LossJ
         kind=LossKind.GAN_DISCRIMINATOR,
         kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
     )
-    return _job(params, (real, fake), ("real_scores", "fake_scores"), message.real_scores.dtype)
+    return _job(params, (real, fake), ("real_scores", "fake_scores"))
 
 
 def _gan_generator(message: pb.GanGenerator, decoder: _Decoder) -> LossJob:
     fake = _required(decoder.tensor(message.fake_scores, "fake_scores", ndim=1, floats=True))
     params = LossParams(kind=LossKind.GAN_GENERATOR)
-    return _job(params, (fake,), ("fake_scores",), message.fake_scores.dtype)
+    return _job(params, (fake,), ("fake_scores",))
 
 
 def _margin_ranking(message: pb.MarginRanking, decoder: _Decoder) -> LossJob:
@@ -418,7 +416,7 @@ def _margin_ranking(message: pb.MarginRanking, decoder: _Decoder) -> LossJob:
         margin=_margin(message, decoder.field("margin")),
         kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
     )
-    return _job(params, (a, b), ("scores_a", "scores_b"), message.scores_a.dtype, labels=labels)
+    return _job(params, (a, b), ("scores_a", "scores_b"), labels=labels)
 
 
 _DECODERS: dict[LossKind, Callable[[Any, _Decoder], LossJob]] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import torch
 
 from hingeloss import tensors
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -40,6 +41,11 @@ _ROW_SPARSE_INDICES = 2
 _ROW_SPARSE_VALUES = 3
 _TENSOR_DATA = 3
 _LENGTH_DELIMITED = 2
+
+# The wire dtype of each torch dtype an answer can hold, looked up once per tensor.
+_WIRE_DTYPES: dict[torch.dtype, int] = {
+    tensors.torch_dtype(info.wire): info.wire for info in tensors.BY_NAME.values()
+}
 
 
 class _Chunks:
@@ -73,14 +79,14 @@ def varint(value: int) -> bytes:
 
 
 def _tensor(array: WireArray) -> _Chunks:
-    head = pb.Tensor(dtype=array.dtype, shape=array.shape)  # type: ignore[arg-type]
+    head = pb.Tensor(dtype=_WIRE_DTYPES[array.dtype], shape=array.shape)  # type: ignore[arg-type]
     chunks = _Chunks(head.SerializeToString())
     chunks.add_field(_TENSOR_DATA, _Chunks(array.data))
     return chunks
 
 
 def _factored(grad: FactoredRows) -> _Chunks:
-    head = pb.FactoredGradient(dense_shape=grad.dense_shape, dtype=grad.dtype)  # type: ignore[arg-type]
+    head = pb.FactoredGradient(dense_shape=grad.dense_shape, dtype=_WIRE_DTYPES[grad.dtype])  # type: ignore[arg-type]
     chunks = _Chunks(head.SerializeToString())
     chunks.add_field(_FACTORED_MASK, _Chunks(grad.mask))
     chunks.add_field(_FACTORED_ROW_VALUES, _tensor(grad.values))
@@ -165,9 +171,7 @@ def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
         reduction=f"REDUCTION_{options.reduction.name}",
         gradient_format=f"GRADIENT_FORMAT_{options.gradient_format.name}",
     )
-    resolved.compute_dtype = tensors.wire_dtype_of_torch(  # type: ignore[assignment]
-        result.compute_dtype
-    )
+    resolved.compute_dtype = _WIRE_DTYPES[result.compute_dtype]  # type: ignore[assignment]
     # Every loss but the GAN generator's is a hinge: it has a kink, a margin and a power.
     if kind is not LossKind.GAN_GENERATOR:
         resolved.kink_subgradient = (
