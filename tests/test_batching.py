@@ -30,16 +30,20 @@ def _job(loss: str = "binary_hinge", rows: int = 4, classes: int = 3, **options:
     return decode_request(request, LIMITS)
 
 
+async def _next_jobs(batcher: Batcher) -> list[LossJob]:
+    return [queued.job for queued in await batcher.next_batch()]
+
+
 async def test_groups_by_key_and_respects_row_limit() -> None:
     batcher = Batcher(BatchingConfig(max_batch_rows=10))
     jobs = [_job(rows=4) for _ in range(3)] + [_job("multiclass_hinge", rows=2)]
     for job in jobs:
         batcher.submit(job)
-    first = await batcher.next_batch()
+    first = await _next_jobs(batcher)
     assert first == jobs[:2]  # 4 + 4 rows fit in 10, a third would not
-    second = await batcher.next_batch()
+    second = await _next_jobs(batcher)
     assert second == [jobs[2]]
-    third = await batcher.next_batch()
+    third = await _next_jobs(batcher)
     assert third == [jobs[3]]
     assert batcher.stats.requests == 0
 
@@ -55,7 +59,7 @@ async def test_never_mixes_options_dtypes_or_class_counts() -> None:
     ]
     for job in jobs:
         batcher.submit(job)
-    batches = [await batcher.next_batch() for _ in range(4)]
+    batches = [await _next_jobs(batcher) for _ in range(4)]
     assert sorted(len(b) for b in batches) == [1, 1, 1, 2]
     assert [jobs[0], jobs[4]] in batches
 
@@ -64,19 +68,17 @@ async def test_oversized_job_runs_alone() -> None:
     batcher = Batcher(BatchingConfig(max_batch_rows=2))
     job = _job(rows=9)
     batcher.submit(job)
-    assert await batcher.next_batch() == [job]
+    assert await _next_jobs(batcher) == [job]
 
 
 async def test_earliest_deadline_first() -> None:
     batcher = Batcher(BatchingConfig())
     loop = asyncio.get_running_loop()
     late, urgent = _job("binary_hinge"), _job("gan_generator")
-    late.deadline = loop.time() + 60
-    urgent.deadline = loop.time() + 5
-    batcher.submit(late)
-    batcher.submit(urgent)
-    assert await batcher.next_batch() == [urgent]
-    assert await batcher.next_batch() == [late]
+    batcher.submit(late, deadline=loop.time() + 60)
+    batcher.submit(urgent, deadline=loop.time() + 5)
+    assert await _next_jobs(batcher) == [urgent]
+    assert await _next_jobs(batcher) == [late]
 
 
 async def test_expired_and_cancelled_jobs_are_dropped() -> None:
@@ -84,14 +86,13 @@ async def test_expired_and_cancelled_jobs_are_dropped() -> None:
     batcher = Batcher(BatchingConfig(), on_drop=lambda job, reason: dropped.append(reason))
     loop = asyncio.get_running_loop()
     expired, cancelled, live = _job(), _job(), _job()
-    expired.deadline = loop.time() - 1
-    expired_future = batcher.submit(expired)
+    expired_future = batcher.submit(expired, deadline=loop.time() - 1)
     cancelled_future = batcher.submit(cancelled)
     batcher.submit(live)
     cancelled_future.cancel()
     await asyncio.sleep(0)  # let the cancellation callback run
     assert batcher.stats.requests == 2
-    assert await batcher.next_batch() == [live]
+    assert await _next_jobs(batcher) == [live]
     with pytest.raises(DeadlineExpiredError):
         expired_future.result()
     assert sorted(dropped) == ["cancelled", "deadline_exceeded"]
@@ -114,7 +115,7 @@ async def test_delay_gathers_more_requests() -> None:
     batcher = Batcher(BatchingConfig(max_batch_delay_us=50_000))
     first = _job()
     batcher.submit(first)
-    taking = asyncio.create_task(batcher.next_batch())
+    taking = asyncio.create_task(_next_jobs(batcher))
     await asyncio.sleep(0.01)
     second = _job()
     batcher.submit(second)
@@ -218,9 +219,9 @@ async def test_byte_limit_keeps_large_requests_apart() -> None:
     batcher = Batcher(BatchingConfig(max_batch_bytes=limit))
     for job in [*big, *small]:
         batcher.submit(job)
-    assert await batcher.next_batch() == [big[0]]
-    assert await batcher.next_batch() == [big[1]]
-    assert await batcher.next_batch() == small
+    assert await _next_jobs(batcher) == [big[0]]
+    assert await _next_jobs(batcher) == [big[1]]
+    assert await _next_jobs(batcher) == small
 
 
 async def test_many_distinct_keys_come_out_earliest_deadline_first() -> None:
@@ -240,11 +241,10 @@ async def test_many_distinct_keys_come_out_earliest_deadline_first() -> None:
             labels=template.labels,
             rows=1,
             nbytes=8,
-            deadline=loop.time() + 60 + float(offset),
         )
-        batcher.submit(job)
+        batcher.submit(job, deadline=loop.time() + 60 + float(offset))
     taken = [(await batcher.next_batch())[0] for _ in range(5000)]
-    assert [job.deadline for job in taken] == sorted(job.deadline for job in taken)
+    assert [queued.deadline for queued in taken] == sorted(queued.deadline for queued in taken)
     assert batcher.stats.requests == 0
     assert not batcher._queues  # noqa: SLF001 - every key is forgotten once empty
 

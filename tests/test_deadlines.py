@@ -170,12 +170,11 @@ async def test_batcher_fails_jobs_that_expire_in_the_queue() -> None:
     loop = asyncio.get_running_loop()
     limits = LimitsConfig()
     expiring = decode_request(_request("expiring"), limits)
-    expiring.deadline = loop.time() + 0.05
     live = decode_request(_request("live"), limits)
-    expiring_future = batcher.submit(expiring)
+    expiring_future = batcher.submit(expiring, deadline=loop.time() + 0.05)
     batcher.submit(live)
     await asyncio.sleep(0.1)
-    assert await batcher.next_batch() == [live]
+    assert [queued.job for queued in await batcher.next_batch()] == [live]
     with pytest.raises(DeadlineExpiredError) as info:
         expiring_future.result()
     assert dropped == ["deadline_exceeded"]
@@ -189,9 +188,12 @@ async def test_cancel_at_the_deadline_counts_as_an_expiry() -> None:
     loop = asyncio.get_running_loop()
     limits = LimitsConfig()
     jobs = [decode_request(_request(f"j{i}"), limits) for i in range(3)]
-    jobs[0].deadline = loop.time() - 0.001  # its deadline has passed
-    jobs[1].deadline = loop.time() + 60  # the caller gave up early
-    futures = [batcher.submit(job) for job in jobs]  # jobs[2]: no deadline
+    deadlines = [
+        loop.time() - 0.001,  # its deadline has passed
+        loop.time() + 60,  # the caller gave up early
+        None,
+    ]
+    futures = [batcher.submit(job, deadline) for job, deadline in zip(jobs, deadlines, strict=True)]
     for future in futures:
         future.cancel()
     await asyncio.sleep(0)

@@ -39,6 +39,7 @@ def split(
     figures: Figures,
     downloads: Downloads,
     dtype: torch.dtype,
+    batch: BatchInfo,
 ) -> list[JobResult | InvalidInputError]:
     """Splits the batch's host figures per job and reduces each job's rows.
 
@@ -85,7 +86,7 @@ def split(
                 per_sample=per_sample_arrays,
                 samples=prepared.samples,
                 active=sum(int(figures.active[s][span].sum()) for s, span in enumerate(spans)),
-                batch=BatchInfo(rows=0, requests=0, compute_s=0.0, device=""),
+                batch=batch,
                 compute_dtype=dtype,
                 host_lease=downloads.lease,
             )

@@ -29,10 +29,16 @@ DEADLINE_SLACK_S = 0.005
 
 
 @dataclass(order=True)
-class _Entry:
+class QueuedJob:
+    """A job in the queue, with its caller's future; ordered by (deadline, arrival)."""
+
+    # Event-loop time after which the caller no longer waits; math.inf: no deadline.
     deadline: float
     seq: int
     job: LossJob = field(compare=False)
+    future: asyncio.Future[JobResult] = field(compare=False)
+    enqueued_at: float = field(compare=False)
+    # False once taken, cancelled or failed: the heaps drop such entries lazily.
     live: bool = field(default=True, compare=False)
 
 
@@ -66,10 +72,10 @@ class Batcher:
     ) -> None:
         self._config = config
         self._on_drop = on_drop or (lambda job, reason: None)
-        self._queues: dict[BatchKey, list[_Entry]] = {}
+        self._queues: dict[BatchKey, list[QueuedJob]] = {}
         # Live entries per key: a key whose count drops to 0 is forgotten at once.
         self._live: dict[BatchKey, int] = {}
-        self._urgent: list[_Entry] = []
+        self._urgent: list[QueuedJob] = []
         self._seq = itertools.count()
         self._work = asyncio.Event()
         self._closed = False
@@ -77,8 +83,10 @@ class Batcher:
         # Smoothed seconds of compute per row, for the retry delay we suggest when full.
         self._seconds_per_row = 1e-6
 
-    def submit(self, job: LossJob) -> asyncio.Future[JobResult]:
+    def submit(self, job: LossJob, deadline: float | None = None) -> asyncio.Future[JobResult]:
         """Queues a job and returns the future of its result.
+
+        `deadline` is the event-loop time after which its caller no longer waits.
 
         Raises:
             DrainingError: the server is shutting down.
@@ -100,12 +108,12 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JobResult] = loop.create_future()
-        job.future = future
-        job.enqueued_at = loop.time()
-        entry = _Entry(
-            deadline=math.inf if job.deadline is None else job.deadline,
+        entry = QueuedJob(
+            deadline=math.inf if deadline is None else deadline,
             seq=next(self._seq),
             job=job,
+            future=future,
+            enqueued_at=loop.time(),
         )
         heapq.heappush(self._queues.setdefault(job.key, []), entry)
         heapq.heappush(self._urgent, entry)
@@ -118,7 +126,7 @@ class Batcher:
         self._work.set()
         return future
 
-    def _on_done(self, entry: _Entry, future: asyncio.Future[JobResult]) -> None:
+    def _on_done(self, entry: QueuedJob, future: asyncio.Future[JobResult]) -> None:
         if future.cancelled() and entry.live:
             self._remove(entry)
             # gRPC cancels a call whose deadline passes: count that as an expiry, not a cancel.
@@ -126,7 +134,7 @@ class Batcher:
             expired = entry.deadline - DEADLINE_SLACK_S <= now
             self._on_drop(entry.job, "deadline_exceeded" if expired else "cancelled")
 
-    def _remove(self, entry: _Entry) -> None:
+    def _remove(self, entry: QueuedJob) -> None:
         entry.live = False
         key = entry.job.key
         self._live[key] -= 1
@@ -142,7 +150,7 @@ class Batcher:
         if rows > 0:
             self._seconds_per_row = 0.8 * self._seconds_per_row + 0.2 * (seconds / rows)
 
-    async def next_batch(self) -> list[LossJob]:
+    async def next_batch(self) -> list[QueuedJob]:
         """Waits for work and takes one batch of jobs sharing a key.
 
         A batch holds at most `max_batch_rows` rows and `max_batch_bytes` bytes, but
@@ -158,12 +166,12 @@ class Batcher:
                 continue
             batch = self._take(key, max_rows, max_bytes)
             if batch and self._config.max_batch_delay_us > 0:
-                rows = sum(job.rows for job in batch)
-                nbytes = sum(job.nbytes for job in batch)
+                rows = sum(queued.job.rows for queued in batch)
+                nbytes = sum(queued.job.nbytes for queued in batch)
                 if rows < max_rows and nbytes < max_bytes:
                     await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
                     batch.extend(self._take(key, max_rows - rows, max_bytes - nbytes))
-            batch = [job for job in batch if job.future is not None and not job.future.done()]
+            batch = [queued for queued in batch if not queued.future.done()]
             if batch:
                 return batch
 
@@ -172,8 +180,8 @@ class Batcher:
             heapq.heappop(self._urgent)
         return self._urgent[0].job.key if self._urgent else None
 
-    def _take(self, key: BatchKey, max_rows: int, max_bytes: int) -> list[LossJob]:
-        taken: list[LossJob] = []
+    def _take(self, key: BatchKey, max_rows: int, max_bytes: int) -> list[QueuedJob]:
+        taken: list[QueuedJob] = []
         rows = nbytes = 0
         now = asyncio.get_running_loop().time()
         # The key's heap disappears once its last live entry is removed.
@@ -188,17 +196,16 @@ class Batcher:
                 break
             heapq.heappop(heap)
             self._remove(entry)
-            job = entry.job
             if entry.deadline <= now:
-                if job.future is not None and not job.future.done():
-                    job.future.set_exception(
+                if not entry.future.done():
+                    entry.future.set_exception(
                         DeadlineExpiredError("the deadline passed while the request was queued")
                     )
-                self._on_drop(job, "deadline_exceeded")
+                self._on_drop(entry.job, "deadline_exceeded")
                 continue
-            taken.append(job)
-            rows += job.rows
-            nbytes += job.nbytes
+            taken.append(entry)
+            rows += entry.job.rows
+            nbytes += entry.job.nbytes
         return taken
 
     def close(self) -> None:
@@ -210,7 +217,6 @@ class Batcher:
         for entry in self._urgent:
             if entry.live:
                 self._remove(entry)
-                future = entry.job.future
-                if future is not None and not future.done():
-                    future.set_exception(error)
+                if not entry.future.done():
+                    entry.future.set_exception(error)
         self._urgent.clear()

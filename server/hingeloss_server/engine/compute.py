@@ -93,20 +93,15 @@ def compute_batch(
     grads_wire, margins = computed.grads_wire, computed.margins
     downloads = download(staging, output, flags, margins, grads_wire, per_sample_wire)
     staging.wait()
-    figures = downloads.read_figures()
-    results = split(jobs, figures, downloads, dtype)
-    kind = key.params.kind
-    elapsed = time.perf_counter() - started
     info = BatchInfo(
         rows=sum(p.job.rows for p in jobs),
         requests=len(jobs),
-        compute_s=elapsed,
+        compute_s=time.perf_counter() - started,
         device=str(device),
     )
-    for result in results:
-        if isinstance(result, JobResult):
-            result.batch = info
-    return BatchOutput(results=results, margins=figures.margins, kind=kind)
+    figures = downloads.read_figures()
+    results = split(jobs, figures, downloads, dtype, info)
+    return BatchOutput(results=results, margins=figures.margins, kind=key.params.kind)
 
 
 @dataclass

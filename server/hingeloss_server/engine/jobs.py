@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass, field
 
@@ -117,10 +116,6 @@ class LossJob:
     sample_weights: torch.Tensor | None = None
     rows: int = 0
     nbytes: int = 0
-    # Event-loop time after which the caller no longer waits; None: no deadline.
-    deadline: float | None = None
-    enqueued_at: float = 0.0
-    future: asyncio.Future[JobResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,11 +159,12 @@ class BatchInfo:
 
     rows: int
     requests: int
+    # From the upload to the answers' arrival on the host (their split per job excluded).
     compute_s: float
     device: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobResult:
     """The answer to one job."""
 
@@ -178,6 +174,7 @@ class JobResult:
     samples: int
     active: int
     batch: BatchInfo
+    # Seconds between arrival in the queue and a worker taking the batch; set on delivery.
     queue_s: float = 0.0
     compute_dtype: torch.dtype = field(default=torch.float32)
     # Keeps the pinned host block that `grads` and `per_sample` view from being reused

@@ -10,6 +10,7 @@ job retried alone, so that only the culprit fails and the worker keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hingeloss_server.config import BatchingConfig, WorkerConfig
-from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.batch_queue import Batcher, QueuedJob
 from hingeloss_server.engine.compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
 from hingeloss_server.engine.errors import (
     ComputeFailedError,
@@ -294,10 +295,10 @@ def _make_staging(device: torch.device, pinned_bytes: int) -> DeviceStaging:
         return DeviceStaging(device, 0)
 
 
-def _fail_unresolved(jobs: Sequence[LossJob], error: HingelossError) -> None:
-    for job in jobs:
-        if job.future is not None and not job.future.done():
-            job.future.set_exception(error)
+def _fail_unresolved(batch: Sequence[QueuedJob], error: HingelossError) -> None:
+    for queued in batch:
+        if not queued.future.done():
+            queued.future.set_exception(error)
 
 
 def _out_of_memory(error: Exception) -> bool:
@@ -397,22 +398,23 @@ class WorkerPool:
         """Takes and runs batches until stopped. Every job taken is resolved, whatever fails."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._batcher.next_batch()
+            batch = await self._batcher.next_batch()
             taken_at = loop.time()
             try:
+                jobs = [queued.job for queued in batch]
                 outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
-                self._deliver(outcomes, taken_at)
+                self._deliver(batch, outcomes, taken_at)
                 if output is not None:
                     self._record(outcomes, output)
                 # Answers hold their pinned host block until they are sent: keep no reference.
                 del outcomes, output
             except asyncio.CancelledError:
-                _fail_unresolved(jobs, DrainingError("the server stopped during this request"))
+                _fail_unresolved(batch, DrainingError("the server stopped during this request"))
                 raise
             except Exception:  # never lose a batch's callers, nor the worker, whatever broke
                 logger.exception("worker %s failed outside compute", worker.name)
-            _fail_unresolved(jobs, ComputeFailedError("internal error while serving this request"))
-            del jobs
+            _fail_unresolved(batch, ComputeFailedError("internal error while serving this request"))
+            del batch, jobs
 
     def _record(self, outcomes: list[Outcome], output: BatchOutput) -> None:
         info = next((o.result.batch for o in outcomes if o.result is not None), None)
@@ -424,14 +426,18 @@ class WorkerPool:
             info.device, info.rows, info.requests, info.compute_s, output.kind.value, margins
         )
 
-    def _deliver(self, outcomes: list[Outcome], taken_at: float) -> None:
+    def _deliver(
+        self, batch: Sequence[QueuedJob], outcomes: list[Outcome], taken_at: float
+    ) -> None:
+        queued_by_job = {id(queued.job): queued for queued in batch}
         for outcome in outcomes:
-            future = outcome.job.future
-            if future is None or future.done():
+            queued = queued_by_job[id(outcome.job)]
+            future = queued.future
+            if future.done():
                 continue
             if outcome.result is not None:
-                outcome.result.queue_s = max(0.0, taken_at - outcome.job.enqueued_at)
-                future.set_result(outcome.result)
+                queue_s = max(0.0, taken_at - queued.enqueued_at)
+                future.set_result(dataclasses.replace(outcome.result, queue_s=queue_s))
             else:
                 assert outcome.error is not None
                 future.set_exception(outcome.error)

@@ -142,9 +142,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 )
             charge = cost
             remaining = context.time_remaining()
-            if remaining is not None:
-                job.deadline = asyncio.get_running_loop().time() + remaining
-            result = await self._batcher.submit(job)
+            deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+            result = await self._batcher.submit(job, deadline)
             payload = _payload_bytes(result)
             if payload < ENCODE_OFF_LOOP_BYTES:
                 response = encode_response(job, result)
