@@ -33,12 +33,12 @@ from hingeloss import (
     RetryPolicy,
     StreamAbortedError,
     UnavailableError,
-    tensors,
 )
-from hingeloss.channel import Retrier
-from hingeloss.errors import from_rpc_error
-from hingeloss.requests import InputKind, build_request, enum_value
-from hingeloss.results import decode_response
+from hingeloss import _tensors as tensors
+from hingeloss._channel import Retrier
+from hingeloss._errors import from_rpc_error
+from hingeloss._requests import InputKind, build_request, enum_value
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
 from hingeloss_server.jobs import LossJob

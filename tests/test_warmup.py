@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss_server import fused
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.decode import decode_request

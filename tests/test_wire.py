@@ -9,8 +9,8 @@ import pytest
 import torch
 from cases import random_inputs
 
-from hingeloss import tensors
-from hingeloss.requests import build_request
+from hingeloss import _tensors as tensors
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.batch_compute import compute_batch
 from hingeloss_server.config import LimitsConfig

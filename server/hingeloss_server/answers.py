@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss_server.batch_figures import Downloads, Figures
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss_server import fused, losses
 from hingeloss_server.answers import split
 from hingeloss_server.batch_figures import download

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hingeloss import factored as factored_format
+from hingeloss import _factored as factored_format
 
 __all__ = [
     "Factors",

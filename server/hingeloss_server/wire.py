@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.jobs import (
     FactoredRows,

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from hingeloss.errors import HingelossError, OverloadedError
+from hingeloss._errors import HingelossError, OverloadedError
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 DEFAULT_TIMEOUT_S = 30.0

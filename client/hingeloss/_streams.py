@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from hingeloss.errors import DeadlineExceededError, HingelossError, StreamAbortedError
-from hingeloss.requests import InputKind
-from hingeloss.results import LossResult, decode_response
+from hingeloss._errors import DeadlineExceededError, HingelossError, StreamAbortedError
+from hingeloss._requests import InputKind
+from hingeloss._results import LossResult, decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hingeloss.channel import (
+from hingeloss._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT_S,
     Retrier,
@@ -20,11 +20,11 @@ from hingeloss.channel import (
     open_channel,
     with_token,
 )
-from hingeloss.errors import DeadlineExceededError, HingelossError, from_rpc_error
-from hingeloss.methods import LossMethods
-from hingeloss.requests import build_request
-from hingeloss.results import LossResult, decode_response
-from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
+from hingeloss._errors import DeadlineExceededError, HingelossError, from_rpc_error
+from hingeloss._methods import LossMethods
+from hingeloss._requests import build_request
+from hingeloss._results import LossResult, decode_response
+from hingeloss._streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
