@@ -8,7 +8,6 @@ see `hingeloss.torch`. Every public name is importable from here and listed in
 __version__ = "0.1.0"
 
 from hingeloss._aio import AsyncLossClient, AsyncLossStream  # noqa: E402
-from hingeloss._channel import NO_RETRY, RetryPolicy  # noqa: E402
 from hingeloss._client import LossClient, LossStream  # noqa: E402
 from hingeloss._errors import (  # noqa: E402
     CancelledError,
@@ -24,6 +23,7 @@ from hingeloss._errors import (  # noqa: E402
 )
 from hingeloss._factored import FactoredGrad, FactoredRule  # noqa: E402
 from hingeloss._results import LossResult, Timing  # noqa: E402
+from hingeloss._retry import NO_RETRY, RetryPolicy  # noqa: E402
 
 __all__ = [
     "NO_RETRY",

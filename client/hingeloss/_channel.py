@@ -1,23 +1,24 @@
-"""Channel set-up shared by the sync and asyncio clients: options, load balancing, retries.
+"""What the sync and asyncio clients share: channel set-up, stubs, defaults, retry state.
 
-gRPC's own retries buffer at most 256 KiB per call, so score tensors of any real
-size would silently not be retried; the SDK therefore retries itself (see
-`RetryPolicy`), for every size alike, honouring the server's RetryInfo. The
-channel only load-balances (round_robin over every address of the target).
+The channel only load-balances (round_robin over every address of the target);
+gRPC's own retries are off because the SDK retries itself (`_retry`). The two
+clients differ only in the gRPC API their channel comes from and in how they wait.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hingeloss._errors import HingelossError, OverloadedError
+from hingeloss._requests import InputKind, build_request
+from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
+from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 DEFAULT_TIMEOUT_S = 30.0
@@ -30,160 +31,6 @@ SERVICE_CONFIG = json.dumps(
         "healthCheckConfig": {"serviceName": "hingeloss.v1.LossService"},
     }
 )
-
-
-# RESOURCE_EXHAUSTED is retried only when the server says it is shedding load: its
-# queue is full (ErrorInfo reason), it names a wait (RetryInfo), or gRPC's own
-# maximum_concurrent_rpcs guard refused the call. Any other RESOURCE_EXHAUSTED (a
-# message over a size limit, a request that does not fit on the device) would
-# fail again the same way.
-LOAD_SHEDDING_REASONS = frozenset({"QUEUE_FULL"})
-_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
-
-
-def is_load_shedding(error: HingelossError) -> bool:
-    """Whether a RESOURCE_EXHAUSTED error says "busy, come back later"."""
-    return (
-        error.reason in LOAD_SHEDDING_REASONS
-        or (isinstance(error, OverloadedError) and error.retry_delay is not None)
-        or _CONCURRENCY_LIMIT in error.message
-    )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of transient failures with exponential backoff and jitter.
-
-    UNAVAILABLE (no server, or one draining), RESOURCE_EXHAUSTED when the server is
-    shedding load (see `is_load_shedding`), and CANCELLED: the SDK never cancels
-    a call itself, so a CANCELLED status comes from a server that stopped while
-    the request was still arriving. Every call is a pure function of its
-    request, so repeating it is always safe. A server's RetryInfo delay replaces
-    the computed backoff. No attempt starts after the call's deadline.
-
-    Retries are throttled per client like gRPC's `retryThrottling`: the client
-    holds `throttle_max_tokens` tokens; each failed attempt that could be retried
-    costs one, each success gives back `throttle_token_ratio`, and retries are
-    allowed only while more than half the tokens are left. A server shedding
-    load thus sees first attempts only, not three times the traffic.
-    `throttle_max_tokens=None` turns throttling off.
-    """
-
-    max_attempts: int = 3
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    retryable: frozenset[grpc.StatusCode] = field(
-        default=frozenset(
-            {
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.CANCELLED,
-            }
-        )
-    )
-    throttle_max_tokens: float | None = 10.0
-    throttle_token_ratio: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
-        if self.throttle_max_tokens is not None and self.throttle_max_tokens <= 0:
-            raise ValueError(
-                f"throttle_max_tokens must be > 0 or None, got {self.throttle_max_tokens}"
-            )
-        if self.throttle_token_ratio <= 0:
-            raise ValueError(f"throttle_token_ratio must be > 0, got {self.throttle_token_ratio}")
-
-    def is_retryable(self, error: HingelossError) -> bool:
-        """Whether the error is transient: a later attempt may succeed."""
-        if error.code not in self.retryable:
-            return False
-        if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return is_load_shedding(error)
-        return True
-
-    def backoff(self, attempt: int, error: HingelossError) -> float:
-        """Seconds to wait before attempt number `attempt + 1` (attempts count from 1)."""
-        if isinstance(error, OverloadedError) and error.retry_delay is not None:
-            base = error.retry_delay
-        else:
-            base = min(
-                self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1)
-            )
-        return base * (1 + random.uniform(-self.jitter, self.jitter))
-
-    def next_delay(
-        self, attempt: int, error: HingelossError, remaining_s: float | None
-    ) -> float | None:
-        """The wait before retrying, or None when the error is final (throttling aside)."""
-        if attempt >= self.max_attempts or not self.is_retryable(error):
-            return None
-        delay = self.backoff(attempt, error)
-        if remaining_s is not None and delay >= remaining_s:
-            return None
-        return delay
-
-
-class RetryThrottle:
-    """gRPC's retry throttling: a token bucket shared by every call of one client.
-
-    Counted in thousandths of a token, as gRPC does, so that ratios like 0.1 add
-    up exactly. Thread-safe: the sync client's calls may come from many threads.
-    """
-
-    def __init__(self, max_tokens: float, token_ratio: float) -> None:
-        self._max = round(max_tokens * 1000)
-        self._ratio = max(1, round(token_ratio * 1000))
-        self._milli_tokens = self._max
-        self._lock = threading.Lock()
-
-    @property
-    def tokens(self) -> float:
-        with self._lock:
-            return self._milli_tokens / 1000
-
-    def succeeded(self) -> None:
-        with self._lock:
-            self._milli_tokens = min(self._max, self._milli_tokens + self._ratio)
-
-    def failed(self) -> bool:
-        """Counts a failed attempt; returns whether a retry is still allowed."""
-        with self._lock:
-            self._milli_tokens = max(0, self._milli_tokens - 1000)
-            return self._milli_tokens * 2 > self._max
-
-
-class Retrier:
-    """One client's retry state: its policy and its throttle (shared by sync and asyncio)."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-        self.throttle = (
-            None
-            if policy.throttle_max_tokens is None
-            else RetryThrottle(policy.throttle_max_tokens, policy.throttle_token_ratio)
-        )
-
-    def succeeded(self) -> None:
-        if self.throttle is not None:
-            self.throttle.succeeded()
-
-    def failed(
-        self, attempt: int, error: HingelossError, remaining_s: float | None
-    ) -> float | None:
-        """Counts a failed attempt; returns the wait before retrying, or None to give up."""
-        if not self.policy.is_retryable(error):
-            return None
-        if self.throttle is not None and not self.throttle.failed():
-            return None
-        return self.policy.next_delay(attempt, error, remaining_s)
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def channel_options(
@@ -242,3 +89,90 @@ def open_channel(
     if credentials is None:
         return api.insecure_channel(target, args, compression)
     return api.secure_channel(target, credentials, args, compression)
+
+
+Stream = TypeVar("Stream")
+
+
+class ClientBase(Generic[Stream]):
+    """A client's channel, its stubs, its default timeout and its retry state.
+
+    Subclasses name the gRPC API their channel comes from (`grpc` or `grpc.aio`)
+    and the stream they open; the arguments are documented on LossClient.
+    """
+
+    _grpc_api: ClassVar[Any]
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        compression: grpc.Compression | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        local_token: bool = False,
+    ) -> None:
+        self._channel = open_channel(
+            self._grpc_api,
+            target,
+            with_token(credentials, token, local_token=local_token),
+            compression,
+            max_message_bytes,
+            options,
+        )
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout
+        self._retrier = Retrier(retry or RetryPolicy())
+
+    def _prepare(
+        self, loss: str, inputs: Mapping[str, Any], options: dict[str, Any]
+    ) -> tuple[pb.ComputeRequest, InputKind, float | None]:
+        """The request of a unary call, what its answer decodes into, and its timeout."""
+        timeout = options.pop("timeout", self._timeout)
+        request, kind = build_request(loss, inputs, options)
+        return request, kind, timeout
+
+    def _attempts(self, timeout: float | None, clock: Callable[[], float]) -> CallAttempts:
+        """The retry bookkeeping of one unary call, on this client's shared throttle."""
+        return CallAttempts(self._retrier, timeout, clock)
+
+    def stream(
+        self,
+        max_in_flight: int = 16,
+        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
+        *,
+        stream_timeout: float | None = None,
+    ) -> Stream:
+        """Opens a ComputeStream: methods return futures, answered in order.
+
+        Use it as a context manager (`async with` on the asyncio client).
+
+        Args:
+            max_in_flight: futures unresolved at once. On LossStream a further
+                call blocks until one resolves; on AsyncLossStream later
+                requests wait, queued in call order, for a slot.
+            timeout: seconds each request may wait for its answer (default: the
+                client's timeout); its future then fails with
+                DeadlineExceededError and the stream goes on. None: no limit.
+            stream_timeout: deadline of the whole call (default: none, so a
+                stream may live as long as the training run).
+        """
+        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
+        return self._open_stream(StreamSettings(max_in_flight, per_request, stream_timeout))
+
+    def _open_stream(self, settings: StreamSettings) -> Stream:
+        raise NotImplementedError
+
+
+def health_request(service: str) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def serving_status(response: health_pb2.HealthCheckResponse) -> str:
+    """The name of a health answer's status, e.g. "SERVING"."""
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
