@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pkgutil
 import subprocess
 import sys
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,9 @@ def test_deadline_exceeded(make_server: Any) -> None:
         blocker.join()
 
 
-def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+@contextlib.contextmanager
+def _full_queue(make_server: Any) -> Iterator[tuple[ServerThread, CollectorRegistry]]:
+    """A server whose only worker is held and whose queue is full: it sheds every call."""
     gate = _Gate()
     registry = CollectorRegistry()
     config = server_config(batching=BatchingConfig(max_queue_rows=3))
@@ -233,6 +236,16 @@ def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
         queued.start()
         while server.server.batcher.stats.rows < 3:
             time.sleep(0.01)
+        yield server, registry
+    finally:
+        gate.release.set()
+        blocker.join()
+        queued.join()
+        filler.close()
+
+
+def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+    with _full_queue(make_server) as (server, registry):
         policy = RetryPolicy(max_attempts=3, jitter=0.0)
         with LossClient(server.target, retry=policy) as client:
             started = time.monotonic()
@@ -247,46 +260,26 @@ def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
             == 3
         )
         assert elapsed >= 2 * info.value.retry_delay * 0.9
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
 
 
 def test_async_client_retries_on_the_shared_core(make_server: Any) -> None:
     """The asyncio client retries as the sync one does, reading each status from its call."""
-    gate = _Gate()
-    registry = CollectorRegistry()
-    config = server_config(batching=BatchingConfig(max_queue_rows=3))
-    server = make_server(config, fault_hook=gate, registry=registry)
-    blocker = _block(server, gate)
-    filler = LossClient(server.target)
-    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
 
-    async def refused() -> OverloadedError:
+    async def refused(target: str) -> OverloadedError:
         policy = RetryPolicy(max_attempts=3, jitter=0.0)
-        async with AsyncLossClient(server.target, retry=policy) as client:
+        async with AsyncLossClient(target, retry=policy) as client:
             with pytest.raises(OverloadedError) as info:
                 await client.gan_generator(np.ones(2))
         return info.value
 
-    try:
-        queued.start()
-        while server.server.batcher.stats.rows < 3:
-            time.sleep(0.01)
-        error = asyncio.run(refused())
+    with _full_queue(make_server) as (server, registry):
+        error = asyncio.run(refused(server.target))
         assert error.reason == "QUEUE_FULL"
         assert error.retry_delay is not None
         assert error.retry_delay > 0
         assert isinstance(error.__cause__, grpc.RpcError)
         rejected = {"reason": "queue_full"}
         assert registry.get_sample_value("hingeloss_requests_rejected_total", rejected) == 3
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
 
 
 def test_unavailable_without_a_server() -> None:
@@ -468,22 +461,12 @@ def test_call_attempts_say_when_to_retry_and_when_to_give_up() -> None:
 
 
 def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> None:
-    gate = _Gate()
-    registry = CollectorRegistry()
-    config = server_config(batching=BatchingConfig(max_queue_rows=3))
-    server = make_server(config, fault_hook=gate, registry=registry)
-    blocker = _block(server, gate)
-    filler = LossClient(server.target)
-    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
+    with _full_queue(make_server) as (server, registry):
 
-    def shed() -> float:
-        labels = {"reason": "queue_full"}
-        return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
+        def shed() -> float:
+            labels = {"reason": "queue_full"}
+            return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
 
-    try:
-        queued.start()
-        while server.server.batcher.stats.rows < 3:
-            time.sleep(0.01)
         policy = RetryPolicy(max_attempts=5, jitter=0.0)
         with LossClient(server.target, retry=policy) as client:
             for _ in range(3):
@@ -497,11 +480,6 @@ def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> N
                 with pytest.raises(OverloadedError):
                     client.gan_generator(np.ones(2))
         assert shed() == 7 + 5 + 5
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
 
 
 # -- errors carry the server's ErrorInfo metadata -------------------------------------------
