@@ -170,6 +170,7 @@ class ClientBase(Generic[Stream]):
 
 
 def health_request(service: str) -> health_pb2.HealthCheckRequest:
+    """A Health.Check request for `service` ("" asks about the whole server)."""
     return health_pb2.HealthCheckRequest(service=service)
 
 
