@@ -33,7 +33,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client server tests examples
-	$(BIN)/mypy client/hingeloss server/hingeloss_server
+	$(BIN)/mypy client/hingeloss client/hingeloss_bench server/hingeloss_server
 
 test: $(STAMP) lint
 	$(BIN)/pytest

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS
+from hingeloss._requests import OTHER_FIELDS, SCORE_FIELDS
 
 
 def random_inputs(

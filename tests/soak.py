@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 
 from hingeloss import NO_RETRY, AsyncLossClient, HingelossError, LossClient
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ from cases import positional, random_inputs
 from support import server_config
 
 from hingeloss import AsyncLossClient, LossClient
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.errors import DeadlineExpiredError, DrainingError, OverloadedError

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from support import ServerThread, server_config
 
-from hingeloss.bench import WorkloadSpec, reference
-from hingeloss.bench.cli import main
-from hingeloss.bench.workload import generate_inputs
+from hingeloss_bench import WorkloadSpec, reference
+from hingeloss_bench.cli import main
+from hingeloss_bench.workload import generate_inputs
 from hingeloss_server.config import SecurityConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
@@ -192,7 +192,7 @@ def test_several_load_processes(server: ServerThread, tmp_path: Path) -> None:
     args = ["--target", server.target, "--shape", "16x5", "--concurrency", "4", "--processes", "2"]
     args += ["--requests", "20", "--warmup", "0", "--output", str(out), "--quiet"]
     completed = subprocess.run(
-        [sys.executable, "-m", "hingeloss.bench", *args],
+        [sys.executable, "-m", "hingeloss_bench", *args],
         capture_output=True,
         text=True,
         timeout=120,

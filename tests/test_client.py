@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import pkgutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,12 @@ from hingeloss import (
     RetryPolicy,
     StreamAbortedError,
     UnavailableError,
-    tensors,
 )
-from hingeloss.channel import Retrier
-from hingeloss.errors import from_rpc_error
-from hingeloss.requests import InputKind, build_request, enum_value
-from hingeloss.results import decode_response
+from hingeloss import _tensors as tensors
+from hingeloss._errors import from_rpc_error
+from hingeloss._requests import InputKind, build_request, enum_value
+from hingeloss._results import decode_response
+from hingeloss._retry import CallAttempts, Retrier
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
 from hingeloss_server.engine.jobs import LossJob
@@ -219,7 +222,9 @@ def test_deadline_exceeded(make_server: Any) -> None:
         blocker.join()
 
 
-def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+@contextlib.contextmanager
+def _full_queue(make_server: Any) -> Iterator[tuple[ServerThread, CollectorRegistry]]:
+    """A server whose only worker is held and whose queue is full: it sheds every call."""
     gate = _Gate()
     registry = CollectorRegistry()
     config = server_config(batching=BatchingConfig(max_queue_rows=3))
@@ -231,6 +236,16 @@ def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
         queued.start()
         while server.server.batcher.stats.rows < 3:
             time.sleep(0.01)
+        yield server, registry
+    finally:
+        gate.release.set()
+        blocker.join()
+        queued.join()
+        filler.close()
+
+
+def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+    with _full_queue(make_server) as (server, registry):
         policy = RetryPolicy(max_attempts=3, jitter=0.0)
         with LossClient(server.target, retry=policy) as client:
             started = time.monotonic()
@@ -245,11 +260,26 @@ def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
             == 3
         )
         assert elapsed >= 2 * info.value.retry_delay * 0.9
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
+
+
+def test_async_client_retries_on_the_shared_core(make_server: Any) -> None:
+    """The asyncio client retries as the sync one does, reading each status from its call."""
+
+    async def refused(target: str) -> OverloadedError:
+        policy = RetryPolicy(max_attempts=3, jitter=0.0)
+        async with AsyncLossClient(target, retry=policy) as client:
+            with pytest.raises(OverloadedError) as info:
+                await client.gan_generator(np.ones(2))
+        return info.value
+
+    with _full_queue(make_server) as (server, registry):
+        error = asyncio.run(refused(server.target))
+        assert error.reason == "QUEUE_FULL"
+        assert error.retry_delay is not None
+        assert error.retry_delay > 0
+        assert isinstance(error.__cause__, grpc.RpcError)
+        rejected = {"reason": "queue_full"}
+        assert registry.get_sample_value("hingeloss_requests_rejected_total", rejected) == 3
 
 
 def test_unavailable_without_a_server() -> None:
@@ -320,6 +350,18 @@ def test_public_surface() -> None:
     assert issubclass(hingeloss.InvalidArgumentError, hingeloss.HingelossError)
 
 
+def test_internals_are_private() -> None:
+    """Public modules are the documented ones; every other public name is in __all__."""
+    modules = {m.name for m in pkgutil.iter_modules(hingeloss.__path__)}
+    assert {m for m in modules if not m.startswith("_")} == {"torch", "v1"}
+    exported = {
+        name
+        for name, value in vars(hingeloss).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert exported == set(hingeloss.__all__) - {"__version__"}
+
+
 def test_device_out_of_memory_is_not_retried(make_server: Any) -> None:
     attempts: list[str] = []
 
@@ -380,23 +422,51 @@ def test_retry_throttle_follows_grpc_token_bucket() -> None:
         RetryPolicy(throttle_max_tokens=0)
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_call_attempts_say_when_to_retry_and_when_to_give_up() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.25, jitter=0.0)
+    clock = _Clock()
+    draining = UnavailableError("draining", reason="DRAINING")
+
+    attempts = CallAttempts(Retrier(policy), 1.0, clock)
+    assert attempts.start() == 1.0
+    clock.now += 0.5
+    assert attempts.retry_after(draining) == 0.25
+    clock.now += 0.25
+    assert attempts.start() == 0.25  # the call's deadline, not a fresh one per attempt
+    with pytest.raises(UnavailableError) as info:  # a 0.5 s backoff would pass the deadline
+        attempts.retry_after(draining)
+    assert info.value is draining
+
+    unlimited = CallAttempts(Retrier(policy), None, clock)
+    assert unlimited.start() is None
+    assert unlimited.retry_after(draining) == 0.25
+    unlimited.start()
+    assert unlimited.retry_after(draining) == 0.5
+    unlimited.start()
+    with pytest.raises(UnavailableError):  # the third attempt was the last
+        unlimited.retry_after(draining)
+
+    final = InvalidArgumentError("bad")
+    with pytest.raises(InvalidArgumentError) as refused:
+        CallAttempts(Retrier(policy), None, clock).retry_after(final)
+    assert refused.value is final
+
+
 def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> None:
-    gate = _Gate()
-    registry = CollectorRegistry()
-    config = server_config(batching=BatchingConfig(max_queue_rows=3))
-    server = make_server(config, fault_hook=gate, registry=registry)
-    blocker = _block(server, gate)
-    filler = LossClient(server.target)
-    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
+    with _full_queue(make_server) as (server, registry):
 
-    def shed() -> float:
-        labels = {"reason": "queue_full"}
-        return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
+        def shed() -> float:
+            labels = {"reason": "queue_full"}
+            return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
 
-    try:
-        queued.start()
-        while server.server.batcher.stats.rows < 3:
-            time.sleep(0.01)
         policy = RetryPolicy(max_attempts=5, jitter=0.0)
         with LossClient(server.target, retry=policy) as client:
             for _ in range(3):
@@ -410,11 +480,6 @@ def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> N
                 with pytest.raises(OverloadedError):
                     client.gan_generator(np.ones(2))
         assert shed() == 7 + 5 + 5
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
 
 
 # -- errors carry the server's ErrorInfo metadata -------------------------------------------
@@ -451,6 +516,18 @@ def test_error_info_metadata_is_parsed() -> None:
     assert aborted.culprit is error
     assert aborted.__cause__ is error
     assert "bad labels" in str(aborted)
+
+
+def test_details_that_contradict_the_status_are_not_read() -> None:
+    """grpcio-status checks the details against the call's own code and message."""
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason="QUEUE_FULL"))
+    other = status_pb2.Status(code=8, message="bad labels", details=[packed])
+    error = from_rpc_error(_FakeRpcError(other))
+    assert isinstance(error, InvalidArgumentError)
+    assert error.message == "bad labels"
+    assert error.reason == ""
+    assert isinstance(error.__cause__, _FakeRpcError)
 
 
 def test_unary_errors_name_their_request(shared_server: ServerThread) -> None:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from support import compute_without_a_request, server_config
 
 from hingeloss import NO_RETRY, DeadlineExceededError, LossClient
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import BatchingConfig, LimitsConfig

@@ -24,9 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ServerThread, server_config
 
-from hingeloss import AsyncLossClient, InvalidArgumentError, LossClient, factored, tensors
-from hingeloss.requests import InputKind, build_request
-from hingeloss.results import decode_response
+from hingeloss import AsyncLossClient, InvalidArgumentError, LossClient
+from hingeloss import _factored as factored
+from hingeloss import _tensors as tensors
+from hingeloss._requests import InputKind, build_request
+from hingeloss._results import decode_response
 from hingeloss.torch import RemoteHingeLoss
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig

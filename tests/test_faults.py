@@ -21,8 +21,8 @@ from hingeloss import (
     LossResult,
     OverloadedError,
 )
-from hingeloss.requests import build_request
-from hingeloss.results import decode_response
+from hingeloss._requests import build_request
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import WorkerConfig
 from hingeloss_server.engine import workers

@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import ServerThread, server_config
 
-from hingeloss import LossClient, tensors
-from hingeloss.errors import InvalidArgumentError, from_rpc_error
+from hingeloss import LossClient
+from hingeloss import _tensors as tensors
+from hingeloss._errors import InvalidArgumentError, from_rpc_error
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import LimitsConfig

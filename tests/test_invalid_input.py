@@ -12,8 +12,9 @@ import pytest
 import torch
 from support import server_config
 
-from hingeloss import InvalidArgumentError, LossClient, tensors
-from hingeloss.errors import from_rpc_error
+from hingeloss import InvalidArgumentError, LossClient
+from hingeloss import _tensors as tensors
+from hingeloss._errors import from_rpc_error
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import LimitsConfig

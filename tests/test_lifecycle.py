@@ -20,7 +20,7 @@ from support import spawn_server, wait_for_port
 from throttle import ThrottlingProxy
 
 from hingeloss import NO_RETRY, LossClient, UnavailableError
-from hingeloss.health import check
+from hingeloss._health import check
 from hingeloss_server.cli import config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ from hingeloss import (
     LossClient,
     OverloadedError,
 )
-from hingeloss.errors import from_rpc_error
-from hingeloss.requests import build_request
+from hingeloss._errors import from_rpc_error
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hingeloss.requests import SCORE_FIELDS, build_request
+from hingeloss._requests import SCORE_FIELDS, build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.transport import request_wire

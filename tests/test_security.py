@@ -33,7 +33,7 @@ from hingeloss import (
     UnauthenticatedError,
     UnavailableError,
 )
-from hingeloss.errors import from_rpc_error
+from hingeloss._errors import from_rpc_error
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.cli import config_from_args
@@ -456,7 +456,7 @@ def test_nothing_from_a_request_is_unpickled_or_evaluated() -> None:
 
 
 def test_health_probe_over_tls(make_server: Callable[..., Any], pki: Pki, tmp_path: Path) -> None:
-    from hingeloss.health import main as health_main
+    from hingeloss._health import main as health_main
 
     security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key)
     server = make_server(server_config(security=security))

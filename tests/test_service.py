@@ -299,8 +299,8 @@ def test_health_has_both_names_and_unknown_is_not_found(shared_server: Any) -> N
 
 
 def test_stream_error_names_the_failing_request(shared_server: Any) -> None:
-    from hingeloss.errors import from_rpc_error
-    from hingeloss.requests import build_request
+    from hingeloss._errors import from_rpc_error
+    from hingeloss._requests import build_request
     from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
     good = {"scores": np.array([0.5, -1.0]), "labels": np.array([1, 1])}
@@ -337,7 +337,7 @@ def _error_info(rpc_error: grpc.RpcError) -> Any:
 
 
 def test_unary_error_carries_the_request_id(shared_server: Any) -> None:
-    from hingeloss.requests import build_request
+    from hingeloss._requests import build_request
     from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
     request, _ = build_request(

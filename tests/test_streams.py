@@ -31,7 +31,7 @@ from hingeloss import (
     LossClient,
     StreamAbortedError,
 )
-from hingeloss import streams as sdk_streams
+from hingeloss import _streams as sdk_streams
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 

@@ -20,7 +20,7 @@ import torch
 from cases import random_inputs
 from torch.overrides import TorchFunctionMode
 
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.compute import compute_batch
 from hingeloss_server.engine.errors import InvalidInputError

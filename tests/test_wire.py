@@ -9,8 +9,9 @@ import pytest
 import torch
 from cases import random_inputs
 
-from hingeloss import tensors
-from hingeloss.requests import build_request
+from hingeloss import _tensors as tensors
+from hingeloss._protowire import field_number, length_delimited_key, read_varint, varint
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.compute import compute_batch
@@ -107,3 +108,16 @@ def test_join_without_gil_builds_the_same_bytes() -> None:
     assert type(joined) is bytes
     assert joined == b"".join(pieces)
     assert hash(joined) == hash(b"".join(pieces))
+
+
+def test_wire_primitives_round_trip_and_follow_the_descriptors() -> None:
+    for value in (0, 1, 127, 128, 300, 1 << 31, (1 << 64) - 1):
+        encoded = varint(value)
+        assert read_varint(b"\xff" + encoded, 1) == (value, 1 + len(encoded))
+    # Key of ComputeResponse.gradients: field 3, wire type 2 (length-delimited).
+    assert length_delimited_key(pb.ComputeResponse, "gradients") == bytes([3 << 3 | 2])
+    assert field_number(pb.Tensor, "data") == pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+    with pytest.raises(TypeError, match="not length-delimited"):
+        length_delimited_key(pb.ComputeResponse, "loss")
+    with pytest.raises(ValueError, match="malformed varint"):
+        read_varint(b"\xff" * 11, 0)

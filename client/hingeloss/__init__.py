@@ -1,15 +1,15 @@
 """hingeloss SDK: hinge-family losses and gradients computed by a remote server.
 
 numpy in, numpy out; torch in, torch out (same device and dtype). For autograd,
-see `hingeloss.torch`.
+see `hingeloss.torch`. Every public name is importable from here and listed in
+`__all__`; modules whose names start with `_` are internal and may change.
 """
 
 __version__ = "0.1.0"
 
-from hingeloss.aio import AsyncLossClient, AsyncLossStream  # noqa: E402
-from hingeloss.channel import NO_RETRY, RetryPolicy  # noqa: E402
-from hingeloss.client import LossClient, LossStream  # noqa: E402
-from hingeloss.errors import (  # noqa: E402
+from hingeloss._aio import AsyncLossClient, AsyncLossStream  # noqa: E402
+from hingeloss._client import LossClient, LossStream  # noqa: E402
+from hingeloss._errors import (  # noqa: E402
     CancelledError,
     DeadlineExceededError,
     FieldViolation,
@@ -21,8 +21,9 @@ from hingeloss.errors import (  # noqa: E402
     UnauthenticatedError,
     UnavailableError,
 )
-from hingeloss.factored import FactoredGrad  # noqa: E402
-from hingeloss.results import LossResult, Timing  # noqa: E402
+from hingeloss._factored import FactoredGrad, FactoredRule  # noqa: E402
+from hingeloss._results import LossResult, Timing  # noqa: E402
+from hingeloss._retry import NO_RETRY, RetryPolicy  # noqa: E402
 
 __all__ = [
     "NO_RETRY",
@@ -31,6 +32,7 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "FactoredGrad",
+    "FactoredRule",
     "FieldViolation",
     "HingelossError",
     "InternalError",

@@ -22,8 +22,8 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
         "numpy interface of hingeloss.LossClient"
     ) from error
 
-from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS
-from hingeloss.results import LossResult
+from hingeloss._requests import OTHER_FIELDS, SCORE_FIELDS
+from hingeloss._results import LossResult
 
 __all__ = ["RemoteHingeLoss", "remote_loss"]
 

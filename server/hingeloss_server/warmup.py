@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
 

@@ -25,10 +25,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hingeloss import tensors
-from hingeloss.bench.wire import fields, tensor_header
-from hingeloss.requests import SCORE_FIELDS
+from hingeloss import _tensors as tensors
+from hingeloss._requests import SCORE_FIELDS
 from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_bench.wire import fields, tensor_header
 
 SERVICE = "hingeloss.v1.LossService"
 _LOSS_FIELDS = {name: pb.ComputeRequest.DESCRIPTOR.fields_by_name[name] for name in SCORE_FIELDS}

@@ -20,7 +20,7 @@ import grpc
 import torch
 from echo_server import serve_until_signalled
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from run import ServerProcess, service_argv  # noqa: E402
 
 from hingeloss import NO_RETRY, LossClient  # noqa: E402
-from hingeloss.requests import build_request  # noqa: E402
+from hingeloss._requests import build_request  # noqa: E402
 
 MIB = 1 << 20
 COMPUTE = "/hingeloss.v1.LossService/Compute"

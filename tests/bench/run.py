@@ -38,8 +38,8 @@ import compute_floor
 import grpc
 import torch
 
-from hingeloss.bench import CellResult, CellSpec, TargetSpec, WorkloadSpec, merge, run_shares
-from hingeloss.bench.report import render_table, write_json
+from hingeloss_bench import CellResult, CellSpec, TargetSpec, WorkloadSpec, merge, run_shares
+from hingeloss_bench.report import render_table, write_json
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,7 +32,7 @@ with _instrumented:
     import torch
     from google.protobuf.message import DecodeError
 
-    from hingeloss.requests import build_request
+    from hingeloss._requests import build_request
     from hingeloss.v1 import loss_service_pb2 as pb
     from hingeloss_server.config import LimitsConfig
     from hingeloss_server.engine.compute import compute_batch

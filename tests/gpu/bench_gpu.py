@@ -51,8 +51,8 @@ import grpc
 import numpy as np
 import torch
 
-from hingeloss.requests import build_request
-from hingeloss.results import decode_response
+from hingeloss._requests import build_request
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine import fused, losses

@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry
 from support import server_config
 
 from hingeloss import NO_RETRY, LossClient, UnavailableError
-from hingeloss.health import check
-from hingeloss.requests import build_request
+from hingeloss._health import check
+from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
 from hingeloss_server.engine import workers
 from hingeloss_server.engine.compute import compute_batch

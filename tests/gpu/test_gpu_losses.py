@@ -26,8 +26,8 @@ from references import reference
 from support import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult
-from hingeloss.requests import SCORE_FIELDS, build_request
-from hingeloss.results import decode_response
+from hingeloss._requests import SCORE_FIELDS, build_request
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig, WorkerConfig
 from hingeloss_server.engine import losses

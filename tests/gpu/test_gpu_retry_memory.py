@@ -16,7 +16,7 @@ import pytest
 import torch
 from cases import random_inputs
 
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine import losses
 from hingeloss_server.engine.workers import Worker

@@ -28,7 +28,7 @@ from references import reference
 from support import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
-from hingeloss.requests import build_request
+from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, ServerConfig, WorkerConfig
 from hingeloss_server.engine.jobs import LossJob
 from hingeloss_server.engine.staging import DeviceStaging

@@ -141,7 +141,7 @@ class SparseRows:
 
 @dataclass(frozen=True)
 class FactoredRows:
-    """A power-1 multi-class gradient as a packed mask and row values (hingeloss.factored).
+    """A power-1 multi-class gradient as a packed mask and row values (hingeloss._factored).
 
     `mask` is uint8 (rows, ceil(C / 8)); `values` are in the compute dtype; `dtype` is
     the dtype of the dense gradient they stand for.

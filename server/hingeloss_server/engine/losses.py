@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hingeloss import factored as factored_format
+from hingeloss import _factored as factored_format
 
 __all__ = [
     "Factors",
@@ -56,7 +56,7 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class Factors:
-    """A power-1 multi-class gradient as its packed mask and row values (hingeloss.factored).
+    """A power-1 multi-class gradient as its packed mask and row values (hingeloss._factored).
 
     Attributes:
         mask_bits: uint8, shape (N, ceil(C / 8)): the entries that take the row's value.

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.errors import InvalidInputError

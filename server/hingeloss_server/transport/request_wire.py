@@ -20,9 +20,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from hingeloss.bench.wire import read_varint
+from hingeloss._protowire import read_varint, varint
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.transport.response_codec import varint
 
 # Smaller messages are parsed by protobuf directly: the walk would cost more than the copy.
 WIRE_PARSE_MIN_BYTES = 1 << 20

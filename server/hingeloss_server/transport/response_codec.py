@@ -15,7 +15,8 @@ import ctypes
 import numpy as np
 import torch
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
+from hingeloss._protowire import length_delimited_key, varint
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.engine.jobs import (
     FactoredRows,
@@ -29,18 +30,18 @@ from hingeloss_server.engine.jobs import (
 # A piece of a serialized message: encoded fields, or a tensor's memory as it is.
 Piece = bytes | memoryview
 
-# Field numbers of the length-delimited fields written here (loss_service.proto).
-_RESPONSE_GRADIENTS = 3
-_RESPONSE_PER_SAMPLE = 4
-_GRADIENT_DENSE = 2
-_GRADIENT_ROW_SPARSE = 3
-_GRADIENT_FACTORED = 4
-_FACTORED_MASK = 3
-_FACTORED_ROW_VALUES = 4
-_ROW_SPARSE_INDICES = 2
-_ROW_SPARSE_VALUES = 3
-_TENSOR_DATA = 3
-_LENGTH_DELIMITED = 2
+# The keys of the length-delimited fields written here, from the message descriptors
+# (so they follow loss_service.proto), encoded once.
+_RESPONSE_GRADIENTS = length_delimited_key(pb.ComputeResponse, "gradients")
+_RESPONSE_PER_SAMPLE = length_delimited_key(pb.ComputeResponse, "per_sample_losses")
+_GRADIENT_DENSE = length_delimited_key(pb.Gradient, "dense")
+_GRADIENT_ROW_SPARSE = length_delimited_key(pb.Gradient, "row_sparse")
+_GRADIENT_FACTORED = length_delimited_key(pb.Gradient, "factored")
+_FACTORED_MASK = length_delimited_key(pb.FactoredGradient, "mask")
+_FACTORED_ROW_VALUES = length_delimited_key(pb.FactoredGradient, "row_values")
+_ROW_SPARSE_INDICES = length_delimited_key(pb.RowSparseTensor, "indices")
+_ROW_SPARSE_VALUES = length_delimited_key(pb.RowSparseTensor, "values")
+_TENSOR_DATA = length_delimited_key(pb.Tensor, "data")
 
 # The wire dtype of each torch dtype an answer can hold, looked up once per tensor.
 _WIRE_DTYPES: dict[torch.dtype, int] = {
@@ -61,21 +62,11 @@ class _Chunks:
         self.pieces.append(piece)
         self.size += piece.nbytes if isinstance(piece, memoryview) else len(piece)
 
-    def add_field(self, number: int, body: _Chunks) -> None:
-        """A length-delimited field: key, length, then the body's pieces as they are."""
-        self.add(varint(number << 3 | _LENGTH_DELIMITED) + varint(body.size))
+    def add_field(self, key: bytes, body: _Chunks) -> None:
+        """A length-delimited field: its key, length, then the body's pieces as they are."""
+        self.add(key + varint(body.size))
         self.pieces.extend(body.pieces)
         self.size += body.size
-
-
-def varint(value: int) -> bytes:
-    """Protobuf's base-128 varint encoding of a non-negative int."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _tensor(array: WireArray) -> _Chunks:

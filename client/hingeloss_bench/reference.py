@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss import tensors
-from hingeloss.requests import InputKind
-from hingeloss.results import decode_response
+from hingeloss import _tensors as tensors
+from hingeloss._requests import InputKind
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 
 Array = np.ndarray[Any, Any]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss import tensors
+from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 
 # Score inputs of each loss, in declaration order: gradients come back in this order.

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from hingeloss.errors import DeadlineExceededError, HingelossError, StreamAbortedError
-from hingeloss.requests import InputKind
-from hingeloss.results import LossResult, decode_response
+from hingeloss._errors import DeadlineExceededError, HingelossError, StreamAbortedError
+from hingeloss._requests import InputKind, build_request
+from hingeloss._results import LossResult, decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 
 
@@ -59,6 +59,34 @@ class UseClientTimeout(enum.Enum):
 
 
 CLIENT_TIMEOUT = UseClientTimeout.TIMEOUT
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What `stream()` asked for, with the client's timeout resolved.
+
+    Attributes:
+        max_in_flight: futures unresolved at once.
+        timeout: seconds each request may wait for its answer; None: no limit.
+        stream_timeout: deadline of the whole call; None: none.
+    """
+
+    max_in_flight: int
+    timeout: float | None
+    stream_timeout: float | None
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+
+
+def build_stream_request(
+    loss: str, inputs: dict[str, Any], options: dict[str, Any]
+) -> tuple[pb.ComputeRequest, InputKind]:
+    """A request for a stream, whose calls take their timeout from `stream()` alone."""
+    if options.pop("timeout", None) is not None:
+        raise TypeError("stream calls take no per-call timeout; set it on stream()")
+    return build_request(loss, inputs, options)
 
 
 class Step(enum.Enum):
@@ -283,6 +311,12 @@ class StreamState(Generic[F]):
             settle(item.future, error=error)
         else:
             settle(item.future, result)
+
+    def broken(self, action: str, error: Exception) -> None:
+        """Ends the stream on a local failure, e.g. `broken("reading the stream", error)`."""
+        failure = HingelossError(f"{action} failed: {error!r}")
+        failure.__cause__ = error
+        self.finish(failure)
 
     def finish_eof(self) -> None:
         """The server ended the stream cleanly."""

@@ -9,25 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hingeloss._protowire import I32, I64, LEN, VARINT, field_number, read_varint
 from hingeloss.v1 import loss_service_pb2 as pb
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_TIMING_FIELD = pb.ComputeResponse.DESCRIPTOR.fields_by_name["timing"].number
-
-
-def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """Decodes the varint at `pos`; returns (value, position after it)."""
-    result = 0
-    shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed varint")
+_TIMING_FIELD = field_number(pb.ComputeResponse, "timing")
+_TENSOR_DTYPE = field_number(pb.Tensor, "dtype")
+_TENSOR_SHAPE = field_number(pb.Tensor, "shape")
 
 
 def fields(
@@ -44,17 +31,17 @@ def fields(
     while pos < stop:
         key, pos = read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
+        if wire_type == VARINT:
             value, pos = read_varint(buf, pos)
             found.append((number, wire_type, value, pos))
-        elif wire_type == _LEN:
+        elif wire_type == LEN:
             length, pos = read_varint(buf, pos)
             found.append((number, wire_type, pos, pos + length))
             pos += length
-        elif wire_type == _I64:
+        elif wire_type == I64:
             found.append((number, wire_type, pos, pos + 8))
             pos += 8
-        elif wire_type == _I32:
+        elif wire_type == I32:
             found.append((number, wire_type, pos, pos + 4))
             pos += 4
         else:
@@ -80,7 +67,7 @@ NO_TIMING = ServerTiming(0, 0, 0, 0)
 def response_timing(payload: bytes) -> ServerTiming:
     """The Timing of a serialized ComputeResponse (zeros when it has none)."""
     for number, wire_type, start, end in fields(payload):
-        if number == _TIMING_FIELD and wire_type == _LEN:
+        if number == _TIMING_FIELD and wire_type == LEN:
             timing = pb.Timing.FromString(payload[start:end])
             return ServerTiming(
                 timing.queue_us, timing.compute_us, timing.batch_rows, timing.batch_requests
@@ -93,11 +80,11 @@ def tensor_header(buf: bytes | memoryview, start: int, end: int) -> tuple[int, t
     dtype = 0
     shape: list[int] = []
     for number, wire_type, value_start, value_end in fields(buf, start, end):
-        if number == 1 and wire_type == _VARINT:
+        if number == _TENSOR_DTYPE and wire_type == VARINT:
             dtype = value_start
-        elif number == 2 and wire_type == _VARINT:
+        elif number == _TENSOR_SHAPE and wire_type == VARINT:
             shape.append(value_start)
-        elif number == 2 and wire_type == _LEN:  # packed
+        elif number == _TENSOR_SHAPE and wire_type == LEN:  # packed
             pos = value_start
             while pos < value_end:
                 dim, pos = read_varint(buf, pos)

@@ -4,9 +4,9 @@ The load loop needs only the SDK's own dependencies; live progress, tables and
 the plot need the `loadtest` extra (`pip install "hingeloss[loadtest]"`).
 """
 
-from hingeloss.bench.loadgen import CellSpec, ShareResult, TargetSpec, run_share, run_shares
-from hingeloss.bench.stats import CellResult, merge
-from hingeloss.bench.workload import Workload, WorkloadSpec, parse_shape
+from hingeloss_bench.loadgen import CellSpec, ShareResult, TargetSpec, run_share, run_shares
+from hingeloss_bench.stats import CellResult, merge
+from hingeloss_bench.workload import Workload, WorkloadSpec, parse_shape
 
 __all__ = [
     "CellResult",

@@ -1,6 +1,7 @@
 """Typed exceptions for the SDK, built from a gRPC status and its rich details.
 
-Each is raised ``from`` the original ``grpc.RpcError``, so nothing is hidden.
+grpcio-status reads the google.rpc.Status from a call's trailers; each exception
+is chained to the original ``grpc.RpcError`` (its ``__cause__``), so nothing is hidden.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-
-_DETAILS_KEY = "grpc-status-details-bin"
+from grpc_status import rpc_status
 
 
 @dataclass(frozen=True)
@@ -147,25 +147,56 @@ _BY_CODE: dict[grpc.StatusCode, type[HingelossError]] = {
 }
 
 
-def _status_details(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailing = getattr(error, "trailing_metadata", None)
-    metadata = trailing() if callable(trailing) else None
-    for key, value in metadata or ():
-        if key == _DETAILS_KEY:
-            return status_pb2.Status.FromString(value)
-    return None
+def _rich_status(call: grpc.Call) -> status_pb2.Status | None:
+    """The google.rpc.Status in a finished call's trailers, read by grpcio-status."""
+    if not callable(getattr(call, "trailing_metadata", None)):
+        return None  # a bare RpcError carries no status
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:  # details whose code or message contradict the call's are not its own
+        return None
+    return status
+
+
+async def _aio_rich_status(call: grpc.aio.Call) -> status_pb2.Status | None:
+    """`_rich_status` of a finished grpc.aio call, read by grpcio-status's asyncio twin."""
+    try:
+        status: status_pb2.Status | None = await rpc_status.aio.from_call(call)
+    except ValueError:
+        return None
+    return status
 
 
 def from_rpc_error(error: grpc.RpcError) -> HingelossError:
-    """Translates a gRPC error into the matching typed exception (not raised)."""
+    """The typed exception of a failed call (not raised), chained to `error` as its cause.
+
+    `error` is what a call raised: a sync call's RpcError (which is also the call)
+    or a grpc.aio AioRpcError (the status a call ended with, as kept by a stream).
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
+    return _typed(code, message, _rich_status(error), cause=error)
+
+
+async def from_aio_call(call: grpc.aio.Call, error: grpc.RpcError) -> HingelossError:
+    """The typed exception of a failed grpc.aio call (not raised), chained to `error`."""
+    code, message = await call.code(), await call.details()
+    return _typed(code, message, await _aio_rich_status(call), cause=error)
+
+
+def _typed(
+    code: grpc.StatusCode,
+    message: str | None,
+    status: status_pb2.Status | None,
+    *,
+    cause: grpc.RpcError,
+) -> HingelossError:
+    """The exception for a status code, with what its BadRequest, RetryInfo and ErrorInfo say."""
     message = message or code.name
     violations: list[FieldViolation] = []
     retry_delay: float | None = None
     reason = ""
     metadata: dict[str, str] = {}
-    status = _status_details(error)
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
@@ -181,13 +212,16 @@ def from_rpc_error(error: grpc.RpcError) -> HingelossError:
             reason = error_info.reason
             metadata = dict(error_info.metadata)
     cls = _BY_CODE.get(code, HingelossError)
+    result: HingelossError
     if cls is InvalidArgumentError:
-        return InvalidArgumentError(
+        result = InvalidArgumentError(
             message, reason=reason, metadata=metadata, field_violations=tuple(violations)
         )
-    if cls is OverloadedError:
-        return OverloadedError(message, reason=reason, metadata=metadata, retry_delay=retry_delay)
-    result = cls(message, reason=reason, metadata=metadata)
+    elif cls is OverloadedError:
+        result = OverloadedError(message, reason=reason, metadata=metadata, retry_delay=retry_delay)
+    else:
+        result = cls(message, reason=reason, metadata=metadata)
     if cls is HingelossError:
         result.code = code
+    result.__cause__ = cause
     return result

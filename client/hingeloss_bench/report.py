@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hingeloss.bench.stats import CellResult
+from hingeloss_bench.stats import CellResult
 
 # (header, attribute, format) of the result table.
 COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from hingeloss import __version__
-from hingeloss.bench import reference
-from hingeloss.bench.loadgen import CellSpec, TargetSpec, run_shares
-from hingeloss.bench.report import errors_text, render_table, write_csv, write_json, write_plot
-from hingeloss.bench.stats import CellResult, merge
-from hingeloss.bench.workload import DTYPES, GRADIENT_FORMATS, LOSSES, WorkloadSpec, parse_shape
+from hingeloss_bench import reference
+from hingeloss_bench.loadgen import CellSpec, TargetSpec, run_shares
+from hingeloss_bench.report import errors_text, render_table, write_csv, write_json, write_plot
+from hingeloss_bench.stats import CellResult, merge
+from hingeloss_bench.workload import DTYPES, GRADIENT_FORMATS, LOSSES, WorkloadSpec, parse_shape
 
 
 def _numbers(kind: type[int] | type[float], text: str) -> list[Any]:

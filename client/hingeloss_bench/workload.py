@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss.requests import OTHER_FIELDS, SCORE_FIELDS, InputKind, build_request
+from hingeloss._requests import OTHER_FIELDS, SCORE_FIELDS, InputKind, build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 
 LOSSES = tuple(SCORE_FIELDS)

@@ -30,12 +30,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hingeloss.bench import reference
-from hingeloss.bench.wire import response_timing
-from hingeloss.bench.workload import Workload, WorkloadSpec
-from hingeloss.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, with_token
-from hingeloss.results import LossResult, decode_response
+from hingeloss._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, with_token
+from hingeloss._results import LossResult, decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_bench import reference
+from hingeloss_bench.wire import response_timing
+from hingeloss_bench.workload import Workload, WorkloadSpec
 
 COMPUTE_METHOD = "/hingeloss.v1.LossService/Compute"
 STREAM_METHOD = "/hingeloss.v1.LossService/ComputeStream"

@@ -1,36 +1,23 @@
-"""Channel set-up shared by the sync and asyncio clients: options, load balancing, retries.
+"""Retries of failed unary calls: the policy, the per-client throttle, and one call's attempts.
 
 gRPC's own retries buffer at most 256 KiB per call, so score tensors of any real
-size would silently not be retried; the SDK therefore retries itself (see
-`RetryPolicy`), for every size alike, honouring the server's RetryInfo. The
-channel only load-balances (round_robin over every address of the target).
+size would silently not be retried; the SDK therefore retries itself, for every
+size alike, honouring the server's RetryInfo. Everything here is bookkeeping
+without I/O: `CallAttempts` says how long an attempt may take and how long to
+wait after a failure, and each client waits its own way (`time.sleep` or
+`asyncio.sleep`).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
-from hingeloss.errors import HingelossError, OverloadedError
-
-DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
-DEFAULT_TIMEOUT_S = 30.0
-
-# round_robin over every resolved address; client-side health checking (the server's
-# Health.Watch) takes a draining server out of rotation as soon as it says NOT_SERVING.
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": "hingeloss.v1.LossService"},
-    }
-)
-
+from hingeloss._errors import HingelossError, OverloadedError
 
 # RESOURCE_EXHAUSTED is retried only when the server says it is shedding load: its
 # queue is full (ErrorInfo reason), it names a wait (RetryInfo), or gRPC's own
@@ -158,7 +145,7 @@ class RetryThrottle:
 
 
 class Retrier:
-    """One client's retry state: its policy and its throttle (shared by sync and asyncio)."""
+    """One client's retry state: its policy and its throttle, shared by all its calls."""
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
@@ -186,59 +173,37 @@ class Retrier:
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def channel_options(
-    max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()
-) -> list[tuple[str, Any]]:
-    """Explicit size limits, keepalive above the server's minimum, round_robin."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.service_config", SERVICE_CONFIG),
-        ("grpc.enable_retries", 0),
-        *extra,
-    ]
+class CallAttempts:
+    """The attempts of one unary call: the timeout of each, and what follows a failure.
 
-
-def with_token(
-    credentials: grpc.ChannelCredentials | None, token: str | None, *, local_token: bool = False
-) -> grpc.ChannelCredentials | None:
-    """Channel credentials that also send `authorization: Bearer <token>` on every call.
-
-    The token travels as gRPC call credentials (`access_token_call_credentials`),
-    which gRPC sends only over a secure channel: with TLS `credentials`, or, with
-    `local_token=True`, over a plaintext connection to this machine
-    (`local_channel_credentials`: loopback or a Unix socket), meant for tests and
-    local development. A token with neither is refused, never sent in the clear.
-
-    Raises:
-        ValueError: a token without TLS credentials and without `local_token`.
+    Args:
+        retrier: the client's retry state (policy and throttle).
+        timeout: seconds the whole call may take, retries and waits included; None: no limit.
+        clock: monotonic seconds (`time.monotonic` or the event loop's clock).
     """
-    if not token:
-        return credentials
-    if credentials is None:
-        if not local_token:
-            raise ValueError(
-                "a bearer token needs TLS credentials; for a server on this machine "
-                "without TLS, pass local_token=True"
-            )
-        credentials = grpc.local_channel_credentials()
-    return grpc.composite_channel_credentials(
-        credentials, grpc.access_token_call_credentials(token)
-    )
 
+    def __init__(self, retrier: Retrier, timeout: float | None, clock: Callable[[], float]) -> None:
+        self._retrier = retrier
+        self._clock = clock
+        self._deadline = None if timeout is None else clock() + timeout
+        self._attempt = 0
 
-def open_channel(
-    api: Any,
-    target: str,
-    credentials: grpc.ChannelCredentials | None,
-    compression: grpc.Compression | None,
-    max_message_bytes: int,
-    options: Sequence[tuple[str, Any]],
-) -> Any:
-    """A channel from `api` (the `grpc` module or `grpc.aio`), TLS when credentials are given."""
-    args = channel_options(max_message_bytes, options)
-    if credentials is None:
-        return api.insecure_channel(target, args, compression)
-    return api.secure_channel(target, credentials, args, compression)
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - self._clock()
+
+    def start(self) -> float | None:
+        """Counts a new attempt; returns its gRPC timeout: what is left of the call's."""
+        self._attempt += 1
+        remaining = self._remaining()
+        return None if remaining is None else max(0.0, remaining)
+
+    def succeeded(self) -> None:
+        """The attempt answered: the throttle gets a share of a token back."""
+        self._retrier.succeeded()
+
+    def retry_after(self, error: HingelossError) -> float:
+        """Seconds to wait before the next attempt; raises `error` when the call gives up."""
+        delay = self._retrier.failed(self._attempt, error, self._remaining())
+        if delay is None:
+            raise error
+        return delay

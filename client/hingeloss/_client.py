@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hingeloss.channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT_S,
-    Retrier,
-    RetryPolicy,
-    open_channel,
-    with_token,
-)
-from hingeloss.errors import DeadlineExceededError, HingelossError, from_rpc_error
-from hingeloss.methods import LossMethods
-from hingeloss.requests import build_request
-from hingeloss.results import LossResult, decode_response
-from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
+from hingeloss._channel import ClientBase, health_request, serving_status
+from hingeloss._errors import DeadlineExceededError, HingelossError, from_rpc_error
+from hingeloss._methods import LossMethods
+from hingeloss._results import LossResult, decode_response
+from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
+Response = TypeVar("Response")
 
-class LossClient(LossMethods[LossResult]):
+
+class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
     """Computes losses and gradients on a hingeloss server.
 
     Args:
@@ -54,96 +46,43 @@ class LossClient(LossMethods[LossResult]):
         ...     result.loss, result.grad
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        compression: grpc.Compression | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        local_token: bool = False,
-    ) -> None:
-        self._channel = open_channel(
-            grpc,
-            target,
-            with_token(credentials, token, local_token=local_token),
-            compression,
-            max_message_bytes,
-            options,
-        )
-        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._timeout = timeout
-        self._retry = Retrier(retry or RetryPolicy())
+    _grpc_api = grpc
 
     def _submit(self, loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> LossResult:
-        timeout = options.pop("timeout", self._timeout)
-        request, kind = build_request(loss, inputs, options)
-        return decode_response(self._compute(request, timeout), kind)
-
-    def _compute(self, request: pb.ComputeRequest, timeout: float | None) -> pb.ComputeResponse:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        request, kind, timeout = self._prepare(loss, inputs, options)
+        attempts = self._attempts(timeout, time.monotonic)
         while True:
-            attempt += 1
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                response: pb.ComputeResponse = self._stub.Compute(request, timeout=remaining)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                delay = self._retry.failed(attempt, error, remaining)
-                if delay is None:
-                    raise error from rpc_error
-                time.sleep(delay)
+                response = self._call(self._stub.Compute, request, attempts.start())
+            except HingelossError as error:
+                time.sleep(attempts.retry_after(error))
             else:
-                self._retry.succeeded()
-                return response
+                attempts.succeeded()
+                return decode_response(response, kind)
+
+    @staticmethod
+    def _call(method: Callable[..., Response], request: Any, timeout: float | None) -> Response:
+        """One attempt of a unary call; a failure raises its typed error."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from rpc_error
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
-        try:
-            response = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout
-            )
-        except grpc.RpcError as rpc_error:
-            raise from_rpc_error(rpc_error) from rpc_error
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return serving_status(
+            self._call(self._health.Check, health_request(service), self._timeout)
+        )
 
     def server_info(self) -> pb.ServerInfo:
         """What the server computes and the limits it enforces."""
-        try:
-            info: pb.ServerInfo = self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout
-            )
-        except grpc.RpcError as rpc_error:
-            raise from_rpc_error(rpc_error) from rpc_error
+        info: pb.ServerInfo = self._call(
+            self._stub.GetServerInfo, pb.GetServerInfoRequest(), self._timeout
+        )
         return info
 
-    def stream(
-        self,
-        max_in_flight: int = 16,
-        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
-        *,
-        stream_timeout: float | None = None,
-    ) -> LossStream:
-        """Opens a ComputeStream: methods return futures, answered in order.
-
-        Args:
-            max_in_flight: futures unresolved at once; a further call blocks
-                until one resolves.
-            timeout: seconds each request may wait for its answer (default: the
-                client's timeout); its future then fails with
-                DeadlineExceededError and the stream goes on. None: no limit.
-            stream_timeout: deadline of the whole call (default: none, so a
-                stream may live as long as the training run).
-        """
-        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
-        return LossStream(self._stub, max_in_flight, per_request, stream_timeout)
+    def _open_stream(self, settings: StreamSettings) -> LossStream:
+        return LossStream(self._stub, settings)
 
     def close(self) -> None:
         self._channel.close()
@@ -151,12 +90,7 @@ class LossClient(LossMethods[LossResult]):
     def __enter__(self) -> LossClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -177,16 +111,9 @@ class LossStream(LossMethods["Future[LossResult]"]):
     StreamAbortedError (safe to resubmit), and later calls fail at once.
     """
 
-    def __init__(
-        self,
-        stub: pb_grpc.LossServiceStub,
-        max_in_flight: int,
-        timeout: float | None,
-        stream_timeout: float | None,
-    ) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self._slots = threading.BoundedSemaphore(max_in_flight)
+    def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
+        timeout = settings.timeout
+        self._slots = threading.BoundedSemaphore(settings.max_in_flight)
         self._wake = threading.Event()  # the request iterator: something to write
         self._tick = threading.Event()  # the deadline watcher: something changed
         self._state: StreamState[Future[LossResult]] = StreamState(
@@ -196,7 +123,7 @@ class LossStream(LossMethods["Future[LossResult]"]):
             timeout=timeout,
         )
         self._timeout = timeout
-        self._responses = stub.ComputeStream(self._requests(), timeout=stream_timeout)
+        self._responses = stub.ComputeStream(self._requests(), timeout=settings.stream_timeout)
         self._reader = threading.Thread(target=self._read, name="hingeloss-stream", daemon=True)
         self._reader.start()
         if timeout is not None:
@@ -223,9 +150,7 @@ class LossStream(LossMethods["Future[LossResult]"]):
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
     ) -> Future[LossResult]:
-        if options.pop("timeout", None) is not None:
-            raise TypeError("stream calls take no per-call timeout; set it on stream()")
-        request, kind = build_request(loss, inputs, options)
+        request, kind = build_stream_request(loss, inputs, options)
         future: Future[LossResult] = Future()
         deadline = self._state.deadline()
         refusal = self._state.refusal()
@@ -250,13 +175,9 @@ class LossStream(LossMethods["Future[LossResult]"]):
             for response in self._responses:
                 self._state.answer(response)
         except grpc.RpcError as rpc_error:
-            failure = from_rpc_error(rpc_error)
-            failure.__cause__ = rpc_error
-            self._state.finish(failure)
+            self._state.finish(from_rpc_error(rpc_error))
         except Exception as error:  # the stream is unusable; say why to every caller
-            failure = HingelossError(f"reading the stream failed: {error!r}")
-            failure.__cause__ = error
-            self._state.finish(failure)
+            self._state.broken("reading the stream", error)
             self._responses.cancel()
         else:
             self._state.finish_eof()
@@ -284,12 +205,7 @@ class LossStream(LossMethods["Future[LossResult]"]):
     def __enter__(self) -> LossStream:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc is not None:
             self._responses.cancel()
         self.close()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class Rule(enum.Enum):
+class FactoredRule(enum.Enum):
     """How a row's value spreads over its row (see FactoredGradient in the proto)."""
 
     # m_ij * v_i on competitors; -(v_i * count_i) on the true class.
@@ -89,7 +89,7 @@ class FactoredGrad:
     mask_bits: Any
     values: Any
     dense_shape: tuple[int, int]
-    rule: Rule
+    rule: FactoredRule
     true_classes: Any
 
     def mask(self) -> Any:
@@ -126,11 +126,11 @@ def expand_torch(factored: FactoredGrad, dtype: torch.dtype) -> torch.Tensor:
     mask = unpack_torch(factored.mask_bits, factored.dense_shape[1]).to(values.dtype)
     true = factored.true_classes.unsqueeze(1)
     column = values.unsqueeze(1)
-    if factored.rule is Rule.WESTON_WATKINS:
+    if factored.rule is FactoredRule.WESTON_WATKINS:
         count = mask.sum(1)
         grad = mask.mul_(column)
         grad.scatter_(1, true, values.mul(count).neg_().unsqueeze(1))
-    elif factored.rule is Rule.SPLIT_EVENLY:
+    elif factored.rule is FactoredRule.SPLIT_EVENLY:
         grad = mask.mul_(column / mask.sum(1, keepdim=True))
         grad.scatter_(1, true, column.neg())
     else:
@@ -149,11 +149,11 @@ def expand_numpy(factored: FactoredGrad, dtype: np.dtype[Any]) -> np.ndarray[Any
     rows = np.arange(mask.shape[0])
     true = factored.true_classes
     column = values[:, None]
-    if factored.rule is Rule.WESTON_WATKINS:
+    if factored.rule is FactoredRule.WESTON_WATKINS:
         count = mask.sum(1, dtype=compute)
         grad = np.multiply(mask, column, out=mask)
         grad[rows, true] = -(values * count)
-    elif factored.rule is Rule.SPLIT_EVENLY:
+    elif factored.rule is FactoredRule.SPLIT_EVENLY:
         grad = np.multiply(mask, column / mask.sum(1, keepdims=True, dtype=compute), out=mask)
         grad[rows, true] = -values
     else:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss import factored, tensors
-from hingeloss.requests import InputKind, enum_name
+from hingeloss import _factored as factored
+from hingeloss import _tensors as tensors
+from hingeloss._requests import InputKind, enum_name
 from hingeloss.v1 import loss_service_pb2 as pb
 
 
@@ -151,13 +152,13 @@ def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, 
     return dense_array, indices, rows
 
 
-def _factored_rule(resolved: pb.ResolvedOptions) -> factored.Rule:
+def _factored_rule(resolved: pb.ResolvedOptions) -> factored.FactoredRule:
     if resolved.loss == "multiclass_hinge":
-        return factored.Rule.WESTON_WATKINS
+        return factored.FactoredRule.WESTON_WATKINS
     if resolved.loss == "crammer_singer":
         if resolved.tie_break == pb.TIE_BREAK_SPLIT_EVENLY:
-            return factored.Rule.SPLIT_EVENLY
-        return factored.Rule.FIRST_INDEX
+            return factored.FactoredRule.SPLIT_EVENLY
+        return factored.FactoredRule.FIRST_INDEX
     raise ValueError(f"a factored gradient for {resolved.loss!r} is unknown to this SDK version")
 
 

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Coroutine, Sequence
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hingeloss.channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT_S,
-    Retrier,
-    RetryPolicy,
-    open_channel,
-    with_token,
-)
-from hingeloss.errors import CancelledError, HingelossError, from_rpc_error
-from hingeloss.methods import LossMethods
-from hingeloss.requests import InputKind, build_request
-from hingeloss.results import LossResult, decode_response
-from hingeloss.streams import CLIENT_TIMEOUT, Step, StreamState, UseClientTimeout
+from hingeloss._channel import ClientBase, health_request, serving_status
+from hingeloss._errors import CancelledError, HingelossError, from_aio_call, from_rpc_error
+from hingeloss._methods import LossMethods
+from hingeloss._requests import InputKind
+from hingeloss._results import LossResult, decode_response
+from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -35,104 +26,56 @@ _LOCAL_WRITE_FAILURE = "Internal error from Core"
 _SERVER_STATUS_WAIT_S = 5.0
 
 
-class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
+class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossResult]]):
     """The asyncio twin of LossClient (same arguments); use `async with`."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        compression: grpc.Compression | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        local_token: bool = False,
-    ) -> None:
-        self._channel = open_channel(
-            grpc.aio,
-            target,
-            with_token(credentials, token, local_token=local_token),
-            compression,
-            max_message_bytes,
-            options,
-        )
-        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._timeout = timeout
-        self._retry = Retrier(retry or RetryPolicy())
+    _grpc_api = grpc.aio
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
     ) -> Awaitable[LossResult]:
-        timeout = options.pop("timeout", self._timeout)
-        request, kind = build_request(loss, inputs, options)
+        request, kind, timeout = self._prepare(loss, inputs, options)
         return self._compute(request, kind, timeout)
 
     async def _compute(
         self, request: pb.ComputeRequest, kind: InputKind, timeout: float | None
     ) -> LossResult:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        attempt = 0
+        attempts = self._attempts(timeout, asyncio.get_running_loop().time)
         while True:
-            attempt += 1
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                response = await self._stub.Compute(request, timeout=remaining)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                remaining = None if deadline is None else deadline - loop.time()
-                delay = self._retry.failed(attempt, error, remaining)
-                if delay is None:
-                    raise error from rpc_error
-                await asyncio.sleep(delay)
+                response = await self._call(self._stub.Compute, request, attempts.start())
+            except HingelossError as error:
+                await asyncio.sleep(attempts.retry_after(error))
             else:
-                self._retry.succeeded()
+                attempts.succeeded()
                 return decode_response(response, kind)
+
+    @staticmethod
+    async def _call(
+        method: Callable[..., grpc.aio.UnaryUnaryCall], request: Any, timeout: float | None
+    ) -> Any:
+        """One attempt of a unary call; a failure raises its typed error, read from the call."""
+        call = method(request, timeout=timeout)
+        try:
+            return await call
+        except grpc.RpcError as rpc_error:
+            raise await from_aio_call(call, rpc_error) from rpc_error
 
     async def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
-        try:
-            response = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout
-            )
-        except grpc.RpcError as rpc_error:
-            raise from_rpc_error(rpc_error) from rpc_error
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return serving_status(
+            await self._call(self._health.Check, health_request(service), self._timeout)
+        )
 
     async def server_info(self) -> pb.ServerInfo:
         """What the server computes and the limits it enforces."""
-        try:
-            info: pb.ServerInfo = await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout
-            )
-        except grpc.RpcError as rpc_error:
-            raise from_rpc_error(rpc_error) from rpc_error
+        info: pb.ServerInfo = await self._call(
+            self._stub.GetServerInfo, pb.GetServerInfoRequest(), self._timeout
+        )
         return info
 
-    def stream(
-        self,
-        max_in_flight: int = 16,
-        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
-        *,
-        stream_timeout: float | None = None,
-    ) -> AsyncLossStream:
-        """Opens a ComputeStream (use `async with`); methods return futures, answered in order.
-
-        Args:
-            max_in_flight: futures unresolved at once; later requests wait,
-                queued in call order, for a slot.
-            timeout: seconds each request may wait for its answer (default: the
-                client's timeout); its future then fails with
-                DeadlineExceededError and the stream goes on. None: no limit.
-            stream_timeout: deadline of the whole call (default: none, so a
-                stream may live as long as the training run).
-        """
-        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
-        return AsyncLossStream(self._stub, max_in_flight, per_request, stream_timeout)
+    def _open_stream(self, settings: StreamSettings) -> AsyncLossStream:
+        return AsyncLossStream(self._stub, settings)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -140,12 +83,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult]]):
     async def __aenter__(self) -> AsyncLossClient:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
@@ -160,25 +98,14 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     affects only that request: unsent, it is never sent; sent, its answer is
     dropped. Either way its slot is free again.
 
-    Each future fails with DeadlineExceededError when its answer has not come
-    within `timeout` seconds of the call (the client's per-call timeout unless
-    `stream(timeout=...)` says otherwise; None: no limit), while the stream
-    itself stays open for later calls. When a request fails on the server, the
-    stream ends: that request's future gets the error, the requests after it get
-    StreamAbortedError (safe to resubmit), and later calls fail at once.
+    Per-request deadlines and the end of the stream on a failed request work as
+    on LossStream.
     """
 
-    def __init__(
-        self,
-        stub: pb_grpc.LossServiceStub,
-        max_in_flight: int,
-        timeout: float | None,
-        stream_timeout: float | None,
-    ) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
+        timeout = settings.timeout
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.BoundedSemaphore(max_in_flight)
+        self._slots = asyncio.BoundedSemaphore(settings.max_in_flight)
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = timeout
@@ -188,7 +115,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
             clock=self._loop.time,
             timeout=timeout,
         )
-        self._call = stub.ComputeStream(timeout=stream_timeout)
+        self._call = stub.ComputeStream(timeout=settings.stream_timeout)
         self._final: grpc.RpcError | None = None
         self._final_known = asyncio.Event()
         self._call.add_done_callback(self._on_call_done)
@@ -198,9 +125,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
     ) -> Awaitable[LossResult]:
-        if options.pop("timeout", None) is not None:
-            raise TypeError("stream calls take no per-call timeout; set it on stream()")
-        request, kind = build_request(loss, inputs, options)
+        request, kind = build_stream_request(loss, inputs, options)
         future: asyncio.Future[LossResult] = self._loop.create_future()
         self._state.submit(future, kind, request, deadline=self._state.deadline())
         return future
@@ -228,7 +153,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         if not self._final_known.is_set() and _is_local_write_failure(self._final or rpc_error):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._final_known.wait(), _SERVER_STATUS_WAIT_S)
-        return _stream_error(self._final or rpc_error)
+        return from_rpc_error(self._final or rpc_error)
 
     def _changed(self) -> None:
         self._wake.set()
@@ -277,9 +202,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         except Exception as error:
             # asyncio.InvalidStateError: the call is over; the reader reports its status.
             if not self._call.done():
-                failure = HingelossError(f"writing to the stream failed: {error!r}")
-                failure.__cause__ = error
-                self._state.finish(failure)
+                self._state.broken("writing to the stream", error)
                 self._call.cancel()
             return False
         return True
@@ -300,9 +223,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                 self._call.cancel()
                 raise  # this task itself was cancelled
         except Exception as error:
-            failure = HingelossError(f"reading the stream failed: {error!r}")
-            failure.__cause__ = error
-            self._state.finish(failure)
+            self._state.broken("reading the stream", error)
             self._call.cancel()
         finally:
             if self._timer is not None:
@@ -330,12 +251,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     async def __aenter__(self) -> AsyncLossStream:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc is not None:
             self._call.cancel()
         await self.close()
@@ -371,9 +287,3 @@ def _is_local_write_failure(error: grpc.RpcError | None) -> bool:
         and error.code() is grpc.StatusCode.INTERNAL
         and error.details() == _LOCAL_WRITE_FAILURE
     )
-
-
-def _stream_error(rpc_error: grpc.RpcError) -> HingelossError:
-    error = from_rpc_error(rpc_error)
-    error.__cause__ = rpc_error
-    return error

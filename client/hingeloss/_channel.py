@@ -1,0 +1,179 @@
+"""What the sync and asyncio clients share: channel set-up, stubs, defaults, retry state.
+
+The channel only load-balances (round_robin over every address of the target);
+gRPC's own retries are off because the SDK retries itself (`_retry`). The two
+clients differ only in the gRPC API their channel comes from and in how they wait.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hingeloss._requests import InputKind, build_request
+from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
+from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
+DEFAULT_TIMEOUT_S = 30.0
+
+# round_robin over every resolved address; client-side health checking (the server's
+# Health.Watch) takes a draining server out of rotation as soon as it says NOT_SERVING.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "hingeloss.v1.LossService"},
+    }
+)
+
+
+def channel_options(
+    max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Explicit size limits, keepalive above the server's minimum, round_robin."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 0),
+        *extra,
+    ]
+
+
+def with_token(
+    credentials: grpc.ChannelCredentials | None, token: str | None, *, local_token: bool = False
+) -> grpc.ChannelCredentials | None:
+    """Channel credentials that also send `authorization: Bearer <token>` on every call.
+
+    The token travels as gRPC call credentials (`access_token_call_credentials`),
+    which gRPC sends only over a secure channel: with TLS `credentials`, or, with
+    `local_token=True`, over a plaintext connection to this machine
+    (`local_channel_credentials`: loopback or a Unix socket), meant for tests and
+    local development. A token with neither is refused, never sent in the clear.
+
+    Raises:
+        ValueError: a token without TLS credentials and without `local_token`.
+    """
+    if not token:
+        return credentials
+    if credentials is None:
+        if not local_token:
+            raise ValueError(
+                "a bearer token needs TLS credentials; for a server on this machine "
+                "without TLS, pass local_token=True"
+            )
+        credentials = grpc.local_channel_credentials()
+    return grpc.composite_channel_credentials(
+        credentials, grpc.access_token_call_credentials(token)
+    )
+
+
+def open_channel(
+    api: Any,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    compression: grpc.Compression | None,
+    max_message_bytes: int,
+    options: Sequence[tuple[str, Any]],
+) -> Any:
+    """A channel from `api` (the `grpc` module or `grpc.aio`), TLS when credentials are given."""
+    args = channel_options(max_message_bytes, options)
+    if credentials is None:
+        return api.insecure_channel(target, args, compression)
+    return api.secure_channel(target, credentials, args, compression)
+
+
+Stream = TypeVar("Stream")
+
+
+class ClientBase(Generic[Stream]):
+    """A client's channel, its stubs, its default timeout and its retry state.
+
+    Subclasses name the gRPC API their channel comes from (`grpc` or `grpc.aio`)
+    and the stream they open; the arguments are documented on LossClient.
+    """
+
+    _grpc_api: ClassVar[Any]
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        compression: grpc.Compression | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        local_token: bool = False,
+    ) -> None:
+        self._channel = open_channel(
+            self._grpc_api,
+            target,
+            with_token(credentials, token, local_token=local_token),
+            compression,
+            max_message_bytes,
+            options,
+        )
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout
+        self._retrier = Retrier(retry or RetryPolicy())
+
+    def _prepare(
+        self, loss: str, inputs: Mapping[str, Any], options: dict[str, Any]
+    ) -> tuple[pb.ComputeRequest, InputKind, float | None]:
+        """The request of a unary call, what its answer decodes into, and its timeout."""
+        timeout = options.pop("timeout", self._timeout)
+        request, kind = build_request(loss, inputs, options)
+        return request, kind, timeout
+
+    def _attempts(self, timeout: float | None, clock: Callable[[], float]) -> CallAttempts:
+        """The retry bookkeeping of one unary call, on this client's shared throttle."""
+        return CallAttempts(self._retrier, timeout, clock)
+
+    def stream(
+        self,
+        max_in_flight: int = 16,
+        timeout: float | None | UseClientTimeout = CLIENT_TIMEOUT,
+        *,
+        stream_timeout: float | None = None,
+    ) -> Stream:
+        """Opens a ComputeStream: methods return futures, answered in order.
+
+        Use it as a context manager (`async with` on the asyncio client).
+
+        Args:
+            max_in_flight: futures unresolved at once. On LossStream a further
+                call blocks until one resolves; on AsyncLossStream later
+                requests wait, queued in call order, for a slot.
+            timeout: seconds each request may wait for its answer (default: the
+                client's timeout); its future then fails with
+                DeadlineExceededError and the stream goes on. None: no limit.
+            stream_timeout: deadline of the whole call (default: none, so a
+                stream may live as long as the training run).
+        """
+        per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
+        return self._open_stream(StreamSettings(max_in_flight, per_request, stream_timeout))
+
+    def _open_stream(self, settings: StreamSettings) -> Stream:
+        raise NotImplementedError
+
+
+def health_request(service: str) -> health_pb2.HealthCheckRequest:
+    """A Health.Check request for `service` ("" asks about the whole server)."""
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def serving_status(response: health_pb2.HealthCheckResponse) -> str:
+    """The name of a health answer's status, e.g. "SERVING"."""
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

@@ -1,0 +1,61 @@
+"""Protobuf wire-format primitives: varints and field keys, for code that walks or splices bytes.
+
+The server's response splicer and request parser and the load-testing client's
+response reader handle serialized messages without protobuf's copies; they all
+encode and decode keys and lengths here. Field numbers come from the message
+descriptors, never from literals, so the code follows the proto.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+# Wire types (protobuf encoding guide): the low three bits of a field's key.
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+_LENGTH_DELIMITED_TYPES = frozenset(
+    {FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_STRING}
+)
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Decodes the varint at `pos`; returns (value, position after it)."""
+    result = 0
+    shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def field_number(message: type[Message], name: str) -> int:
+    """The number of a message's field, by name (KeyError for a field it lacks)."""
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+def length_delimited_key(message: type[Message], name: str) -> bytes:
+    """The encoded key of a message, bytes or string field: what precedes its length.
+
+    Computed once at import by its users, so that a renumbered or retyped field
+    fails there rather than producing bytes that parse as something else.
+    """
+    field = message.DESCRIPTOR.fields_by_name[name]
+    if field.type not in _LENGTH_DELIMITED_TYPES:
+        raise TypeError(f"{message.DESCRIPTOR.name}.{name} is not length-delimited")
+    return varint(field.number << 3 | LEN)
