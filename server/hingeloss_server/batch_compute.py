@@ -17,6 +17,7 @@ from hingeloss import tensors
 from hingeloss_server import fused, losses
 from hingeloss_server.answers import split
 from hingeloss_server.batch_figures import download
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS
 from hingeloss_server.errors import InvalidInputError
 from hingeloss_server.jobs import (
     INPUT_SETS,
@@ -35,9 +36,6 @@ from hingeloss_server.row_flags import (
     scores_flags,
 )
 from hingeloss_server.staging import DeviceStaging
-
-# Rows of each batch whose margins feed the margin histogram (a sample keeps it cheap).
-MARGIN_SAMPLE_ROWS = 256
 
 
 @dataclass

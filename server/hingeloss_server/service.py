@@ -22,7 +22,7 @@ from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.batching import Batcher
 from hingeloss_server.budget import ByteBudget, held_bytes
 from hingeloss_server.config import BatchingConfig, LimitsConfig
-from hingeloss_server.decode import FLOAT_WIRE_DTYPES, decode_request
+from hingeloss_server.decode import FLOAT_WIRE_DTYPES, MAX_DIMS, decode_request
 from hingeloss_server.drain import CallTracker
 from hingeloss_server.errors import (
     ArrivalTimeoutError,
@@ -336,7 +336,7 @@ def server_info(
             max_batch_rows=batching.max_batch_rows,
             max_queue_rows=batching.max_queue_rows,
             max_queue_bytes=batching.max_queue_bytes,
-            max_dims=limits.max_dims,
+            max_dims=MAX_DIMS,
             max_request_bytes=limits.max_request_bytes,
             max_batch_bytes=batching.max_batch_bytes,
         ),

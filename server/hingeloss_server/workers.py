@@ -338,7 +338,7 @@ class WorkerPool:
         self._metrics = metrics
         self.devices = resolve_devices(config)
         # Margins feed a histogram only: none are computed when metrics are off.
-        margin_rows = 0 if isinstance(metrics, NoMetrics) else MARGIN_SAMPLE_ROWS
+        margin_rows = 0 if isinstance(metrics, NoMetrics) else config.margin_sample_rows
         pinned = staging_bytes(batching or BatchingConfig())
         self.workers = []
         for device in self.devices:
