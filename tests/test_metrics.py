@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from support import ServerThread, server_config
 
 from hingeloss import InvalidArgumentError, LossClient, __version__
-from hingeloss_server.batch_compute import MARGIN_SAMPLE_ROWS
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS
 from hingeloss_server.metrics import (
     FRACTION_BUCKETS,
     LATENCY_BUCKETS,

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss_server.batch_compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
+from hingeloss_server.batch_compute import BatchOutput, compute_batch
 from hingeloss_server.batching import Batcher
-from hingeloss_server.config import BatchingConfig, WorkerConfig
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS, BatchingConfig, WorkerConfig
 from hingeloss_server.errors import (
     ComputeFailedError,
     DeviceFailedError,
