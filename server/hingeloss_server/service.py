@@ -100,7 +100,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         mapping = status_mapping(error)
         self._metrics.request_done("none", mapping.code, None)
         if mapping.rejected is not None:
-            self._metrics.rejected.labels(mapping.rejected).inc()
+            self._metrics.request_rejected(mapping.rejected)
 
     async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
         """The call's one request message, within the arrival limit.
@@ -127,11 +127,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         started = time.perf_counter()
         request = parsed.message
         loss = request.WhichOneof("loss") or "none"
-        self._metrics.inflight.inc()
+        self._metrics.request_started()
         charge = 0
         try:
             job = decode_request(parsed, self._limits)
-            self._metrics.received_bytes.inc(job.nbytes)
+            self._metrics.bytes_received(job.nbytes)
             cost = held_bytes(parsed.nbytes, job.nbytes)
             if not self._budget.try_acquire(cost):
                 raise OverloadedError(
@@ -153,7 +153,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 # event loop, other callers' calls go on meanwhile.
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(None, encode_response, job, result)
-            self._metrics.sent_bytes.inc(payload)
+            self._metrics.bytes_sent(payload)
             self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
             self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
             return response
@@ -162,7 +162,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.request_done(loss, mapping.code, None)
             # Deadline expiries are counted once, by the batcher that drops them.
             if mapping.rejected is not None:
-                self._metrics.rejected.labels(mapping.rejected).inc()
+                self._metrics.request_rejected(mapping.rejected)
             raise
         except asyncio.CancelledError:
             self._metrics.request_done(loss, grpc.StatusCode.CANCELLED, None)
@@ -176,7 +176,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             ) from error
         finally:
             self._budget.release(charge)
-            self._metrics.inflight.dec()
+            self._metrics.request_ended()
 
     async def Compute(  # noqa: N802 - gRPC method name
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
