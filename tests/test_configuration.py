@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from hingeloss_server.cli import build_parser
-from hingeloss_server.config import (
-    LimitsConfig,
-    ServerConfig,
-    Setting,
-    config_from_settings,
-    sections,
-    settings,
-)
+from hingeloss_server.config import LimitsConfig, ServerConfig
 from hingeloss_server.config_table import flag_table, table_in, with_table
+from hingeloss_server.settings import Setting, build, sections, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
@@ -73,13 +67,13 @@ def test_docs_table_matches_help() -> None:
 
 
 def test_names_follow_the_fields() -> None:
-    found = settings()
+    found = settings(ServerConfig)
     names = [s.name for s in found]
     assert len(names) == len(set(names)), "two sections declare the same setting"
     for setting in found:
         assert setting.flag == "--" + setting.name.replace("_", "-")
         assert setting.env == "HINGELOSS_" + setting.name.upper()
-    holders: dict[str, Any] = {"": ServerConfig, **dict(sections())}
+    holders: dict[str, Any] = {"": ServerConfig, **dict(sections(ServerConfig))}
     for setting in found:
         field = {f.name: f for f in dataclasses.fields(holders[setting.section])}[setting.name]
         assert setting.default == field.default
@@ -107,7 +101,7 @@ def _other_value(setting: Setting) -> tuple[str, Any]:
     return text, setting.parse(text)
 
 
-@pytest.mark.parametrize("setting", settings(), ids=lambda s: s.name)
+@pytest.mark.parametrize("setting", settings(ServerConfig), ids=lambda s: s.name)
 def test_each_variable_reaches_its_field(setting: Setting, monkeypatch: pytest.MonkeyPatch) -> None:
     text, value = _other_value(setting)
     assert value != setting.default
@@ -116,7 +110,7 @@ def test_each_variable_reaches_its_field(setting: Setting, monkeypatch: pytest.M
     assert args[setting.name] == value
     if isinstance(value, Path):
         return  # a certificate alone is refused; the security tests cover these together
-    config = config_from_settings({setting.name: args[setting.name]})
+    config = build(ServerConfig, {setting.name: args[setting.name]})
     holder = getattr(config, setting.section) if setting.section else config
     assert getattr(holder, setting.name) == value
 

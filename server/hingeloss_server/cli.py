@@ -13,14 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hingeloss import __version__
-from hingeloss_server.config import (
-    ServerConfig,
-    Setting,
-    config_from_settings,
-    read_token,
-    sections,
-    settings,
-)
+from hingeloss_server.config import ServerConfig, read_token
+from hingeloss_server.settings import Setting, build, sections, settings
 
 
 def _value_from_env(parser: argparse.ArgumentParser, setting: Setting) -> Any:
@@ -35,7 +29,7 @@ def _value_from_env(parser: argparse.ArgumentParser, setting: Setting) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per setting (config.settings()), grouped by section; HINGELOSS_* set defaults."""
+    """One flag per setting of ServerConfig, grouped by section; HINGELOSS_* set defaults."""
     parser = argparse.ArgumentParser(
         prog="hingeloss-server",
         description="Serve hinge-family losses and gradients over gRPC. Every flag can "
@@ -44,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     groups = {"": parser.add_argument_group("server", _summary(ServerConfig))}
-    for name, cls in sections():
+    for name, cls in sections(ServerConfig):
         groups[name] = parser.add_argument_group(name, _summary(cls))
-    for setting in settings():
+    for setting in settings(ServerConfig):
         groups[setting.section].add_argument(
             setting.flag,
             type=setting.parse,
@@ -66,7 +60,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_settings(vars(args))
+        config = build(ServerConfig, vars(args))
         if config.security.auth_token_file is not None:
             read_token(config.security.auth_token_file)  # refuse to start on an empty token
         return config

@@ -1,42 +1,25 @@
 """The server's configuration: one frozen dataclass per component, validated on creation.
 
-Each field that can be set from outside is declared once, with `settable`: its flag
-(`--max-batch-rows` for `max_batch_rows`), its ``HINGELOSS_*`` variable and its help
-all come from that declaration (`settings()`), and so do the command line (`cli.py`)
-and the flag table of docs/configuration.md. Each component receives only its own
-section. Tests build these dataclasses directly.
+Each field that can be set from outside is declared once, with `settable`
+(settings.py): its flag, its ``HINGELOSS_*`` variable and its help follow from that
+declaration, and so do the command line (`cli.py`) and the flag table of
+docs/configuration.md. Each component receives only its own section. Tests build
+these dataclasses directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
-from argparse import ArgumentTypeError
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+
+from hingeloss_server.settings import settable
 
 MIB = 1 << 20
-ENV_PREFIX = "HINGELOSS_"
 # Rows of each batch whose signed margins feed the hingeloss_margin histogram.
 MARGIN_SAMPLE_ROWS = 256
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_HELP = "hingeloss.help"
-_PARSE = "hingeloss.parse"
-
-T = TypeVar("T")
-
-
-def settable(default: T, help: str, *, parse: Callable[[str], T] | None = None) -> T:
-    """A field set by the flag `--<name>` and the variable HINGELOSS_<NAME>, described by `help`.
-
-    `parse` turns the text of a flag or variable into the value; by default it
-    follows the field's type (see `_PARSERS`).
-    """
-    return field(default=default, metadata={_HELP: help, _PARSE: parse})
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
@@ -283,112 +266,3 @@ class ServerConfig:
         _require(
             self.log_format in {"text", "json"}, "log_format", "'text' or 'json'", self.log_format
         )
-
-
-# ---------------------------------------------------------------- settings from outside
-
-
-def parse_bool(text: str) -> bool:
-    """`1/true/yes/on` or `0/false/no/off`, in any case."""
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-    """A comma-separated list; blanks around and between items are dropped."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-# How the text of a flag or variable becomes a value, by the field's type.
-_PARSERS: dict[object, Callable[[str], Any]] = {
-    bool: parse_bool,
-    int: int,
-    float: float,
-    str: str,
-    Path | None: Path,
-    tuple[str, ...]: parse_list,
-}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One field that a flag and an environment variable set, as `settable` declared it."""
-
-    section: str  # the ServerConfig field holding it; "" for ServerConfig's own fields
-    name: str
-    default: object
-    help: str
-    parse: Callable[[str], Any]
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def default_text(self) -> str:
-        """The default as `--help` and the docs show it (a list joined by commas)."""
-        if isinstance(self.default, tuple):
-            return ",".join(self.default)
-        return str(self.default)
-
-
-def sections() -> list[tuple[str, type]]:
-    """ServerConfig's sub-configs: (field name, dataclass), in field order."""
-    hints = typing.get_type_hints(ServerConfig)
-    return [
-        (f.name, hints[f.name])
-        for f in dataclasses.fields(ServerConfig)
-        if dataclasses.is_dataclass(hints[f.name])
-    ]
-
-
-def _settings_of(cls: type, section: str) -> list[Setting]:
-    hints = typing.get_type_hints(cls)
-    return [
-        Setting(
-            section=section,
-            name=f.name,
-            default=f.default,
-            help=f.metadata[_HELP],
-            parse=f.metadata[_PARSE] or _PARSERS[hints[f.name]],
-        )
-        for f in dataclasses.fields(cls)
-        if _HELP in f.metadata
-    ]
-
-
-def settings() -> list[Setting]:
-    """Every setting: ServerConfig's own, then each section's, in field order."""
-    found = _settings_of(ServerConfig, "")
-    for name, cls in sections():
-        found += _settings_of(cls, name)
-    return found
-
-
-def config_from_settings(values: Mapping[str, Any]) -> ServerConfig:
-    """A ServerConfig from values keyed by setting name; those not given keep their defaults.
-
-    The sections are built first, in field order, then ServerConfig itself, so the
-    first bad value is the one reported.
-
-    Raises:
-        ValueError: a value breaks its field's rule (the message names the field).
-    """
-
-    def given(cls: type) -> dict[str, Any]:
-        return {
-            f.name: values[f.name]
-            for f in dataclasses.fields(cls)
-            if _HELP in f.metadata and f.name in values
-        }
-
-    parts = {name: cls(**given(cls)) for name, cls in sections()}
-    return ServerConfig(**given(ServerConfig), **parts)

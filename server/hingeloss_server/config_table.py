@@ -1,4 +1,4 @@
-"""The flag table of docs/configuration.md, made from the config fields (`config.settings()`).
+"""The flag table of docs/configuration.md, made from the fields of `ServerConfig`.
 
 `python -m hingeloss_server.config_table docs/configuration.md` (`make config-docs`)
 rewrites the table between its two markers and leaves the rest of the page alone;
@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hingeloss_server.config import settings
+from hingeloss_server.config import ServerConfig
+from hingeloss_server.settings import settings
 
 BEGIN = "<!-- flag table: made by `make config-docs` from config.py; do not edit by hand -->"
 END = "<!-- end of flag table -->"
@@ -23,7 +24,7 @@ def flag_table() -> str:
         "| section | flag | environment variable | default | meaning |",
         "|---|---|---|---|---|",
     ]
-    for setting in settings():
+    for setting in settings(ServerConfig):
         meaning = setting.help.replace("|", "\\|")
         rows.append(
             f"| {setting.section or 'server'} | `{setting.flag}` | `{setting.env}` "
