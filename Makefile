@@ -8,7 +8,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PROTO := proto/hingeloss/v1/loss_service.proto
 
-.PHONY: venv install proto serve test lint bench gpu-check deploy-check soak pressure fuzz docker \
+.PHONY: venv install proto config-docs serve test lint bench gpu-check deploy-check soak pressure fuzz docker \
 	wheelhouse image-check clean
 
 venv: $(PY)
@@ -27,6 +27,10 @@ install: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=client --pyi_out=client \
 		--grpc_python_out=client $(PROTO)
+
+# The flag table of docs/configuration.md, from the fields of config.py (a test checks it).
+config-docs: $(STAMP)
+	$(PY) -m hingeloss_server.config_table docs/configuration.md
 
 serve: $(STAMP)
 	$(BIN)/hingeloss-server --devices auto

@@ -389,6 +389,7 @@ def test_huge_claimed_shapes_allocate_nothing(
             fake_scores=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[2**63 - 1], data=bytes(12))
         ),
     ]
+
     def refuse(data: Any, dtype: int, shape: tuple[int, ...]) -> Any:
         raise AssertionError(f"a tensor was made from a claimed shape {tuple(shape)}")
 

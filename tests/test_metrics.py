@@ -19,15 +19,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from support import ServerThread, server_config
 
 from hingeloss import InvalidArgumentError, LossClient, __version__
-from hingeloss_server.engine.compute import MARGIN_SAMPLE_ROWS
-from hingeloss_server.metrics import (
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS, WorkerConfig
+from hingeloss_server.metrics import NoMetrics
+from hingeloss_server.prometheus import (
     FRACTION_BUCKETS,
     LATENCY_BUCKETS,
     MARGIN_BUCKETS,
     ROW_BUCKETS,
     BulkHistogram,
-    Metrics,
-    NoMetrics,
+    PrometheusMetrics,
 )
 
 LOSS_SERVICE = "hingeloss.v1.LossService"
@@ -367,7 +367,9 @@ def test_build_info(served: Served) -> None:
 
 def test_no_metrics_records_nothing(make_server: Callable[..., ServerThread]) -> None:
     before = {m.name for m in REGISTRY.collect()}
-    server = make_server(server_config(metrics_port=0))
+    # Margin sampling is asked for, but with metrics off nothing would record the margins.
+    workers = WorkerConfig(devices=("cpu",), margin_sample_rows=64)
+    server = make_server(server_config(metrics_port=0, workers=workers))
     metrics = server.server.metrics
     assert isinstance(metrics, NoMetrics)
     assert server.server.metrics_port == 0
@@ -376,9 +378,29 @@ def test_no_metrics_records_nothing(make_server: Callable[..., ServerThread]) ->
         with pytest.raises(InvalidArgumentError):
             client.binary_hinge(np.zeros(2), np.ones(3, dtype=np.int64))
         client.health()
-    assert list(metrics.registry.collect()) == []
+    # The null recorder built nothing and kept nothing: no collector, registry or series.
+    assert vars(metrics) == {}
+    # The workers skip the margins, which only the histogram would use.
+    assert [worker.margin_rows for worker in server.server.pool.workers] == [0]
     # Nothing leaked into the process-wide default registry either.
     assert {m.name for m in REGISTRY.collect()} == before
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_margin_sampling_follows_its_setting(
+    make_server: Callable[..., ServerThread], rows: int
+) -> None:
+    registry = CollectorRegistry()
+    workers = WorkerConfig(devices=("cpu",), margin_sample_rows=rows)
+    server = make_server(server_config(workers=workers), registry=registry)
+    with LossClient(server.target) as client:
+        client.binary_hinge(np.arange(8.0), np.ones(8, dtype=np.int64))  # one batch of 8 rows
+    ok = registry.get_sample_value(
+        "hingeloss_requests_total", {"loss": "binary_hinge", "code": "OK"}
+    )
+    assert ok == 1
+    sampled = registry.get_sample_value("hingeloss_margin_count", {"loss": "binary_hinge"})
+    assert (sampled or 0) == rows
 
 
 # ---------------------------------------------------------------- BulkHistogram
@@ -448,7 +470,7 @@ def test_bulk_histogram_skips_nan_like_client_histogram() -> None:
 
 def test_metrics_on_a_fresh_registry_start_empty() -> None:
     registry = CollectorRegistry()
-    Metrics(registry)
+    PrometheusMetrics(registry)
     assert registry.get_sample_value("hingeloss_inflight_requests") == 0
     assert registry.get_sample_value("hingeloss_received_bytes_total") == 0
     # Labelled families have no series until first used (no made-up label values).

@@ -13,19 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+from prometheus_client import CollectorRegistry
 
 from hingeloss_server.config import ServerConfig, read_token
 from hingeloss_server.drain import wait_until_delivered
 from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.errors import DrainingError
 from hingeloss_server.engine.workers import FaultHook, WorkerPool
-from hingeloss_server.metrics import Metrics, NoMetrics, serve_metrics
+from hingeloss_server.metrics import Metrics, NoMetrics
+from hingeloss_server.prometheus import PrometheusMetrics, default_registry, serve_metrics
 from hingeloss_server.transport.budget import ByteBudget
 from hingeloss_server.transport.interceptors import MetricsInterceptor, TokenAuthInterceptor
 from hingeloss_server.transport.parse_guard import ParseGuardInterceptor
@@ -68,15 +70,6 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def default_registry() -> CollectorRegistry:
-    """A fresh registry with the standard process, platform and GC collectors."""
-    registry = CollectorRegistry()
-    process_collector.ProcessCollector(registry=registry)
-    platform_collector.PlatformCollector(registry=registry)
-    gc_collector.GCCollector(registry=registry)
-    return registry
-
-
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     security = config.security
     if security.tls_cert is None or security.tls_key is None:
@@ -94,7 +87,9 @@ class HingelossServer:
 
     Args:
         config: the whole configuration.
-        registry: where metrics go; a fresh one with process collectors by default.
+        registry: where metrics go; a fresh one with process collectors by default. With
+            neither a registry nor a metrics port, nothing is recorded (NoMetrics) and
+            no margins are sampled.
         fault_hook: test-only failure injection on the worker thread (see workers.py).
     """
 
@@ -106,15 +101,18 @@ class HingelossServer:
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.config = config
+        workers = config.workers
+        self._registry: CollectorRegistry | None = None
         if config.metrics_port == 0 and registry is None:
             self.metrics: Metrics = NoMetrics()
+            # Margins feed a histogram only: none are computed when nothing records them.
+            workers = replace(workers, margin_sample_rows=0)
         else:
-            self.metrics = Metrics(registry or default_registry())
+            self._registry = registry or default_registry()
+            self.metrics = PrometheusMetrics(self._registry)
         self.batcher = Batcher(config.batching, on_drop=self._on_drop)
         self.budget = ByteBudget(config.batching.max_inflight_bytes)
-        self.pool = WorkerPool(
-            config.workers, self.batcher, self.metrics, fault_hook, config.batching
-        )
+        self.pool = WorkerPool(workers, self.batcher, self.metrics, fault_hook, config.batching)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: object | None = None
@@ -125,7 +123,7 @@ class HingelossServer:
         self.metrics_port = 0
 
     def _on_drop(self, job: object, reason: str) -> None:
-        self.metrics.rejected.labels(reason).inc()
+        self.metrics.request_rejected(reason)
 
     async def start(self) -> int:
         """Warms up, binds and starts serving; returns the bound gRPC port."""
@@ -174,9 +172,9 @@ class HingelossServer:
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self._server = server
-        if config.metrics_port and not isinstance(self.metrics, NoMetrics):
+        if config.metrics_port and self._registry is not None:
             self._metrics_http, self.metrics_port = serve_metrics(
-                self.metrics.registry, config.metrics_host, config.metrics_port
+                self._registry, config.metrics_host, config.metrics_port
             )
         await server.start()
         # Health stays NOT_SERVING until every worker has run every kernel once.

@@ -1,7 +1,10 @@
 """The server's configuration: one frozen dataclass per component, validated on creation.
 
-Flags and ``HINGELOSS_*`` variables (see `cli.py`) become one `ServerConfig`; each
-component receives only its own section. Tests build these dataclasses directly.
+Each field that can be set from outside is declared once, with `settable`
+(settings.py): its flag, its ``HINGELOSS_*`` variable and its help follow from that
+declaration, and so do the command line (`cli.py`) and the flag table of
+docs/configuration.md. Each component receives only its own section. Tests build
+these dataclasses directly.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hingeloss_server.settings import settable
+
 MIB = 1 << 20
+# Rows of each batch whose signed margins feed the hingeloss_margin histogram.
+MARGIN_SAMPLE_ROWS = 256
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -24,12 +31,16 @@ def _require(ok: bool, name: str, rule: str, value: object) -> None:
 class LimitsConfig:
     """Per-request limits, checked before any tensor data is touched."""
 
-    max_message_bytes: int = 512 * MIB
-    max_request_rows: int = 1 << 22
-    max_request_elements: int = 1 << 28
+    max_request_rows: int = settable(1 << 22, "rows per request at most")
+    max_request_elements: int = settable(1 << 28, "elements per tensor at most")
     # Tensor data of one request, all tensors together (checked from shapes, before reading).
-    max_request_bytes: int = 512 * MIB
-    max_dims: int = 2
+    max_request_bytes: int = settable(
+        512 * MIB,
+        "tensor bytes per request at most, checked from the shapes before any data is read",
+    )
+    max_message_bytes: int = settable(
+        512 * MIB, "gRPC message size limit, both directions (default 512 MiB)"
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -43,29 +54,34 @@ class LimitsConfig:
             self.max_request_elements,
         )
         _require(self.max_request_bytes >= 1, "max_request_bytes", ">= 1", self.max_request_bytes)
-        _require(self.max_dims >= 2, "max_dims", ">= 2", self.max_dims)
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
     """How requests queue and group into batches."""
 
-    max_batch_rows: int = 65536
+    max_batch_rows: int = settable(65536, "rows per batch at most")
     # Large requests gain nothing from sharing a batch and lose to the extra copies and
     # cache misses of one huge concatenation (measured: 15 requests of 16 MB together took
     # 1.1-2.1 s on 2 cores, against 32-60 ms each alone).
-    max_batch_bytes: int = 32 * MIB
-    max_batch_delay_us: int = 0
+    max_batch_bytes: int = settable(32 * MIB, "tensor bytes per batch at most")
+    max_batch_delay_us: int = settable(
+        0, "wait this long for more requests when a batch is not full (0: never wait)"
+    )
     # Four times the largest request in rows and bytes (max_request_rows, and
     # max_request_bytes against max_queue_bytes): a request that does not fit beside
     # the queue waits for it to drain, so a largest request still gets in whenever the
     # queue is at most three quarters full, and is not starved by a stream of small ones.
-    max_queue_rows: int = 1 << 24
-    max_queue_bytes: int = 2048 * MIB
+    max_queue_rows: int = settable(1 << 24, "queued rows before shedding load")
+    max_queue_bytes: int = settable(2048 * MIB, "queued bytes before shedding load")
     # Everything held for requests (queued, computing, answers not yet sent): each
     # request's message, result and serialized answer (budget.held_bytes, about three
     # times its tensor bytes); beyond it requests are shed like a full queue.
-    max_inflight_bytes: int = 4096 * MIB
+    max_inflight_bytes: int = settable(
+        4096 * MIB,
+        "bytes held for requests (message, result and answer: about 3x their tensors) "
+        "before shedding load",
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_batch_rows >= 1, "max_batch_rows", ">= 1", self.max_batch_rows)
@@ -84,10 +100,19 @@ class BatchingConfig:
 class WorkerConfig:
     """The device worker pool: which devices, how many threads on each."""
 
-    devices: tuple[str, ...] = ("auto",)
-    workers_per_device: int = 1
+    devices: tuple[str, ...] = settable(("auto",), "auto, cpu, or cuda:0,cuda:1,...")
+    workers_per_device: int = settable(1, "worker threads per device")
     # A worker busy on one batch longer than this is reported stuck (health NOT_SERVING).
-    watchdog_seconds: float = 60.0
+    watchdog_seconds: float = settable(
+        60.0, "a batch running longer than this marks the server NOT_SERVING"
+    )
+    # The margins are computed for the metrics only; the server gives workers 0 when
+    # metrics are off.
+    margin_sample_rows: int = settable(
+        MARGIN_SAMPLE_ROWS,
+        "rows of each batch whose signed margins feed the hingeloss_margin histogram "
+        "(0: none; none either while metrics are off)",
+    )
 
     def __post_init__(self) -> None:
         _require(len(self.devices) >= 1, "devices", "non-empty", self.devices)
@@ -108,16 +133,23 @@ class WorkerConfig:
             self.workers_per_device >= 1, "workers_per_device", ">= 1", self.workers_per_device
         )
         _require(self.watchdog_seconds > 0, "watchdog_seconds", "> 0", self.watchdog_seconds)
+        _require(
+            self.margin_sample_rows >= 0, "margin_sample_rows", ">= 0", self.margin_sample_rows
+        )
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
     """Transport security and caller authentication."""
 
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
+    tls_cert: Path | None = settable(None, "PEM certificate chain (enables TLS)")
+    tls_key: Path | None = settable(None, "PEM private key")
+    tls_client_ca: Path | None = settable(
+        None, "PEM CA bundle; requires client certificates (mTLS)"
+    )
+    auth_token_file: Path | None = settable(
+        None, "require 'authorization: Bearer <token>' from this file"
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -154,32 +186,43 @@ def read_token(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything `hingeloss-server` needs; one per process."""
+    """Where the server listens, its metrics endpoint, shutdown and logs; a section per component.
 
-    host: str = "0.0.0.0"
-    port: int = 50051
+    Everything `hingeloss-server` needs; one per process.
+    """
+
+    host: str = settable("0.0.0.0", "address to listen on")
+    port: int = settable(50051, "gRPC port (0: any free port)")
     # Written with the bound port once the server listens (useful with port 0).
-    port_file: Path | None = None
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9090
-    reflection: bool = True
-    max_concurrent_rpcs: int = 4096
+    port_file: Path | None = settable(None, "write the bound gRPC port to this file once serving")
+    metrics_host: str = settable("0.0.0.0", "address of the /metrics endpoint")
+    metrics_port: int = settable(9090, "Prometheus /metrics port (0: off)")
+    reflection: bool = settable(True, "enable gRPC server reflection")
+    max_concurrent_rpcs: int = settable(4096, "concurrent RPCs before RESOURCE_EXHAUSTED")
+    # A Compute request whose message has not arrived in full after this long is
+    # refused (DEADLINE_EXCEEDED), so a stalled upload without a deadline is not held forever.
+    request_arrival_seconds: float = settable(
+        300.0,
+        "refuse a Compute request (DEADLINE_EXCEEDED) whose message takes longer to arrive",
+    )
     # On SIGTERM: health says NOT_SERVING this long first, so load balancers stop routing here.
-    shutdown_delay_seconds: float = 0.0
+    shutdown_delay_seconds: float = settable(
+        0.0, "on SIGTERM, report NOT_SERVING this long before refusing new requests"
+    )
     # Then in-flight work gets this long to finish.
-    drain_seconds: float = 10.0
+    drain_seconds: float = settable(10.0, "on SIGTERM, time given to in-flight requests")
+    max_connection_age_seconds: float = settable(
+        0.0, "close connections after this age so clients re-resolve (0: never)"
+    )
     keepalive_time_seconds: float = 60.0
     keepalive_min_ping_interval_seconds: float = 10.0
-    max_connection_age_seconds: float = 0.0
-    log_level: str = "INFO"
-    log_format: str = "text"
+    # Upper-cased when read, as `logging` wants it.
+    log_level: str = settable("INFO", "DEBUG, INFO, WARNING or ERROR", parse=str.upper)
+    log_format: str = settable("text", "text or json")
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     workers: WorkerConfig = field(default_factory=WorkerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    # A Compute request whose message has not arrived in full after this long is
-    # refused (DEADLINE_EXCEEDED), so a stalled upload without a deadline is not held forever.
-    request_arrival_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "in [0, 65535]", self.port)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS
 from hingeloss_server.engine import fused, losses
 from hingeloss_server.engine.answers import split
 from hingeloss_server.engine.errors import InvalidInputError
@@ -34,9 +35,6 @@ from hingeloss_server.engine.row_flags import (
 )
 from hingeloss_server.engine.staging import DeviceStaging
 from hingeloss_server.engine.validation import PreparedJob
-
-# Rows of each batch whose margins feed the margin histogram (a sample keeps it cheap).
-MARGIN_SAMPLE_ROWS = 256
 
 
 @dataclass

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hingeloss_server.config import BatchingConfig, WorkerConfig
+from hingeloss_server.config import MARGIN_SAMPLE_ROWS, BatchingConfig, WorkerConfig
 from hingeloss_server.engine.batch_queue import Batcher, QueuedJob
-from hingeloss_server.engine.compute import MARGIN_SAMPLE_ROWS, BatchOutput, compute_batch
+from hingeloss_server.engine.compute import BatchOutput, compute_batch
 from hingeloss_server.engine.errors import (
     ComputeFailedError,
     DeviceFailedError,
@@ -35,7 +35,7 @@ from hingeloss_server.engine.errors import (
 from hingeloss_server.engine.jobs import JobResult, LossJob
 from hingeloss_server.engine.staging import DeviceStaging
 from hingeloss_server.engine.validation import PreparedJob, prepare
-from hingeloss_server.metrics import Metrics, NoMetrics
+from hingeloss_server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Worker:
     ) -> None:
         self.name = name
         self.device = device
-        self._margin_rows = margin_rows
+        self.margin_rows = margin_rows
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._stream = (
             torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
@@ -248,7 +248,7 @@ class Worker:
             return compute_batch(
                 prepared,
                 self.device,
-                self._margin_rows,
+                self.margin_rows,
                 self.staging,
                 scores_checked=self.device.type != "cuda",
             )
@@ -338,8 +338,6 @@ class WorkerPool:
         self._batcher = batcher
         self._metrics = metrics
         self.devices = resolve_devices(config)
-        # Margins feed a histogram only: none are computed when metrics are off.
-        margin_rows = 0 if isinstance(metrics, NoMetrics) else MARGIN_SAMPLE_ROWS
         pinned = staging_bytes(batching or BatchingConfig())
         self.workers = []
         for device in self.devices:
@@ -349,7 +347,7 @@ class WorkerPool:
                     f"hingeloss-{device}-{i}",
                     device,
                     fault_hook,
-                    margin_rows,
+                    config.margin_sample_rows,
                     pinned_bytes=pinned,
                     gate=gate,
                 )
@@ -377,9 +375,8 @@ class WorkerPool:
         )
         for device in self.devices:
             mine = [w for w in self.workers if w.device == device]
-            self._metrics.workers.labels(str(device)).set(len(mine))
             pinned = sum(w.staging.pinned_bytes for w in mine)
-            self._metrics.pinned_host.labels(str(device)).set(pinned)
+            self._metrics.describe_workers(str(device), len(mine), pinned)
         self._tasks = [asyncio.create_task(self._serve(w), name=w.name) for w in self.workers]
 
     def broken_workers(self) -> list[str]:

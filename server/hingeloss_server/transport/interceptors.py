@@ -52,14 +52,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return None
         service, method = _split_method(handler_call_details.method)
         metrics = self._metrics
-        handling = metrics.child(metrics.grpc_handling, service, method)
 
         def record(
             context: grpc.aio.ServicerContext, started: float, error: BaseException | None
         ) -> None:
-            handling.observe(time.perf_counter() - started)
             code = _code_of(context, error).name
-            metrics.child(metrics.grpc_handled, service, method, code).inc()
+            metrics.rpc_done(service, method, code, time.perf_counter() - started)
 
         # Unary responses, whether the request is one message or a stream of them.
         behaviour = handler.unary_unary or handler.stream_unary
@@ -148,7 +146,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         service, _ = _split_method(handler_call_details.method)
         if service in OPEN_SERVICES or self._authorized(handler_call_details):
             return await continuation(handler_call_details)
-        self._metrics.rejected.labels("unauthenticated").inc()
+        self._metrics.request_rejected("unauthenticated")
         handler = await continuation(handler_call_details)
         if handler is not None and handler.response_streaming:
             return self._deny_stream

@@ -31,6 +31,8 @@ from hingeloss_server.engine.jobs import (
 )
 from hingeloss_server.transport.request_wire import ParsedRequest
 
+# Every input is a vector of rows or a rows x classes matrix (ServerInfo reports it).
+MAX_DIMS = 2
 FLOAT_WIRE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 _INT_WIRE_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)
 
@@ -116,7 +118,7 @@ class _Decoder:
                 f"{field}.dtype", f"must be one of {names}, got {message.dtype}"
             )
         shape = list(message.shape)
-        if len(shape) > self._limits.max_dims or len(shape) != ndim:
+        if len(shape) != ndim:
             # The count only: a shape of a million dims must not come back in the error.
             raise InvalidInputError(
                 f"{field}.shape", f"must have {ndim} dimension(s), got {len(shape)}"

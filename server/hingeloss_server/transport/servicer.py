@@ -34,7 +34,7 @@ from hingeloss_server.engine.jobs import FactoredRows, JobResult, LossKind, Spar
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes
 from hingeloss_server.transport.parse_guard import unparsable_error
-from hingeloss_server.transport.request_codec import FLOAT_WIRE_DTYPES, decode_request
+from hingeloss_server.transport.request_codec import FLOAT_WIRE_DTYPES, MAX_DIMS, decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response
 from hingeloss_server.transport.status import error_status, status_mapping
@@ -100,7 +100,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         mapping = status_mapping(error)
         self._metrics.request_done("none", mapping.code, None)
         if mapping.rejected is not None:
-            self._metrics.rejected.labels(mapping.rejected).inc()
+            self._metrics.request_rejected(mapping.rejected)
 
     async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
         """The call's one request message, within the arrival limit.
@@ -127,11 +127,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         started = time.perf_counter()
         request = parsed.message
         loss = request.WhichOneof("loss") or "none"
-        self._metrics.inflight.inc()
+        self._metrics.request_started()
         charge = 0
         try:
             job = decode_request(parsed, self._limits)
-            self._metrics.received_bytes.inc(job.nbytes)
+            self._metrics.bytes_received(job.nbytes)
             cost = held_bytes(parsed.nbytes, job.nbytes)
             if not self._budget.try_acquire(cost):
                 raise OverloadedError(
@@ -152,7 +152,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 # event loop, other callers' calls go on meanwhile.
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(None, encode_response, job, result)
-            self._metrics.sent_bytes.inc(payload)
+            self._metrics.bytes_sent(payload)
             self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
             self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
             return response
@@ -161,7 +161,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.request_done(loss, mapping.code, None)
             # Deadline expiries are counted once, by the batcher that drops them.
             if mapping.rejected is not None:
-                self._metrics.rejected.labels(mapping.rejected).inc()
+                self._metrics.request_rejected(mapping.rejected)
             raise
         except asyncio.CancelledError:
             self._metrics.request_done(loss, grpc.StatusCode.CANCELLED, None)
@@ -175,7 +175,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             ) from error
         finally:
             self._budget.release(charge)
-            self._metrics.inflight.dec()
+            self._metrics.request_ended()
 
     async def Compute(  # noqa: N802 - gRPC method name
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -335,7 +335,7 @@ def server_info(
             max_batch_rows=batching.max_batch_rows,
             max_queue_rows=batching.max_queue_rows,
             max_queue_bytes=batching.max_queue_bytes,
-            max_dims=limits.max_dims,
+            max_dims=MAX_DIMS,
             max_request_bytes=limits.max_request_bytes,
             max_batch_bytes=batching.max_batch_bytes,
         ),
