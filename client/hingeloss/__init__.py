@@ -5,11 +5,9 @@ see `hingeloss.torch`. Every public name is importable from here and listed in
 `__all__`; modules whose names start with `_` are internal and may change.
 """
 
-__version__ = "0.1.0"
-
-from hingeloss._aio import AsyncLossClient, AsyncLossStream  # noqa: E402
-from hingeloss._client import LossClient, LossStream  # noqa: E402
-from hingeloss._errors import (  # noqa: E402
+from hingeloss._aio import AsyncLossClient, AsyncLossStream
+from hingeloss._client import LossClient, LossStream
+from hingeloss._errors import (
     CancelledError,
     DeadlineExceededError,
     FieldViolation,
@@ -21,9 +19,11 @@ from hingeloss._errors import (  # noqa: E402
     UnauthenticatedError,
     UnavailableError,
 )
-from hingeloss._factored import FactoredGrad, FactoredRule  # noqa: E402
-from hingeloss._results import LossResult, Timing  # noqa: E402
-from hingeloss._retry import NO_RETRY, RetryPolicy  # noqa: E402
+from hingeloss._factored import FactoredGrad, FactoredRule
+from hingeloss._results import LossResult, Timing
+from hingeloss._retry import NO_RETRY, RetryPolicy
+
+__version__ = "0.1.0"
 
 __all__ = [
     "NO_RETRY",
