@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import pkgutil
@@ -356,10 +357,32 @@ def test_internals_are_private() -> None:
     assert {m for m in modules if not m.startswith("_")} == {"torch", "v1"}
     exported = {
         name
-        for name, value in vars(hingeloss).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        for name in dir(hingeloss)
+        if not name.startswith("_") and not isinstance(getattr(hingeloss, name), types.ModuleType)
     }
     assert exported == set(hingeloss.__all__) - {"__version__"}
+
+
+def test_each_public_name_is_imported_from_its_home_for_type_checkers() -> None:
+    """The lazy table and the TYPE_CHECKING imports of hingeloss/__init__.py agree."""
+    tree = ast.parse(Path(hingeloss.__file__).read_text())
+    typed = {
+        alias.name: node.module.removeprefix("hingeloss.")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hingeloss.")
+        for alias in node.names
+    }
+    assert typed == hingeloss._HOMES  # noqa: SLF001 - the table under test
+    assert set(typed) == set(hingeloss.__all__) - {"__version__"}
+
+
+def test_importing_an_internal_module_loads_no_grpc() -> None:
+    code = "import sys, hingeloss._factored; print('grpc' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_device_out_of_memory_is_not_retried(make_server: Any) -> None:
