@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from hingeloss_server.engine.workers import DeviceGate
+from hingeloss_server.engine.device_worker import DeviceGate
 
 WAIT_S = 10.0
 

@@ -25,7 +25,7 @@ from hingeloss._requests import build_request
 from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import WorkerConfig
-from hingeloss_server.engine import workers
+from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.jobs import LossJob
 from hingeloss_server.engine.validation import PreparedJob, prepare
 from hingeloss_server.transport.servicer import SERVICE_NAME
@@ -164,7 +164,7 @@ def test_bug_while_checking_values_fails_only_that_request(
             raise ZeroDivisionError("a bug")
         return prepare(job, **options)
 
-    monkeypatch.setattr(workers, "prepare", buggy_prepare)
+    monkeypatch.setattr(device_worker, "prepare", buggy_prepare)
     hook = FaultHook()
     server = make_server(server_config(), fault_hook=hook)
     futures, inputs = _batch_behind_blocker(server, hook, IDS)

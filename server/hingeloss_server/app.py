@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry
 from hingeloss_server.config import ServerConfig, read_token
 from hingeloss_server.drain import wait_until_delivered
 from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.device_worker import FaultHook
 from hingeloss_server.engine.errors import DrainingError
-from hingeloss_server.engine.workers import FaultHook, WorkerPool
+from hingeloss_server.engine.workers import WorkerPool
 from hingeloss_server.metrics import Metrics, NoMetrics
 from hingeloss_server.prometheus import PrometheusMetrics, default_registry, serve_metrics
 from hingeloss_server.transport.budget import ByteBudget
@@ -90,7 +91,7 @@ class HingelossServer:
         registry: where metrics go; a fresh one with process collectors by default. With
             neither a registry nor a metrics port, nothing is recorded (NoMetrics) and
             no margins are sampled.
-        fault_hook: test-only failure injection on the worker thread (see workers.py).
+        fault_hook: test-only failure injection on the worker thread (see engine/device_worker.py).
     """
 
     def __init__(

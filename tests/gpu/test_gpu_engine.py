@@ -26,7 +26,7 @@ from hingeloss import NO_RETRY, LossClient, UnavailableError
 from hingeloss._health import check
 from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
-from hingeloss_server.engine import workers
+from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.compute import compute_batch
 from hingeloss_server.engine.jobs import JobResult, LossKind
 from hingeloss_server.engine.staging import DOWNLOAD_BLOCKS, DeviceStaging
@@ -142,7 +142,7 @@ def test_pinned_memory_is_reported_per_device(make_server: Any) -> None:
         server_config(workers=WorkerConfig(devices=("cuda:0", "cpu")), batching=batching),
         registry=registry,
     )
-    expected = (1 + DOWNLOAD_BLOCKS) * workers.staging_bytes(batching)
+    expected = (1 + DOWNLOAD_BLOCKS) * device_worker.staging_bytes(batching)
     gauge = "hingeloss_pinned_host_bytes"
     assert registry.get_sample_value(gauge, {"device": "cuda:0"}) >= expected
     assert registry.get_sample_value(gauge, {"device": "cpu"}) == 0
@@ -159,7 +159,7 @@ def test_the_full_size_warm_up_leaves_the_memory_reserved(make_server: Any) -> N
 def test_a_failed_pinned_allocation_counts_as_out_of_memory() -> None:
     with pytest.raises(RuntimeError) as failed:
         torch.empty(1 << 50, dtype=torch.uint8, pin_memory=True)
-    assert workers._out_of_memory(failed.value), str(failed.value)
+    assert device_worker._out_of_memory(failed.value), str(failed.value)
 
 
 def test_a_sticky_device_fault_turns_health_not_serving(

@@ -31,7 +31,7 @@ from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig, WorkerConfig
 from hingeloss_server.engine import losses
-from hingeloss_server.engine.workers import Worker
+from hingeloss_server.engine.device_worker import Worker
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.response_codec import encode_response
 

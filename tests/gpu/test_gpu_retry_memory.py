@@ -19,7 +19,7 @@ from cases import random_inputs
 from hingeloss._requests import build_request
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine import losses
-from hingeloss_server.engine.workers import Worker
+from hingeloss_server.engine.device_worker import Worker
 from hingeloss_server.transport.request_codec import decode_request
 
 DEVICES = [

@@ -30,9 +30,9 @@ from support import ServerThread, server_config
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
 from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, ServerConfig, WorkerConfig
+from hingeloss_server.engine.device_worker import Worker
 from hingeloss_server.engine.jobs import LossJob
 from hingeloss_server.engine.staging import DeviceStaging
-from hingeloss_server.engine.workers import Worker
 from hingeloss_server.transport.request_codec import decode_request
 
 DEVICE = str(torch.device(os.environ.get("HINGELOSS_GPU_TEST_DEVICE", "cuda:0")))
