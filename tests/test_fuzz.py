@@ -361,6 +361,19 @@ def test_raw_bytes_get_ok_or_invalid_argument(channel: grpc.Channel, data: bytes
         _check_refusal(error)
 
 
+@pytest.mark.parametrize(
+    "method", ["/hingeloss.v1.LossService/GetServerInfo", "/grpc.health.v1.Health/Check"]
+)
+def test_unparsable_message_of_any_unary_method_is_invalid_argument(
+    channel: grpc.Channel, method: str
+) -> None:
+    """Every service is guarded, health included: bad bytes are the caller's error, not UNKNOWN."""
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary(method)(b"\xff\xff\xff", timeout=10)
+    _check_refusal(info.value)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_unparsable_message_ends_a_stream_with_invalid_argument(channel: grpc.Channel) -> None:
     """The requests before it are answered; the bad one ends the stream, as a bad request does."""
     good = SEEDS[0]

@@ -1,7 +1,7 @@
 """Assembles and runs one server: config -> engine -> servicer -> grpc.aio server.
 
 Start-up order: metrics, batcher and worker pool, servicer, health (NOT_SERVING)
-and reflection, interceptors, bind, start, warm every worker up, then health
+and reflection behind the call guard, bind, start, warm every worker up, then health
 SERVING: the port answers health checks during warm-up. Shutdown runs the other
 way: health NOT_SERVING, optional delay for load balancers, refuse new calls,
 answer every accepted one and wait for its answer's delivery (within the drain
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from hingeloss_server.config import ServerConfig, read_token
@@ -30,8 +30,7 @@ from hingeloss_server.engine.workers import WorkerPool
 from hingeloss_server.metrics import Metrics, NoMetrics
 from hingeloss_server.prometheus import PrometheusMetrics, default_registry, serve_metrics
 from hingeloss_server.transport.budget import ByteBudget
-from hingeloss_server.transport.interceptors import MetricsInterceptor, TokenAuthInterceptor
-from hingeloss_server.transport.parse_guard import ParseGuardInterceptor
+from hingeloss_server.transport.call_guard import CallGuard
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.servicer import (
     SERVICE_NAME,
@@ -136,14 +135,9 @@ class HingelossServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
-        if config.security.auth_token_file is not None:
-            token = read_token(config.security.auth_token_file)
-            interceptors.append(TokenAuthInterceptor(token, self.metrics))
-        # Innermost, so that unauthenticated garbage is refused as unauthenticated.
-        interceptors.append(ParseGuardInterceptor())
+        token_file = config.security.auth_token_file
+        guard = CallGuard(self.metrics, None if token_file is None else read_token(token_file))
         server = grpc.aio.server(
-            interceptors=interceptors,
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -157,13 +151,17 @@ class HingelossServer:
             ),
             arrival_seconds=config.request_arrival_seconds,
         )
-        add_to_server(servicer, server)
+        add_to_server(servicer, guard)
         self._servicer = servicer
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, guard)
         if config.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            # The asyncio servicer by name: enable_server_reflection picks by server type.
+            names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(names), guard
             )
+        # Every service through the guard: no interceptor runs on any call.
+        server.add_generic_rpc_handlers((guard,))
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
         if credentials is None:

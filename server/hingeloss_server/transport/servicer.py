@@ -33,7 +33,7 @@ from hingeloss_server.engine.errors import (
 from hingeloss_server.engine.jobs import FactoredRows, JobResult, LossKind, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes
-from hingeloss_server.transport.parse_guard import unparsable_error
+from hingeloss_server.transport.call_guard import CallGuard, unparsable_error
 from hingeloss_server.transport.request_codec import FLOAT_WIRE_DTYPES, MAX_DIMS, decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response
@@ -352,7 +352,7 @@ def _serialize(response: bytes | Any) -> bytes:
     return serialized
 
 
-def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: LossServicer, guard: CallGuard) -> None:
     """Registers the service, with responses that may come pre-serialized.
 
     The generated `add_LossServiceServicer_to_server` would serialize every answer
@@ -375,7 +375,7 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
             response_serializer=_serialize,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    guard.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 __all__ = ["SERVICE_NAME", "LossServicer", "add_to_server", "error_status", "server_info"]

@@ -1,0 +1,262 @@
+"""What every call passes through, decided on its headers: its method, the bearer token,
+per-RPC metrics, and requests that do not parse.
+
+The server's one generic handler, in place of grpc.aio interceptors: an interceptor
+chain runs a coroutine per interceptor and builds new handler objects on every call.
+Here each method's guarded handler is built once, when it is registered, and a call
+costs a dict lookup (with a token, one constant-time compare more).
+
+- **Token.** A call without `authorization: Bearer <token>` (health and reflection
+  excepted) is refused on its headers, before any of its message is read: the refusal
+  handlers take a request *stream*, which gRPC hands over without reading it (a unary
+  handler would wait for, and hold, the whole message first, however large it claims
+  to be).
+- **Metrics.** Every call is counted by method and status code and timed until its
+  last response (`Metrics.rpc_done`).
+- **Parse failures.** gRPC deserializes a message before any handler runs and reports
+  a failure as UNKNOWN, the code of a server bug; here the deserializer returns a
+  marker instead, and the handler refuses it with INVALID_ARGUMENT and a BadRequest
+  detail, never echoing its bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.metrics import Metrics
+from hingeloss_server.transport.status import error_status
+
+# Probes must work without credentials (Kubernetes and Docker health checks carry none).
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+_DENIED = "missing or invalid bearer token"
+
+Record = Callable[[grpc.aio.ServicerContext, float, "BaseException | None"], None]
+
+
+class _Unparsable:
+    """Stands in for a request message whose bytes did not parse."""
+
+
+UNPARSABLE = _Unparsable()
+
+
+def unparsable_error() -> InvalidInputError:
+    """The refusal of a message that is not valid protobuf (its bytes are not echoed)."""
+    return InvalidInputError("request", "is not a valid protobuf message of this method's type")
+
+
+class CallGuard(grpc.GenericRpcHandler):
+    """Holds every service's handlers, guarded; register services here, then this on the server.
+
+    It offers the registration methods of `grpc.aio.Server` that generated
+    `add_*Servicer_to_server` functions (health and reflection included) call.
+    """
+
+    def __init__(self, metrics: Metrics, token: str | None = None) -> None:
+        self._metrics = metrics
+        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        for name, handler in handlers.items():
+            self._handlers[f"/{service}/{name}"] = self._guarded(f"/{service}/{name}", handler)
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method) or self._resolve(handler_call_details)
+        if self._expected is not None and not self._may_call(method, handler_call_details):
+            self._metrics.request_rejected("unauthenticated")
+            streaming = handler is not None and handler.response_streaming
+            denial = grpc.stream_stream_rpc_method_handler(_deny_stream) if streaming else None
+            return self._guarded(method, denial or grpc.stream_unary_rpc_method_handler(_deny))
+        return handler
+
+    def _resolve(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """A method registered only through a generic handler: guarded once, then kept."""
+        for generic in self._generic:
+            handler = generic.service(details)
+            if handler is not None:
+                guarded = self._guarded(details.method, handler)
+                self._handlers[details.method] = guarded
+                return guarded
+        return None
+
+    def _may_call(self, method: str, details: grpc.HandlerCallDetails) -> bool:
+        if _split_method(method)[0] in OPEN_SERVICES:
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected or b"")
+        return False
+
+    def _guarded(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler timed and counted, with a deserializer that cannot raise."""
+        record = _recorder(self._metrics, *_split_method(method))
+        deserializer = handler.request_deserializer
+        options = {
+            "request_deserializer": None if deserializer is None else _guard(deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary_response(handler.unary_unary, record, check=True), **options
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _unary_response(handler.stream_unary, record, check=False), **options
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _stream_response(handler.unary_stream, record, check=True), **options
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _stream_response(handler.stream_stream, record, check=False), **options
+        )
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "", method)
+    return service, name
+
+
+def _recorder(metrics: Metrics, service: str, method: str) -> Record:
+    def record(
+        context: grpc.aio.ServicerContext, started: float, error: BaseException | None
+    ) -> None:
+        metrics.rpc_done(service, method, _code_of(context, error), time.perf_counter() - started)
+
+    return record
+
+
+def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    if error is not None:
+        return "UNKNOWN"
+    return "OK"
+
+
+class _Timed:
+    """Times a call until its last response and records it with its status, on any exit."""
+
+    __slots__ = ("_context", "_record", "_started")
+
+    def __init__(self, record: Record, context: grpc.aio.ServicerContext) -> None:
+        self._record = record
+        self._context = context
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        self._record(self._context, self._started, error)
+
+
+def _guard(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def guarded(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError:
+            return UNPARSABLE
+
+    return guarded
+
+
+async def _refuse_unparsable(context: grpc.aio.ServicerContext) -> None:
+    await context.abort_with_status(error_status(unparsable_error()))
+
+
+def _unary_response(behaviour: Any, record: Record, *, check: bool) -> Any:
+    """A handler with one response; `check`: its one request may be UNPARSABLE."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with _Timed(record, context):
+            if check and request is UNPARSABLE:
+                await _refuse_unparsable(context)
+            return await behaviour(request, context)
+
+    return handle
+
+
+def _stream_response(behaviour: Any, record: Record, *, check: bool) -> Any:
+    """A handler with a response stream; `check`: its one request may be UNPARSABLE.
+
+    Written in the behaviour's own style, as gRPC tells them apart: an async generator,
+    or a coroutine that writes with `context.write` (health's Watch). With a request
+    stream, the requests before an unparsable one are answered, then the call ends
+    with its error.
+    """
+
+    def requests_of(request: Any, unparsable: list[bool]) -> Any:
+        if check:
+            return request
+
+        async def parsed() -> AsyncIterator[Any]:
+            async for message in request:
+                if message is UNPARSABLE:
+                    unparsable.append(True)
+                    return
+                yield message
+
+        return parsed()
+
+    if not inspect.isasyncgenfunction(behaviour):
+
+        async def handle_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            unparsable: list[bool] = []
+            with _Timed(record, context):
+                if check and request is UNPARSABLE:
+                    await _refuse_unparsable(context)
+                await behaviour(requests_of(request, unparsable), context)
+                if unparsable:
+                    await _refuse_unparsable(context)
+
+        return handle_writer
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        unparsable: list[bool] = []
+        with _Timed(record, context):
+            if check and request is UNPARSABLE:
+                await _refuse_unparsable(context)
+            async for response in behaviour(requests_of(request, unparsable), context):
+                yield response
+            if unparsable:
+                await _refuse_unparsable(context)
+
+    return handle
+
+
+async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
+async def _deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    yield  # pragma: no cover - makes this an async generator
