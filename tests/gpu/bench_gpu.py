@@ -56,8 +56,8 @@ from hingeloss.results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine import fused, losses
-from hingeloss_server.engine.losses import weston_watkins
 from hingeloss_server.engine.compute import compute_batch
+from hingeloss_server.engine.losses import weston_watkins
 from hingeloss_server.engine.staging import DeviceStaging
 from hingeloss_server.engine.validation import prepare
 from hingeloss_server.engine.workers import Worker, staging_bytes

@@ -9,8 +9,9 @@ in `prepare.py`, off the event loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,14 +39,16 @@ from hingeloss_server.transport.tensor_decoder import (
 
 __all__ = ["FLOAT_WIRE_DTYPES", "decode_request"]
 
-_REDUCTIONS = {
+_E = TypeVar("_E", Reduction, GradientFormat)
+
+_REDUCTIONS: dict[int, Reduction] = {
     pb.REDUCTION_UNSPECIFIED: Reduction.MEAN,
     pb.REDUCTION_MEAN: Reduction.MEAN,
     pb.REDUCTION_SUM: Reduction.SUM,
     pb.REDUCTION_NONE: Reduction.NONE,
     pb.REDUCTION_WEIGHTED_MEAN: Reduction.WEIGHTED_MEAN,
 }
-_GRADIENT_FORMATS = {
+_GRADIENT_FORMATS: dict[int, GradientFormat] = {
     pb.GRADIENT_FORMAT_UNSPECIFIED: GradientFormat.DENSE,
     pb.GRADIENT_FORMAT_DENSE: GradientFormat.DENSE,
     pb.GRADIENT_FORMAT_ROW_SPARSE: GradientFormat.ROW_SPARSE,
@@ -72,6 +75,13 @@ def _power(message: object, field: str) -> int:
     return power
 
 
+def _enum(values: Mapping[int, _E], value: int, field: str) -> _E:
+    """The engine's value of a request-level enum field."""
+    if value not in values:
+        raise InvalidInputError(field, f"unknown enum value {value}")
+    return values[value]
+
+
 def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsConfig) -> LossJob:
     """Checks a request's structure and wraps its tensors without copying them.
 
@@ -83,12 +93,8 @@ def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsCon
     loss_field = request.WhichOneof("loss")
     if loss_field is None:
         raise InvalidInputError("loss", "one loss must be set")
-    reduction = _REDUCTIONS.get(request.reduction)
-    if reduction is None:
-        raise InvalidInputError("reduction", f"unknown enum value {request.reduction}")
-    gradient_format = _GRADIENT_FORMATS.get(request.gradient_format)
-    if gradient_format is None:
-        raise InvalidInputError("gradient_format", f"unknown enum value {request.gradient_format}")
+    reduction = _enum(_REDUCTIONS, request.reduction, "reduction")
+    gradient_format = _enum(_GRADIENT_FORMATS, request.gradient_format, "gradient_format")
     spec, codec = SPECS[LossKind(loss_field)], CODECS[LossKind(loss_field)]
     message = getattr(request, loss_field)
     decoder = TensorDecoder(limits, loss_field, parsed)

@@ -57,6 +57,27 @@ class TensorDecoder:
                 f"{field}.dtype", f"must be one of {names}, got {message.dtype}"
             )
         shape = list(message.shape)
+        elements = self._elements(field, shape, ndim)
+        expected = elements * tensors.BY_WIRE[message.dtype].itemsize
+        # The received bytes themselves for a large request (request_wire.py); a copy
+        # out of the message otherwise. The tensor views them.
+        data = self._parsed.tensor_data(owner, name, message)
+        if len(data) != expected:
+            raise InvalidInputError(
+                f"{field}.data",
+                f"holds {len(data)} bytes; dtype and shape {shape} need {expected}",
+            )
+        if self.nbytes + expected > self._limits.max_request_bytes:
+            raise InvalidInputError(
+                f"{field}.data",
+                f"the request's tensors need more than the server limit of "
+                f"{self._limits.max_request_bytes} bytes",
+            )
+        self.nbytes += expected
+        return tensors.torch_view(data, message.dtype, shape)
+
+    def _elements(self, field: str, shape: list[int], ndim: int) -> int:
+        """The element count of a shape, checked against the dimensions and the limits."""
         if len(shape) > self._limits.max_dims or len(shape) != ndim:
             # The count only: a shape of a million dims must not come back in the error.
             raise InvalidInputError(
@@ -79,23 +100,7 @@ class TensorDecoder:
                 f"{elements} elements exceed the server limit of "
                 f"{self._limits.max_request_elements}",
             )
-        expected = elements * tensors.BY_WIRE[message.dtype].itemsize
-        # The received bytes themselves for a large request (request_wire.py); a copy
-        # out of the message otherwise. The tensor views them.
-        data = self._parsed.tensor_data(owner, name, message)
-        if len(data) != expected:
-            raise InvalidInputError(
-                f"{field}.data",
-                f"holds {len(data)} bytes; dtype and shape {shape} need {expected}",
-            )
-        if self.nbytes + expected > self._limits.max_request_bytes:
-            raise InvalidInputError(
-                f"{field}.data",
-                f"the request's tensors need more than the server limit of "
-                f"{self._limits.max_request_bytes} bytes",
-            )
-        self.nbytes += expected
-        return tensors.torch_view(data, message.dtype, shape)
+        return elements
 
     def same_rows(self, tensor: torch.Tensor, name: str, rows: int, rows_of: str) -> None:
         if tensor.shape[0] != rows:

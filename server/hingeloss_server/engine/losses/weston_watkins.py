@@ -130,7 +130,6 @@ def multiclass_hinge(
         per_sample (l,), grads (dscores,), active (active,), factors (when asked).
     """
     check_factorable(power, need_factors)
-    num_classes = scores.shape[1]
     tt = targets.unsqueeze(1)
     # z = f_ij - (f_iy - margin) rounds exactly like margin - f_iy + f_ij.
     z = torch.sub(scores, scores.gather(1, tt).sub_(margin))
@@ -139,24 +138,21 @@ def multiclass_hinge(
 
     factor = class_factor(
         targets,
-        num_classes=num_classes,
+        num_classes=scores.shape[1],
         dtype=scores.dtype,
         class_weights=class_weights,
         divide_by_num_classes=divide_by_num_classes,
         ignore_mask=ignore_mask,
     )
     if power == 1:
-        terms = _hinge_terms(
-            z,
-            tt,
-            factor,
-            row_scale,
-            kink_one=kink_one,
-            need_grad=need_grad,
-            need_factors=need_factors,
-        )
+        terms = _hinge_terms(z, tt, factor, row_scale, kink_one, need_grad, need_factors)
     else:
         terms = _squared_terms(z, tt, factor, row_scale, need_grad=need_grad)
+    return _weighted(terms, factor)
+
+
+def _weighted(terms: _Terms, factor: Tensor | float) -> LossOutput:
+    """l_i = factor_i * raw_i; a row whose factor is 0 (ignored, zero weight) is inactive."""
     active = terms.active
     if isinstance(factor, Tensor):
         loss = terms.raw.mul_(factor)
@@ -172,7 +168,6 @@ def _hinge_terms(
     tt: Tensor,
     factor: Tensor | float,
     row_scale: Tensor,
-    *,
     kink_one: bool,
     need_grad: bool,
     need_factors: bool,
