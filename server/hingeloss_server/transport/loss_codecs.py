@@ -16,7 +16,8 @@ message has the field, and echoed for every loss whose spec is a hinge.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,13 +73,16 @@ class Switch:
 KINK = Switch("kink_subgradient", "kink_one", pb.KINK_SUBGRADIENT_ZERO, pb.KINK_SUBGRADIENT_ONE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Extras:
     """Options decoded by a loss's own hook: flags, and class weights for the job."""
 
-    params: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
     class_weights: torch.Tensor | None = None
+
+
+NO_EXTRAS = Extras()
 
 
 @dataclass(frozen=True)
@@ -94,27 +98,37 @@ class LossCodec:
     switches: tuple[Switch, ...] = ()
     extras: Callable[[Any, TensorDecoder, torch.Tensor], Extras] | None = None
 
+    @functools.cached_property
+    def batch_switches(self) -> tuple[Switch, ...]:
+        """The switches that set LossParams flags (decoded before the gradient format)."""
+        return tuple(s for s in self.switches if s.splits_batches)
+
+    @functools.cached_property
+    def request_switches(self) -> tuple[Switch, ...]:
+        """The switches that set RequestOptions flags."""
+        return tuple(s for s in self.switches if not s.splits_batches)
+
 
 def _class_weights_and_ignore_index(
     message: pb.MulticlassHinge, decoder: TensorDecoder, scores: torch.Tensor
 ) -> Extras:
     """Weston-Watkins: one non-negative weight per true class, and the ignored target."""
-    extras = Extras()
     weights = decoder.tensor(
         message.target_class_weights, "target_class_weights", ndim=1, floats=True, required=False
     )
+    params, options = {}, {}
     if weights is not None:
         if weights.shape[0] != scores.shape[1]:
             raise InvalidInputError(
                 f"{decoder.field('target_class_weights')}.shape",
                 f"must have one weight per class ({scores.shape[1]}), got {list(weights.shape)}",
             )
-        extras.class_weights = weights.to(torch.float64)
+        weights = weights.to(torch.float64)
         # Raw bytes, so that equal weights give equal batch keys.
-        extras.params["class_weights"] = extras.class_weights.numpy().tobytes()
+        params["class_weights"] = weights.numpy().tobytes()
     if message.HasField("ignore_index"):
-        extras.options["ignore_index"] = int(message.ignore_index)
-    return extras
+        options["ignore_index"] = int(message.ignore_index)
+    return Extras(params, options, weights)
 
 
 CODECS: dict[LossKind, LossCodec] = {

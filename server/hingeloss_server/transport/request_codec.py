@@ -29,7 +29,7 @@ from hingeloss_server.engine.jobs import (
 )
 from hingeloss_server.engine.losses import SPECS, LossSpec
 from hingeloss_server.engine.losses.spec import Aux
-from hingeloss_server.transport.loss_codecs import CODECS, KINK, Extras, LossCodec
+from hingeloss_server.transport.loss_codecs import CODECS, KINK, NO_EXTRAS, Extras, LossCodec
 from hingeloss_server.transport.request_wire import ParsedRequest
 from hingeloss_server.transport.tensor_decoder import (
     FLOAT_WIRE_DTYPES,
@@ -40,6 +40,15 @@ from hingeloss_server.transport.tensor_decoder import (
 __all__ = ["FLOAT_WIRE_DTYPES", "decode_request"]
 
 _E = TypeVar("_E", Reduction, GradientFormat)
+
+# Which of the hinge options (margin, power, the kink convention) each loss message has.
+_HINGE_FIELDS: dict[LossKind, frozenset[str]] = {
+    kind: frozenset(
+        {"margin", "power", KINK.field}
+        & set(pb.ComputeRequest.DESCRIPTOR.fields_by_name[kind.value].message_type.fields_by_name)  # type: ignore[union-attr]
+    )
+    for kind in LossKind
+}
 
 _REDUCTIONS: dict[int, Reduction] = {
     pb.REDUCTION_UNSPECIFIED: Reduction.MEAN,
@@ -95,20 +104,21 @@ def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsCon
         raise InvalidInputError("loss", "one loss must be set")
     reduction = _enum(_REDUCTIONS, request.reduction, "reduction")
     gradient_format = _enum(_GRADIENT_FORMATS, request.gradient_format, "gradient_format")
-    spec, codec = SPECS[LossKind(loss_field)], CODECS[LossKind(loss_field)]
+    kind = LossKind(loss_field)
+    spec, codec = SPECS[kind], CODECS[kind]
     message = getattr(request, loss_field)
     decoder = TensorDecoder(limits, loss_field, parsed)
     inputs = _decode_inputs(spec, message, decoder)
     scores = inputs.scores
-    extras = codec.extras(message, decoder, scores[0]) if codec.extras else Extras()
+    extras = codec.extras(message, decoder, scores[0]) if codec.extras else NO_EXTRAS
     key = BatchKey(
         params=_loss_params(spec, codec, message, decoder, extras),
         dtype=scores[0].dtype,
-        trailing_shape=tuple(int(d) for d in scores[0].shape[1:]),
+        trailing_shape=tuple(scores[0].shape[1:]),
     )
     if gradient_format is GradientFormat.FACTORED:
         _check_factorable(spec, key)
-    flags = {s.flag: s.decode(message, decoder) for s in codec.switches if not s.splits_batches}
+    flags = {s.flag: s.decode(message, decoder) for s in codec.request_switches}
     options = RequestOptions(
         reduction=reduction,
         gradient_format=gradient_format,
@@ -155,7 +165,7 @@ def _check_sample_weights(
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Inputs:
     """A request's score inputs in declaration order, and its labels or targets."""
 
@@ -204,10 +214,9 @@ def _loss_params(
 ) -> LossParams:
     """The batch parameters: the loss's own switches, then margin, power and kink."""
     params = dict(extras.params)
-    for switch in codec.switches:
-        if switch.splits_batches:
-            params[switch.flag] = switch.decode(message, decoder)
-    fields = message.DESCRIPTOR.fields_by_name
+    for switch in codec.batch_switches:
+        params[switch.flag] = switch.decode(message, decoder)
+    fields = _HINGE_FIELDS[spec.kind]
     if "margin" in fields:
         params["margin"] = _margin(message, decoder.field("margin"))
     if "power" in fields:

@@ -15,6 +15,7 @@ per loss the proto enums of its options and how they are echoed as resolved.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -154,30 +155,34 @@ class LossSpec:
     samples_text: str = "samples"
     fused: FusedKernel | None = None
 
-    @property
+    # Derived once (cached_property): the request codec reads them for every request.
+    @functools.cached_property
     def input_fields(self) -> tuple[str, ...]:
         """Names of the score inputs, for gradients and error messages."""
         return tuple(s.name for s in self.scores)
 
-    @property
+    @functools.cached_property
     def input_sets(self) -> tuple[int, ...]:
         """The sample set of each score input, in declaration order."""
         return tuple(s.sample_set for s in self.scores)
 
-    @property
+    @functools.cached_property
     def set_count(self) -> int:
         return max(self.input_sets) + 1
 
-    @property
+    @functools.cached_property
+    def set_heads(self) -> tuple[int, ...]:
+        """The index of each sample set's first score input, whose rows are the set's samples."""
+        return tuple(self.input_sets.index(s) for s in range(self.set_count))
+
+    @functools.cached_property
     def set_fields(self) -> tuple[str, ...]:
-        """The first score input of each sample set, whose rows are the set's samples."""
-        sets = self.input_sets
-        return tuple(self.scores[sets.index(s)].name for s in range(self.set_count))
+        """The name of each sample set's first score input."""
+        return tuple(self.scores[k].name for k in self.set_heads)
 
     def set_rows(self, inputs: tuple[Tensor, ...]) -> list[int]:
         """Rows of each sample set of a job's score inputs."""
-        sets = self.input_sets
-        return [int(inputs[sets.index(s)].shape[0]) for s in range(self.set_count)]
+        return [int(inputs[k].shape[0]) for k in self.set_heads]
 
 
 def signs(rows: int) -> np.ndarray[Any, Any]:
