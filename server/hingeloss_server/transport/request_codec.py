@@ -3,7 +3,13 @@
 Only O(1) checks happen here (enums, dtypes, shapes, byte counts, limits), so that
 a request claiming a shape of 2^40 is refused before anything is allocated. The
 checks that read values (NaN, label ranges, weights) run on the worker thread,
-in `prepare.py`, off the event loop.
+in `engine/validation.py`, off the event loop.
+
+Every loss is decoded by the same code: its inputs from its LossSpec
+(engine/losses/), its options from its entry in loss_codecs.py. The checks run in
+one order for every loss (inputs, the loss's own option fields, its batch switches,
+margin, power, kink, the gradient format, its per-request switches, sample
+weights), so that a request with several faults is refused for the first.
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ __all__ = ["FLOAT_WIRE_DTYPES", "decode_request"]
 
 _E = TypeVar("_E", Reduction, GradientFormat)
 
-# Which of the hinge options (margin, power, the kink convention) each loss message has.
-_HINGE_FIELDS: dict[LossKind, frozenset[str]] = {
-    kind: frozenset(
-        {"margin", "power", KINK.field}
-        & set(pb.ComputeRequest.DESCRIPTOR.fields_by_name[kind.value].message_type.fields_by_name)  # type: ignore[union-attr]
-    )
-    for kind in LossKind
-}
+
+def _hinge_fields(kind: LossKind) -> frozenset[str]:
+    """Which of the hinge options (margin, power, the kink convention) a loss message has."""
+    message: Any = pb.ComputeRequest.DESCRIPTOR.fields_by_name[kind.value].message_type
+    return frozenset({"margin", "power", KINK.field} & set(message.fields_by_name))
+
+
+_HINGE_FIELDS = {kind: _hinge_fields(kind) for kind in LossKind}
 
 _REDUCTIONS: dict[int, Reduction] = {
     pb.REDUCTION_UNSPECIFIED: Reduction.MEAN,
