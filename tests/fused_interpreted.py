@@ -14,6 +14,7 @@ import sys
 import torch
 
 from hingeloss_server.engine import fused, losses
+from hingeloss_server.engine.losses import weston_watkins
 
 # (rows, classes): one chunk, two chunks, B=1.
 CASES = [(5, 300), (2, 5000), (1, 256)]
@@ -98,7 +99,7 @@ def main(seed: int, device: str = "cpu") -> int:
         weights = torch.rand(classes, generator=generator, dtype=compute) if weighted else None
         ignore = torch.rand(rows, generator=generator) < 0.4 if ignored else None
         scale = torch.rand(rows, generator=generator, dtype=compute)
-        factor = fused.row_factor(
+        factor = weston_watkins.row_factor(
             targets,
             num_classes=classes,
             dtype=compute,

@@ -89,6 +89,22 @@ def test_reduction_none_scales_rows(client: LossClient) -> None:
     torch.testing.assert_close(b.grad, b_local.grad, rtol=1e-12, atol=0)
 
 
+def test_reduction_none_scales_each_sample_set_by_its_own_rows(client: LossClient) -> None:
+    """The GAN discriminator's per-sample losses are real then fake: each input its part."""
+    real = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fake = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    per_sample = remote_loss(client, "gan_discriminator", real, fake, reduction="none")
+    upstream = torch.rand(14, dtype=torch.float64)
+    per_sample.backward(upstream)
+    real_local = real.detach().clone().requires_grad_()
+    fake_local = fake.detach().clone().requires_grad_()
+    expected = torch.cat([F.relu(1 - real_local), F.relu(1 + fake_local)])
+    expected.backward(upstream)
+    torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(real.grad, real_local.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fake.grad, fake_local.grad, rtol=1e-12, atol=0)
+
+
 def _readme_example() -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### torch autograd", 1)[1]

@@ -1,12 +1,16 @@
 """The per-loss methods, written once for the sync client, the asyncio client and streams.
 
 Each flavour implements `_submit` and decides what it returns: a LossResult, an
-awaitable of one, or a future of one.
+awaitable of one, or a future of one. The methods are the typed, documented public
+API; each hands its inputs, in the contract's order, to `_submit_inputs`, which names them
+from the proto (requests.SCORE_FIELDS and OTHER_FIELDS).
 """
 
 from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
+
+from hingeloss._requests import OTHER_FIELDS, SCORE_FIELDS
 
 R = TypeVar("R")
 
@@ -24,9 +28,11 @@ class LossMethods(Generic[R]):
     def _submit(self, loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> R:
         raise NotImplementedError
 
-    @staticmethod
-    def _options(**options: Any) -> dict[str, Any]:
-        return {k: v for k, v in options.items() if v is not None}
+    def _submit_inputs(self, loss: str, inputs: tuple[Any, ...], **options: Any) -> R:
+        """Submits `inputs` (in the contract's order) with the options that were given."""
+        fields = SCORE_FIELDS[loss] + OTHER_FIELDS[loss]
+        given = {k: v for k, v in options.items() if v is not None}
+        return self._submit(loss, dict(zip(fields, inputs, strict=True)), given)
 
     def binary_hinge(
         self,
@@ -40,10 +46,15 @@ class LossMethods(Generic[R]):
         **common: Any,
     ) -> R:
         """max(0, margin - y f)^power with y in {-1, +1} (or {0, 1} by label_encoding)."""
-        options = self._options(
-            margin=margin, power=power, kink=kink, label_encoding=label_encoding, **common
+        return self._submit_inputs(
+            "binary_hinge",
+            (scores, labels),
+            margin=margin,
+            power=power,
+            kink=kink,
+            label_encoding=label_encoding,
+            **common,
         )
-        return self._submit("binary_hinge", {"scores": scores, "labels": labels}, options)
 
     def multiclass_hinge(
         self,
@@ -59,7 +70,9 @@ class LossMethods(Generic[R]):
         **common: Any,
     ) -> R:
         """Weston-Watkins; class_normalization="divide_by_num_classes" is F.multi_margin_loss."""
-        options = self._options(
+        return self._submit_inputs(
+            "multiclass_hinge",
+            (scores, targets),
             margin=margin,
             power=power,
             kink=kink,
@@ -68,7 +81,6 @@ class LossMethods(Generic[R]):
             ignore_index=ignore_index,
             **common,
         )
-        return self._submit("multiclass_hinge", {"scores": scores, "targets": targets}, options)
 
     def crammer_singer(
         self,
@@ -82,10 +94,15 @@ class LossMethods(Generic[R]):
         **common: Any,
     ) -> R:
         """max(0, margin - (f_y - max_{j != y} f_j))^power."""
-        options = self._options(
-            margin=margin, power=power, kink=kink, tie_break=tie_break, **common
+        return self._submit_inputs(
+            "crammer_singer",
+            (scores, targets),
+            margin=margin,
+            power=power,
+            kink=kink,
+            tie_break=tie_break,
+            **common,
         )
-        return self._submit("crammer_singer", {"scores": scores, "targets": targets}, options)
 
     def gan_discriminator(
         self,
@@ -97,13 +114,13 @@ class LossMethods(Generic[R]):
         **common: Any,
     ) -> R:
         """mean(relu(1 - real)) + mean(relu(1 + fake)); grads for both inputs."""
-        options = self._options(combine=combine, kink=kink, **common)
-        inputs = {"real_scores": real_scores, "fake_scores": fake_scores}
-        return self._submit("gan_discriminator", inputs, options)
+        return self._submit_inputs(
+            "gan_discriminator", (real_scores, fake_scores), combine=combine, kink=kink, **common
+        )
 
     def gan_generator(self, fake_scores: Any, **common: Any) -> R:
         """-mean(fake)."""
-        return self._submit("gan_generator", {"fake_scores": fake_scores}, self._options(**common))
+        return self._submit_inputs("gan_generator", (fake_scores,), **common)
 
     def margin_ranking(
         self,
@@ -116,9 +133,9 @@ class LossMethods(Generic[R]):
         **common: Any,
     ) -> R:
         """max(0, margin - y (a - b)); margin defaults to 1 (torch: 0)."""
-        options = self._options(margin=margin, kink=kink, **common)
-        inputs = {"scores_a": scores_a, "scores_b": scores_b, "labels": labels}
-        return self._submit("margin_ranking", inputs, options)
+        return self._submit_inputs(
+            "margin_ranking", (scores_a, scores_b, labels), margin=margin, kink=kink, **common
+        )
 
     def compute(self, loss: str, *inputs: Any, **options: Any) -> R:
         """Any loss by name, inputs positionally in the contract's order."""

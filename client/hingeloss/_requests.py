@@ -2,6 +2,12 @@
 
 Options take plain strings ("divide_by_num_classes", "one") or the proto enum values.
 Inputs are numpy arrays, torch tensors (any device) or anything `numpy.asarray` takes.
+
+Each loss's inputs and options are read from the request messages' descriptors (the
+wire contract), so that adding a loss or an option to the proto needs nothing here:
+its Tensor fields are its inputs (labels and targets without a gradient, the others
+scores), except class weights; every other field is a keyword option named as the
+field, except `kink` (kink_subgradient) and `class_weights` (target_class_weights).
 """
 
 from __future__ import annotations
@@ -12,55 +18,77 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 
+# The request's loss messages, by their field of the `loss` oneof.
+_LOSS_MESSAGES: dict[str, Descriptor] = {
+    field.name: field.message_type  # type: ignore[misc]  # a oneof of messages
+    for field in pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields
+}
+LOSSES: tuple[str, ...] = tuple(_LOSS_MESSAGES)
+# The SDK's keyword for a proto field, where it is not the field's own name.
+_KEYWORDS = {"kink_subgradient": "kink", "target_class_weights": "class_weights"}
+# Tensor fields that are inputs without a gradient; the other Tensor inputs are scores.
+_NOT_DIFFERENTIABLE = ("labels", "targets")
+
+
+@dataclass(frozen=True)
+class _Option:
+    """A keyword option: its proto field, and its enum's prefix or whether it is a Tensor."""
+
+    field: str
+    enum_prefix: str | None = None
+    tensor: bool = False
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    """'KINK_SUBGRADIENT_' of KinkSubgradient: every enum's zero value is PREFIX_UNSPECIFIED."""
+    return str(enum.values_by_number[0].name).removesuffix("UNSPECIFIED")
+
+
+def _option(field: FieldDescriptor) -> _Option:
+    if field.enum_type is not None:
+        return _Option(field.name, enum_prefix=_enum_prefix(field.enum_type))
+    return _Option(field.name, tensor=field.message_type is not None)
+
+
+def _is_input(field: FieldDescriptor) -> bool:
+    """A Tensor field the SDK takes positionally (scores, labels, targets), not by keyword."""
+    message = field.message_type
+    return (
+        message is not None
+        and message.full_name == pb.Tensor.DESCRIPTOR.full_name
+        and field.name not in _KEYWORDS
+    )
+
+
 # Score inputs of each loss, in declaration order: gradients come back in this order.
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
-    "binary_hinge": ("scores",),
-    "multiclass_hinge": ("scores",),
-    "crammer_singer": ("scores",),
-    "gan_discriminator": ("real_scores", "fake_scores"),
-    "gan_generator": ("fake_scores",),
-    "margin_ranking": ("scores_a", "scores_b"),
+    loss: tuple(
+        f.name for f in message.fields if _is_input(f) and f.name not in _NOT_DIFFERENTIABLE
+    )
+    for loss, message in _LOSS_MESSAGES.items()
 }
 # Non-differentiable inputs (labels, targets) of each loss.
 OTHER_FIELDS: dict[str, tuple[str, ...]] = {
-    "binary_hinge": ("labels",),
-    "multiclass_hinge": ("targets",),
-    "crammer_singer": ("targets",),
-    "gan_discriminator": (),
-    "gan_generator": (),
-    "margin_ranking": ("labels",),
+    loss: tuple(f.name for f in message.fields if _is_input(f) and f.name in _NOT_DIFFERENTIABLE)
+    for loss, message in _LOSS_MESSAGES.items()
 }
-_MESSAGES = {
-    "binary_hinge": pb.BinaryHinge,
-    "multiclass_hinge": pb.MulticlassHinge,
-    "crammer_singer": pb.CrammerSinger,
-    "gan_discriminator": pb.GanDiscriminator,
-    "gan_generator": pb.GanGenerator,
-    "margin_ranking": pb.MarginRanking,
+# Keyword options of each loss: every field of its message that is not an input.
+LOSS_OPTIONS: dict[str, dict[str, _Option]] = {
+    loss: {_KEYWORDS.get(f.name, f.name): _option(f) for f in message.fields if not _is_input(f)}
+    for loss, message in _LOSS_MESSAGES.items()
 }
-# Keyword option -> (proto field, enum prefix or None for plain values).
-_LOSS_OPTIONS: dict[str, tuple[str, str | None]] = {
-    "margin": ("margin", None),
-    "power": ("power", None),
-    "kink": ("kink_subgradient", "KINK_SUBGRADIENT_"),
-    "label_encoding": ("label_encoding", "LABEL_ENCODING_"),
-    "class_normalization": ("class_normalization", "CLASS_NORMALIZATION_"),
-    "ignore_index": ("ignore_index", None),
-    "tie_break": ("tie_break", "TIE_BREAK_"),
-    "combine": ("combine", "GAN_COMBINE_"),
+# Every loss's keyword options together: one a loss lacks is refused, not unknown.
+_ANY_LOSS_OPTIONS: dict[str, _Option] = {
+    keyword: option for options in LOSS_OPTIONS.values() for keyword, option in options.items()
 }
-_ENUM_TYPES = {
-    "KINK_SUBGRADIENT_": pb.KinkSubgradient,
-    "LABEL_ENCODING_": pb.LabelEncoding,
-    "CLASS_NORMALIZATION_": pb.ClassNormalization,
-    "TIE_BREAK_": pb.TieBreak,
-    "GAN_COMBINE_": pb.GanCombine,
-    "REDUCTION_": pb.Reduction,
-    "GRADIENT_FORMAT_": pb.GradientFormat,
+_ENUM_TYPES: dict[str, EnumTypeWrapper] = {
+    _enum_prefix(enum): getattr(pb, enum.name) for enum in pb.DESCRIPTOR.enum_types_by_name.values()
 }
 
 
@@ -141,8 +169,8 @@ def build_request(
             class_normalization, ignore_index, tie_break, combine, reduction,
             gradient_format, return_per_sample, sample_weights, request_id.
     """
-    if loss not in _MESSAGES:
-        raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_MESSAGES)}")
+    if loss not in _LOSS_MESSAGES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_LOSS_MESSAGES)}")
     first = inputs[SCORE_FIELDS[loss][0]]
     rest = dict(options)
     # Every field is written where it lives in the request: a Tensor built apart and
@@ -152,16 +180,18 @@ def build_request(
     message.SetInParent()
     for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
         fill(getattr(message, field), inputs[field], field)
-    class_weights = rest.pop("class_weights", None)
-    if class_weights is not None:
-        fill(message.target_class_weights, class_weights, "class_weights")
-    for option, (field, prefix) in _LOSS_OPTIONS.items():
-        value = rest.pop(option, None)
+    for keyword, option in _ANY_LOSS_OPTIONS.items():
+        value = rest.pop(keyword, None)
         if value is None:
             continue
-        if field not in message.DESCRIPTOR.fields_by_name:
-            raise TypeError(f"{loss} takes no option {option!r}")
-        setattr(message, field, enum_value(prefix, value) if prefix else value)
+        if keyword not in LOSS_OPTIONS[loss]:
+            raise TypeError(f"{loss} takes no option {keyword!r}")
+        if option.tensor:
+            fill(getattr(message, option.field), value, keyword)
+        elif option.enum_prefix is not None:
+            setattr(message, option.field, enum_value(option.enum_prefix, value))
+        else:
+            setattr(message, option.field, value)
 
     reduction = rest.pop("reduction", None)
     if reduction is not None:

@@ -42,6 +42,8 @@ class _RemoteLoss(torch.autograd.Function):
         ctx.none = none
         if none:
             per_sample = result.per_sample
+            # One tensor per sample set (GAN discriminator: real, then fake).
+            ctx.set_rows = [int(p.shape[0]) for p in per_sample]
             return per_sample[0] if len(per_sample) == 1 else torch.cat(list(per_sample))
         return torch.tensor(result.loss, dtype=scores[0].dtype, device=scores[0].device)
 
@@ -51,21 +53,23 @@ class _RemoteLoss(torch.autograd.Function):
         if not ctx.none:
             scaled = tuple(g * grad_output for g in grads)
         else:
-            scaled = _scale_rows(grads, grad_output)
+            scaled = _scale_rows(grads, grad_output, ctx.set_rows)
         return (None, None, *scaled)
 
 
 def _scale_rows(
-    grads: tuple[torch.Tensor, ...], grad_output: torch.Tensor
+    grads: tuple[torch.Tensor, ...], grad_output: torch.Tensor, set_rows: list[int]
 ) -> tuple[torch.Tensor, ...]:
-    """Per-sample grad_output times each row of the gradient of the sum."""
-    outputs: tuple[torch.Tensor, ...]
-    if len(grads) == 2 and grads[0].shape[0] + grads[1].shape[0] == grad_output.shape[0]:
-        # GAN discriminator: per-sample losses are real then fake.
-        split = grads[0].shape[0]
-        outputs = (grad_output[:split], grad_output[split:])
-    else:
-        outputs = (grad_output,) * len(grads)
+    """Per-sample grad_output times each row of the gradient of the sum.
+
+    The per-sample losses came back one tensor per sample set, with `set_rows` rows
+    each. A loss with one set (margin ranking's two inputs included) scales every
+    gradient by all of grad_output; one with a set per input (the GAN
+    discriminator) scales each by its own part.
+    """
+    outputs = torch.split(grad_output, set_rows)
+    if len(outputs) == 1:
+        outputs = outputs * len(grads)
     return tuple(
         g * o.reshape(-1, *([1] * (g.dim() - 1))) for g, o in zip(grads, outputs, strict=True)
     )

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hingeloss import _tensors as tensors
-from hingeloss._requests import InputKind
+from hingeloss._requests import LOSS_OPTIONS, InputKind
 from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -29,14 +29,10 @@ SUPPORTED_OPTIONS: dict[str, Any] = {
     "tie_break": "first_index",
     "combine": "sum_of_means",
 }
-# The options each loss takes.
+# The options each loss takes, of those above (its request message's, as the SDK reads them).
 APPLICABLE: dict[str, frozenset[str]] = {
-    "binary_hinge": frozenset({"margin", "power", "kink"}),
-    "multiclass_hinge": frozenset({"margin", "power", "kink", "class_normalization"}),
-    "crammer_singer": frozenset({"margin", "power", "kink", "tie_break"}),
-    "gan_discriminator": frozenset({"kink", "combine"}),
-    "gan_generator": frozenset(),
-    "margin_ranking": frozenset({"margin", "kink"}),
+    loss: frozenset(SUPPORTED_OPTIONS).intersection(options)
+    for loss, options in LOSS_OPTIONS.items()
 }
 # Relative tolerance of a gradient element by wire dtype (the answer's dtype), and of the loss.
 GRAD_RTOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}

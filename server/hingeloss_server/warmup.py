@@ -6,10 +6,14 @@ means, weighted means, row-sparse and no gradients, per-sample losses), so that
 health SERVING means every kernel has run. GPU workers also compile the fused
 Weston-Watkins kernel's variants and run one batch of the largest size the batcher
 forms, so that the caching allocator holds its memory before the first caller.
+
+Each loss's warm-up inputs and option sets are declared in its LossSpec
+(engine/losses/); this module fills them into requests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +22,8 @@ import torch
 from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig
+from hingeloss_server.engine.jobs import LossKind
+from hingeloss_server.engine.losses import SPECS, LossSpec
 
 WARM_UP_DTYPES = ("float16", "bfloat16", "float32", "float64")
 ROWS = 8
@@ -25,47 +31,9 @@ CLASSES = 3
 # Classes of the full-size warm-up batch (rows fill the batch byte limit).
 FULL_SIZE_CLASSES = 1000
 
-# Each loss's option sets that take different code paths; {} is the default.
-_VARIANTS: dict[str, list[dict[str, Any]]] = {
-    "binary_hinge": [
-        {},
-        {"power": 2, "label_encoding": "zero_one", "reduction": "sum", "return_per_sample": True},
-        {"kink": "one", "gradient_format": "none"},
-        {"reduction": "weighted_mean", "gradient_format": "row_sparse"},
-    ],
-    "multiclass_hinge": [
-        {},
-        {"power": 2, "class_normalization": "divide_by_num_classes"},
-        {"kink": "one", "class_weights": "weights", "ignore_index": -100},
-        {"gradient_format": "none", "class_weights": "weights"},
-        {"kink": "one", "gradient_format": "none"},
-        {"power": 2, "gradient_format": "row_sparse", "return_per_sample": True},
-        {"gradient_format": "factored", "ignore_index": -100},
-    ],
-    "crammer_singer": [
-        {},
-        {"tie_break": "split_evenly"},
-        {"power": 2, "kink": "one"},
-        {"gradient_format": "none"},
-        {"gradient_format": "factored"},
-        {"gradient_format": "factored", "tie_break": "split_evenly"},
-    ],
-    "gan_discriminator": [
-        {},
-        {"combine": "pooled_mean", "kink": "one"},
-        {"reduction": "weighted_mean", "gradient_format": "none"},
-    ],
-    "gan_generator": [{}, {"gradient_format": "none"}],
-    "margin_ranking": [
-        {"gradient_format": "row_sparse"},
-        {"kink": "one", "margin": 0.5, "return_per_sample": True},
-        {"gradient_format": "none"},
-    ],
-}
 
-
-def _inputs(loss: str, dtype: str, classes: int = CLASSES) -> dict[str, np.ndarray]:
-    """Small inputs with rows on both sides of the margin and exactly on it."""
+def _scores_factory(dtype: str) -> Any:
+    """Scores of a shape, linearly spaced in [-2, 2], in `dtype`."""
 
     def scores(*shape: int) -> Any:
         values = np.linspace(-2, 2, int(np.prod(shape))).reshape(shape)
@@ -73,22 +41,14 @@ def _inputs(loss: str, dtype: str, classes: int = CLASSES) -> dict[str, np.ndarr
             return torch.from_numpy(values).to(getattr(torch, dtype))
         return values.astype(dtype)
 
-    signs = np.array([1, -1] * (ROWS // 2), dtype="int64")
-    if loss == "binary_hinge":
-        return {"scores": scores(ROWS), "labels": signs}
-    if loss in ("multiclass_hinge", "crammer_singer"):
-        targets = np.arange(ROWS, dtype="int64") % classes
-        return {"scores": scores(ROWS, classes), "targets": targets}
-    if loss == "gan_discriminator":
-        return {"real_scores": scores(ROWS), "fake_scores": scores(ROWS)[:5]}
-    if loss == "gan_generator":
-        return {"fake_scores": scores(ROWS)}
-    return {"scores_a": scores(ROWS), "scores_b": -scores(ROWS) / 2, "labels": signs}
+    return scores
 
 
-def _options(
-    loss: str, variant: dict[str, Any], inputs: dict[str, Any], classes: int = CLASSES
-) -> dict[str, Any]:
+def _request(
+    spec: LossSpec, variant: Mapping[str, Any], dtype: str, classes: int = CLASSES
+) -> pb.ComputeRequest:
+    """One warm-up request: the spec's inputs, the variant's options with placeholders filled."""
+    inputs = spec.warm_up.inputs(_scores_factory(dtype), ROWS, classes)
     options = dict(variant)
     if options.get("class_weights") == "weights":
         options["class_weights"] = np.linspace(0.5, 2.0, classes)
@@ -98,32 +58,30 @@ def _options(
     if options.get("label_encoding") == "zero_one":
         inputs["labels"] = (inputs["labels"] > 0).astype("int64")
     if options.get("reduction") == "weighted_mean":
-        samples = ROWS + 5 if loss == "gan_discriminator" else ROWS
+        samples = sum(len(inputs[name]) for name in spec.set_fields)
         options["sample_weights"] = np.linspace(0.5, 1.5, samples)
-    return options
+    return build_request(spec.kind.value, inputs, options)[0]
 
 
 def warm_up_requests() -> list[pb.ComputeRequest]:
     """Every loss x score dtype x option path, each a small request."""
-    requests = []
-    for dtype in WARM_UP_DTYPES:
-        for loss, variants in _VARIANTS.items():
-            for variant in variants:
-                inputs = _inputs(loss, dtype)
-                options = _options(loss, variant, inputs)
-                requests.append(build_request(loss, inputs, options)[0])
-    return requests
+    return [
+        _request(spec, variant, dtype)
+        for dtype in WARM_UP_DTYPES
+        for spec in SPECS.values()
+        for variant in spec.warm_up.variants
+    ]
 
 
 def gpu_warm_up_requests(batching: BatchingConfig) -> list[pb.ComputeRequest]:
     """What GPU workers run besides: the fused Weston-Watkins kernel's variants, compiled
     once per dtype and option path (fused.py), then one batch of the largest size."""
-    requests = []
-    for dtype in WARM_UP_DTYPES:
-        for variant in _VARIANTS["multiclass_hinge"]:
-            inputs = _inputs("multiclass_hinge", dtype, classes=FULL_SIZE_CLASSES)
-            options = _options("multiclass_hinge", variant, inputs, FULL_SIZE_CLASSES)
-            requests.append(build_request("multiclass_hinge", inputs, options)[0])
+    spec = SPECS[LossKind.MULTICLASS_HINGE]
+    requests = [
+        _request(spec, variant, dtype, FULL_SIZE_CLASSES)
+        for dtype in WARM_UP_DTYPES
+        for variant in spec.warm_up.variants
+    ]
     return [*requests, full_size_request(batching)]
 
 

@@ -58,6 +58,7 @@ from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine import fused, losses
 from hingeloss_server.engine.compute import compute_batch
 from hingeloss_server.engine.device_worker import Worker, staging_bytes
+from hingeloss_server.engine.losses import weston_watkins
 from hingeloss_server.engine.staging import DeviceStaging
 from hingeloss_server.engine.validation import prepare
 from hingeloss_server.transport.request_codec import decode_request
@@ -253,7 +254,7 @@ def kernel_cell(
     def fused_step() -> tuple[torch.Tensor, torch.Tensor]:
         """What a GPU worker runs: the Triton kernel, gradient written in the wire dtype."""
         if loss == "multiclass_hinge":
-            factor = fused.row_factor(
+            factor = weston_watkins.row_factor(
                 other,
                 num_classes=classes,
                 dtype=compute,

@@ -18,8 +18,8 @@ from cases import random_inputs
 
 from hingeloss._requests import build_request
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.engine import losses
 from hingeloss_server.engine.device_worker import Worker
+from hingeloss_server.engine.losses import weston_watkins
 from hingeloss_server.transport.request_codec import decode_request
 
 DEVICES = [
@@ -41,7 +41,7 @@ def test_failed_batch_is_freed_before_the_retries(
     rows = 4
     batches: list[weakref.ref[torch.Tensor]] = []
     batch_alive_at_retry: list[bool] = []
-    kernel = losses.multiclass_hinge
+    kernel = weston_watkins.multiclass_hinge
 
     def out_of_memory_on_batches(scores: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if batches:
@@ -51,7 +51,7 @@ def test_failed_batch_is_freed_before_the_retries(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return kernel(scores, *args, **kwargs)
 
-    monkeypatch.setattr(losses, "multiclass_hinge", out_of_memory_on_batches)
+    monkeypatch.setattr(weston_watkins, "multiclass_hinge", out_of_memory_on_batches)
     rng = np.random.default_rng(0)
     jobs = [
         decode_request(

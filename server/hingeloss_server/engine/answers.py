@@ -16,7 +16,6 @@ import torch
 from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.engine.figures import Downloads, Figures
 from hingeloss_server.engine.jobs import (
-    INPUT_SETS,
     BatchInfo,
     FactoredRows,
     GradientFormat,
@@ -25,6 +24,7 @@ from hingeloss_server.engine.jobs import (
     SparseRows,
     WireArray,
 )
+from hingeloss_server.engine.losses import SPECS
 from hingeloss_server.engine.row_flags import (
     GRAD_OVERFLOW,
     LOSS_OVERFLOW,
@@ -47,8 +47,7 @@ def split(
     per-sample terms: the same bits whatever else shares the batch and in whatever
     order a device would have added them.
     """
-    kind = jobs[0].job.key.params.kind
-    input_sets = INPUT_SETS[kind]
+    input_sets = SPECS[jobs[0].job.key.params.kind].input_sets
     results: list[JobResult | InvalidInputError] = []
     offsets = [0] * len(figures.per_sample)
     for prepared in jobs:

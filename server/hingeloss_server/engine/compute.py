@@ -2,7 +2,8 @@
 
 Pure torch and no gRPC: this is what a worker thread runs. Every job's answer equals
 the one it would get alone, since the kernels never mix rows and each job's
-reduction sums only its own rows.
+reduction sums only its own rows. The loss's LossSpec (losses/) supplies its
+kernel, its fused kernel where one exists, and the margins the metrics sample.
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from hingeloss_server.config import MARGIN_SAMPLE_ROWS
-from hingeloss_server.engine import fused, losses
+from hingeloss_server.engine import fused
 from hingeloss_server.engine.answers import split
 from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.engine.figures import download
-from hingeloss_server.engine.jobs import (
-    INPUT_SETS,
-    BatchInfo,
-    GradientFormat,
-    JobResult,
-    LossKind,
-    LossParams,
-)
+from hingeloss_server.engine.jobs import BatchInfo, GradientFormat, JobResult, LossKind
+from hingeloss_server.engine.losses import SPECS, LossOutput, LossSpec
+from hingeloss_server.engine.losses.spec import DeviceBatch, KernelBatch
 from hingeloss_server.engine.row_flags import (
     GRAD_OVERFLOW,
     SCORES_NOT_FINITE,
@@ -81,10 +77,11 @@ def compute_batch(
     dtype = compute_dtype(key.dtype)
     need_per_sample = any(p.job.options.return_per_sample for p in jobs)
     batch = _upload(jobs, dtype, staging)
-    if _fusable(batch):
-        computed = _compute_fused(batch, margin_rows, not scores_checked, staging)
+    spec = SPECS[key.params.kind]
+    if _fusable(batch, spec):
+        computed = _compute_fused(batch, spec, margin_rows, not scores_checked, staging)
     else:
-        computed = _compute_eager(batch, margin_rows, not scores_checked)
+        computed = _compute_eager(batch, spec, margin_rows, not scores_checked)
     output = computed.output
     per_sample_wire = tuple(p.to(batch.wire) for p in output.per_sample) if need_per_sample else ()
     flags = row_flags(output, per_sample_wire, computed.flags)
@@ -99,41 +96,20 @@ def compute_batch(
     )
     figures = downloads.read_figures()
     results = split(jobs, figures, downloads, dtype, info)
-    return BatchOutput(results=results, margins=figures.margins, kind=key.params.kind)
-
-
-@dataclass
-class _DeviceBatch:
-    """A batch's inputs on the device: scores in the wire dtype, the rest ready for kernels."""
-
-    params: LossParams
-    dtype: torch.dtype
-    wire: torch.dtype
-    inputs: tuple[torch.Tensor, ...]
-    scales: tuple[torch.Tensor, ...]
-    labels: torch.Tensor | None
-    targets: torch.Tensor | None
-    ignore_mask: torch.Tensor | None
-    class_weights: torch.Tensor | None
-    # Some job reads the dense gradient (DENSE, ROW_SPARSE); some reads it factored.
-    need_grad: bool
-    need_factors: bool
-    host_reads_free: bool
+    return BatchOutput(results=results, margins=figures.margins, kind=spec.kind)
 
 
 @dataclass
 class _Computed:
     """A kernel's output, its gradients in the wire dtype, flags found so far, margins."""
 
-    output: losses.LossOutput
+    output: LossOutput
     grads_wire: tuple[torch.Tensor, ...]
     flags: list[torch.Tensor]
     margins: torch.Tensor
 
 
-def _upload(
-    jobs: Sequence[PreparedJob], dtype: torch.dtype, staging: DeviceStaging
-) -> _DeviceBatch:
+def _upload(jobs: Sequence[PreparedJob], dtype: torch.dtype, staging: DeviceStaging) -> DeviceBatch:
     """Every input of the batch on the device, concatenated: the batch's only uploads."""
     key = jobs[0].job.key
     params = key.params
@@ -152,7 +128,7 @@ def _upload(
         class_weights = staging.cached(
             (params.class_weights, dtype), lambda: weights.to(dtype=dtype)
         )
-    return _DeviceBatch(
+    return DeviceBatch(
         params=params,
         dtype=dtype,
         wire=key.dtype,
@@ -168,42 +144,60 @@ def _upload(
     )
 
 
-def _fusable(batch: _DeviceBatch) -> bool:
-    """Binary hinge, and Weston-Watkins with enough classes, run fused on CUDA with Triton.
+def _fusable(batch: DeviceBatch, spec: LossSpec) -> bool:
+    """Whether the loss's Triton kernel serves the batch (CUDA, Triton, enough classes).
 
     A batch with a factored gradient runs eager: the fused kernels write no mask.
     """
-    if not fused.AVAILABLE or batch.inputs[0].device.type != "cuda" or batch.need_factors:
+    scores = batch.inputs[0]
+    if spec.fused is None or not fused.AVAILABLE or scores.device.type != "cuda":
         return False
-    kind = batch.params.kind
-    if kind is LossKind.MULTICLASS_HINGE:
-        return int(batch.inputs[0].shape[1]) >= fused.MIN_CLASSES
-    return kind is LossKind.BINARY_HINGE
+    if batch.need_factors:
+        return False
+    return scores.dim() == 1 or int(scores.shape[1]) >= spec.fused.min_classes
 
 
-def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) -> _Computed:
-    """The closed-form kernels of losses.py (every loss, any device), then the flag passes."""
-    params = batch.params
-    input_sets = INPUT_SETS[params.kind]
+def _kernel_batch(batch: DeviceBatch, inputs: tuple[torch.Tensor, ...]) -> KernelBatch:
+    """The batch as an eager kernel takes it: these inputs, labels in the compute dtype."""
+    labels = None if batch.labels is None else batch.labels[: inputs[0].shape[0]]
+    return KernelBatch(
+        params=batch.params,
+        inputs=inputs,
+        labels=None if labels is None else labels.to(batch.dtype),
+        targets=batch.targets,
+        ignore_mask=batch.ignore_mask,
+        class_weights=batch.class_weights,
+        scales=batch.scales,
+        need_grad=batch.need_grad,
+        need_factors=batch.need_factors,
+    )
+
+
+def _masked(batch: DeviceBatch, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Ignored rows (ignore_index) zeroed: they contribute nothing, not even an overflow."""
+    if batch.ignore_mask is None:
+        return inputs
+    rows = int(inputs[0].shape[0])
+    return (inputs[0].masked_fill(batch.ignore_mask[:rows].unsqueeze(1), 0.0), *inputs[1:])
+
+
+def _sample_margins(spec: LossSpec, batch: KernelBatch, rows: int) -> torch.Tensor:
+    """Signed margins of the first rows of the batch (positive: on the right side)."""
+    if rows == 0:
+        return batch.inputs[0].new_empty(0)
+    return spec.margins(batch, rows)
+
+
+def _compute_eager(
+    batch: DeviceBatch, spec: LossSpec, margin_rows: int, check_scores: bool
+) -> _Computed:
+    """The loss's closed-form kernel (every loss, any device), then the flag passes."""
+    input_sets = spec.input_sets
     inputs = tuple(x.to(batch.dtype) for x in batch.inputs)
-    labels = None if batch.labels is None else batch.labels.to(batch.dtype)
     # Before ignored rows are masked: a NaN is refused there too, as on the host.
     flags = scores_flags(inputs, input_sets, check_scores)
-    if batch.ignore_mask is not None:
-        # Ignored rows contribute nothing, whatever their scores: not even an overflow.
-        inputs = (inputs[0].masked_fill(batch.ignore_mask.unsqueeze(1), 0.0),)
-    output = _run_kernel(
-        params.kind,
-        params,
-        inputs,
-        labels,
-        batch.targets,
-        batch.ignore_mask,
-        batch.class_weights,
-        batch.scales,
-        batch.need_grad,
-        batch.need_factors,
-    )
+    kernel_batch = _kernel_batch(batch, _masked(batch, inputs))
+    output = spec.kernel(kernel_batch)
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
         bad = not_finite_rows(grad, reads_free=batch.host_reads_free)
@@ -213,67 +207,32 @@ def _compute_eager(batch: _DeviceBatch, margin_rows: int, check_scores: bool) ->
         for k, factors in enumerate(output.factors):
             overflow = ~torch.isfinite(factors.peak.to(batch.wire))
             flags[input_sets[k]] |= overflow.to(torch.uint8) * GRAD_OVERFLOW
-    margins = _sample_margins(params.kind, inputs, labels, batch.targets, margin_rows)
+    margins = _sample_margins(spec, kernel_batch, margin_rows)
     return _Computed(output, grads_wire, flags, margins)
 
 
 def _compute_fused(
-    batch: _DeviceBatch, margin_rows: int, check_scores: bool, staging: DeviceStaging
+    batch: DeviceBatch,
+    spec: LossSpec,
+    margin_rows: int,
+    check_scores: bool,
+    staging: DeviceStaging,
 ) -> _Computed:
-    """One Triton kernel (fused.py): loss, gradient in the wire dtype and flags in one pass."""
+    """The loss's Triton kernel (fused.py): loss, gradient in the wire dtype and flags at once."""
+    assert spec.fused is not None
     params = batch.params
-    scores = batch.inputs[0]
     margin = staging.cached(
         ("margin", params.margin, batch.dtype),
         lambda: torch.tensor([params.margin], dtype=batch.dtype),
     )
-    head = scores[:margin_rows].to(batch.dtype)
-    if params.kind is LossKind.BINARY_HINGE:
-        assert batch.labels is not None
-        result = fused.binary_hinge(
-            scores,
-            batch.labels,
-            margin=margin,
-            power=params.power,
-            kink_one=params.kink_one,
-            row_scale=batch.scales[0],
-            grad_dtype=batch.wire,
-            need_grad=batch.need_grad,
-        )
-        labels = batch.labels[:margin_rows].to(batch.dtype)
-        margins = _sample_margins(params.kind, (head,), labels, None, margin_rows)
-    else:
-        targets = batch.targets
-        assert targets is not None
-        result = fused.weston_watkins(
-            scores,
-            targets,
-            margin=margin,
-            power=params.power,
-            kink_one=params.kink_one,
-            factor=fused.row_factor(
-                targets,
-                num_classes=int(scores.shape[1]),
-                dtype=batch.dtype,
-                class_weights=batch.class_weights,
-                divide_by_num_classes=params.divide_by_num_classes,
-                ignore_mask=batch.ignore_mask,
-            ),
-            row_scale=batch.scales[0],
-            ignore_mask=batch.ignore_mask,
-            grad_dtype=batch.wire,
-            need_grad=batch.need_grad,
-        )
-        if batch.ignore_mask is not None:
-            head = head.masked_fill(batch.ignore_mask[:margin_rows].unsqueeze(1), 0.0)
-        margins = _sample_margins(params.kind, (head,), None, targets, margin_rows)
+    result = spec.fused.run(batch, margin)
+    heads = _masked(batch, tuple(x[:margin_rows].to(batch.dtype) for x in batch.inputs))
+    margins = _sample_margins(spec, _kernel_batch(batch, heads), margin_rows)
     flags = result.grad_not_finite.to(torch.uint8) * GRAD_OVERFLOW
     if check_scores:
         flags |= result.scores_not_finite.to(torch.uint8) * SCORES_NOT_FINITE
     grads = () if result.grad is None else (result.grad,)
-    output = losses.LossOutput(
-        per_sample=(result.per_sample,), grads=grads, active=(result.active,)
-    )
+    output = LossOutput(per_sample=(result.per_sample,), grads=grads, active=(result.active,))
     return _Computed(output, grads, [flags], margins)
 
 
@@ -310,105 +269,3 @@ def _ignore_mask(jobs: Sequence[PreparedJob], staging: DeviceStaging) -> torch.T
         for p in jobs
     ]
     return staging.upload(parts)
-
-
-def _run_kernel(
-    kind: LossKind,
-    params: LossParams,
-    inputs: tuple[torch.Tensor, ...],
-    labels: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    ignore_mask: torch.Tensor | None,
-    class_weights: torch.Tensor | None,
-    scales: tuple[torch.Tensor, ...],
-    need_grad: bool,
-    need_factors: bool,
-) -> losses.LossOutput:
-    if kind is LossKind.BINARY_HINGE:
-        assert labels is not None
-        return losses.binary_hinge(
-            inputs[0],
-            labels,
-            margin=params.margin,
-            power=params.power,
-            kink_one=params.kink_one,
-            row_scale=scales[0],
-            need_grad=need_grad,
-        )
-    if kind is LossKind.MULTICLASS_HINGE:
-        assert targets is not None
-        return losses.multiclass_hinge(
-            inputs[0],
-            targets,
-            margin=params.margin,
-            power=params.power,
-            kink_one=params.kink_one,
-            class_weights=class_weights,
-            divide_by_num_classes=params.divide_by_num_classes,
-            row_scale=scales[0],
-            ignore_mask=ignore_mask,
-            need_grad=need_grad,
-            need_factors=need_factors,
-        )
-    if kind is LossKind.CRAMMER_SINGER:
-        assert targets is not None
-        return losses.crammer_singer(
-            inputs[0],
-            targets,
-            margin=params.margin,
-            power=params.power,
-            kink_one=params.kink_one,
-            split_ties=params.split_ties,
-            row_scale=scales[0],
-            need_grad=need_grad,
-            need_factors=need_factors,
-        )
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        return losses.gan_discriminator(
-            inputs[0],
-            inputs[1],
-            kink_one=params.kink_one,
-            real_scale=scales[0],
-            fake_scale=scales[1],
-            need_grad=need_grad,
-        )
-    if kind is LossKind.GAN_GENERATOR:
-        return losses.gan_generator(inputs[0], row_scale=scales[0], need_grad=need_grad)
-    assert labels is not None
-    return losses.margin_ranking(
-        inputs[0],
-        inputs[1],
-        labels,
-        margin=params.margin,
-        kink_one=params.kink_one,
-        row_scale=scales[0],
-        need_grad=need_grad,
-    )
-
-
-def _sample_margins(
-    kind: LossKind,
-    inputs: tuple[torch.Tensor, ...],
-    labels: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    rows: int,
-) -> torch.Tensor:
-    """Signed margins of the first rows of the batch (positive: on the right side)."""
-    if rows == 0:
-        return inputs[0].new_empty(0)
-    if kind is LossKind.BINARY_HINGE:
-        assert labels is not None
-        return inputs[0][:rows] * labels[:rows]
-    if kind in (LossKind.MULTICLASS_HINGE, LossKind.CRAMMER_SINGER):
-        assert targets is not None
-        scores, target = inputs[0][:rows], targets[:rows].unsqueeze(1)
-        true = scores.gather(1, target).squeeze(1)
-        others = scores.scatter(1, target, float("-inf")).amax(dim=1)
-        return true - others
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        half = rows // 2
-        return torch.cat([inputs[0][:half], -inputs[1][:half]])
-    if kind is LossKind.GAN_GENERATOR:
-        return inputs[0][:rows]
-    assert labels is not None
-    return (inputs[0][:rows] - inputs[1][:rows]) * labels[:rows]

@@ -1,6 +1,6 @@
 """Weston-Watkins and binary hinge, loss and gradient in one pass over the scores (Triton, CUDA).
 
-The eager kernels in losses.py make about ten passes over an (N, C) batch
+The eager kernels (losses/) make about ten passes over an (N, C) batch
 (difference, relu, sum, mask, count, scale, ...) and the engine three more
 (half-precision up-cast, gradient cast to the wire dtype, finiteness scans). These
 kernels read each score once and write each gradient entry once, in the wire
@@ -8,8 +8,8 @@ dtype, and report per row the loss, its activity, and whether the scores held
 NaN/Inf or the gradient overflowed the wire dtype.
 
 They give the eager kernels' gradients bit for bit (the same operations on the same
-per-row coefficients, which the engine computes in torch exactly as losses.py
-does); per-row sums accumulate in float64 in a fixed order, so a row's per-sample
+per-row coefficients, which the engine computes in torch exactly as the eager
+kernels do); per-row sums accumulate in float64 in a fixed order, so a row's per-sample
 loss agrees with the eager one to one ulp and is the same in any batch (binary
 hinge: elementwise, bit for bit). The eager kernels stay the reference, and the
 fallback where Triton is missing (the CPU).
@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from hingeloss_server.engine import losses
 
 try:
     import triton
@@ -202,29 +200,6 @@ def _output(
     )
 
 
-def row_factor(
-    targets: Tensor,
-    *,
-    num_classes: int,
-    dtype: torch.dtype,
-    class_weights: Tensor | None,
-    divide_by_num_classes: bool,
-    ignore_mask: Tensor | None,
-) -> Tensor:
-    """losses.class_factor as one value per row (the kernel reads it per row)."""
-    factor = losses.class_factor(
-        targets,
-        num_classes=num_classes,
-        dtype=dtype,
-        class_weights=class_weights,
-        divide_by_num_classes=divide_by_num_classes,
-        ignore_mask=ignore_mask,
-    )
-    if isinstance(factor, Tensor):
-        return factor
-    return torch.full(targets.shape, factor, dtype=dtype, device=targets.device)
-
-
 def weston_watkins(
     scores: Tensor,
     targets: Tensor,
@@ -248,7 +223,7 @@ def weston_watkins(
             here would copy from pageable memory, which waits for the device).
         power: 1 or 2.
         kink_one: Whether z == 0 counts as active (power 1).
-        factor: w[y_i] / D per row (row_factor), in the compute dtype.
+        factor: w[y_i] / D per row (losses.weston_watkins.row_factor), in the compute dtype.
         row_scale: r_i, (N,), in the compute dtype.
         ignore_mask: True for rows that contribute nothing, or None.
         grad_dtype: The dtype of the gradient written (the wire dtype).

@@ -19,24 +19,6 @@ class LossKind(enum.StrEnum):
     MARGIN_RANKING = "margin_ranking"
 
 
-# The sample set of each score input, in declaration order. Every input's rows are
-# samples, except that margin ranking's scores_b shares the samples of scores_a.
-INPUT_SETS: dict[LossKind, tuple[int, ...]] = {
-    LossKind.BINARY_HINGE: (0,),
-    LossKind.MULTICLASS_HINGE: (0,),
-    LossKind.CRAMMER_SINGER: (0,),
-    LossKind.GAN_DISCRIMINATOR: (0, 1),
-    LossKind.GAN_GENERATOR: (0,),
-    LossKind.MARGIN_RANKING: (0, 0),
-}
-
-
-def set_rows(kind: LossKind, inputs: tuple[torch.Tensor, ...]) -> list[int]:
-    """Rows of each sample set of a job's score inputs."""
-    sets = INPUT_SETS[kind]
-    return [int(inputs[sets.index(s)].shape[0]) for s in range(max(sets) + 1)]
-
-
 class Reduction(enum.StrEnum):
     MEAN = "mean"
     SUM = "sum"
@@ -54,10 +36,6 @@ class GradientFormat(enum.StrEnum):
     def dense(self) -> bool:
         """Whether the job's gradient is read from the dense gradient (whole or rows)."""
         return self in (GradientFormat.DENSE, GradientFormat.ROW_SPARSE)
-
-
-# The losses whose power-1 gradient travels factored: a bitmask and one value per row.
-FACTORED_LOSSES = (LossKind.MULTICLASS_HINGE, LossKind.CRAMMER_SINGER)
 
 
 @dataclass(frozen=True)

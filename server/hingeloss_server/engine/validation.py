@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from hingeloss_server.engine.errors import InvalidInputError
-from hingeloss_server.engine.jobs import LossJob, LossKind, Reduction, set_rows
+from hingeloss_server.engine.jobs import LossJob, Reduction
+from hingeloss_server.engine.losses import SPECS
 
 
 @dataclass
@@ -118,7 +119,7 @@ def prepare(job: LossJob, *, check_scores: bool = True) -> PreparedJob:
     if job.targets is not None:
         targets, ignore_mask = _class_targets(job, f"{prefix}.targets")
 
-    rows_per_set = set_rows(kind, job.inputs)
+    rows_per_set = SPECS[kind].set_rows(job.inputs)
     counted = job.rows if ignore_mask is None else job.rows - int(ignore_mask.sum())
     if counted == 0:
         raise InvalidInputError(f"{prefix}.targets", "every sample is ignored (ignore_index)")
@@ -162,11 +163,10 @@ def _row_scales(
     counted: int,
 ) -> tuple[float | torch.Tensor, ...]:
     reduction = job.options.reduction
-    kind = job.key.params.kind
     if reduction in (Reduction.SUM, Reduction.NONE):
         return tuple(1.0 for _ in rows_per_set)
     if reduction is Reduction.MEAN:
-        if kind is LossKind.GAN_DISCRIMINATOR and not job.options.pooled_mean:
+        if SPECS[job.key.params.kind].sums_set_means and not job.options.pooled_mean:
             return tuple(1.0 / rows for rows in rows_per_set)
         return tuple(1.0 / counted for _ in rows_per_set)
     # WEIGHTED_MEAN: weights over all samples (GAN: real then fake).

@@ -3,23 +3,28 @@
 Only O(1) checks happen here (enums, dtypes, shapes, byte counts, limits), so that
 a request claiming a shape of 2^40 is refused before anything is allocated. The
 checks that read values (NaN, label ranges, weights) run on the worker thread,
-in `prepare.py`, off the event loop.
+in `engine/validation.py`, off the event loop.
+
+Every loss is decoded by the same code: its inputs from its LossSpec
+(engine/losses/), its options from its entry in loss_codecs.py. The checks run in
+one order for every loss (inputs, the loss's own option fields, its batch switches,
+margin, power, kink, the gradient format, its per-request switches, sample
+weights), so that a request with several faults is refused for the first.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
-from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.engine.jobs import (
-    FACTORED_LOSSES,
     BatchKey,
     GradientFormat,
     LossJob,
@@ -27,40 +32,45 @@ from hingeloss_server.engine.jobs import (
     LossParams,
     Reduction,
     RequestOptions,
-    set_rows,
 )
+from hingeloss_server.engine.losses import SPECS, LossSpec
+from hingeloss_server.engine.losses.spec import Aux
+from hingeloss_server.transport.loss_codecs import CODECS, KINK, NO_EXTRAS, Extras, LossCodec
 from hingeloss_server.transport.request_wire import ParsedRequest
+from hingeloss_server.transport.tensor_decoder import (
+    FLOAT_WIRE_DTYPES,
+    INT_WIRE_DTYPES,
+    MAX_DIMS,
+    TensorDecoder,
+)
 
-# Every input is a vector of rows or a rows x classes matrix (ServerInfo reports it).
-MAX_DIMS = 2
-FLOAT_WIRE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
-_INT_WIRE_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)
+__all__ = ["FLOAT_WIRE_DTYPES", "MAX_DIMS", "decode_request"]
 
-_REDUCTIONS = {
+_E = TypeVar("_E", Reduction, GradientFormat)
+
+
+def _hinge_fields(kind: LossKind) -> frozenset[str]:
+    """Which of the hinge options (margin, power, the kink convention) a loss message has."""
+    message: Any = pb.ComputeRequest.DESCRIPTOR.fields_by_name[kind.value].message_type
+    return frozenset({"margin", "power", KINK.field} & set(message.fields_by_name))
+
+
+_HINGE_FIELDS = {kind: _hinge_fields(kind) for kind in LossKind}
+
+_REDUCTIONS: dict[int, Reduction] = {
     pb.REDUCTION_UNSPECIFIED: Reduction.MEAN,
     pb.REDUCTION_MEAN: Reduction.MEAN,
     pb.REDUCTION_SUM: Reduction.SUM,
     pb.REDUCTION_NONE: Reduction.NONE,
     pb.REDUCTION_WEIGHTED_MEAN: Reduction.WEIGHTED_MEAN,
 }
-_GRADIENT_FORMATS = {
+_GRADIENT_FORMATS: dict[int, GradientFormat] = {
     pb.GRADIENT_FORMAT_UNSPECIFIED: GradientFormat.DENSE,
     pb.GRADIENT_FORMAT_DENSE: GradientFormat.DENSE,
     pb.GRADIENT_FORMAT_ROW_SPARSE: GradientFormat.ROW_SPARSE,
     pb.GRADIENT_FORMAT_NONE: GradientFormat.NONE,
     pb.GRADIENT_FORMAT_FACTORED: GradientFormat.FACTORED,
 }
-
-
-def _enum(value: int, allowed: Sequence[int], field: str) -> int:
-    if value not in allowed:
-        raise InvalidInputError(field, f"unknown enum value {value}")
-    return value
-
-
-def _kink_one(value: int, field: str) -> bool:
-    _enum(value, (0, pb.KINK_SUBGRADIENT_ZERO, pb.KINK_SUBGRADIENT_ONE), field)
-    return value == pb.KINK_SUBGRADIENT_ONE
 
 
 def _margin(message: object, field: str) -> float:
@@ -81,94 +91,11 @@ def _power(message: object, field: str) -> int:
     return power
 
 
-class _Decoder:
-    """Decodes one request's tensors under the server's limits."""
-
-    def __init__(self, limits: LimitsConfig, loss_field: str, parsed: ParsedRequest) -> None:
-        self._limits = limits
-        self._prefix = loss_field
-        self._parsed = parsed
-        self.nbytes = 0
-
-    def field(self, name: str) -> str:
-        return f"{self._prefix}.{name}" if self._prefix else name
-
-    def tensor(
-        self,
-        message: pb.Tensor,
-        name: str,
-        *,
-        ndim: int,
-        floats: bool,
-        required: bool = True,
-        top_level: bool = False,
-    ) -> torch.Tensor | None:
-        """Checks and wraps one tensor; `top_level` names a field of the request itself."""
-        field = name if top_level else self.field(name)
-        owner = "" if top_level else self._prefix
-        # ByteSize, not `data`: under upb every read of a bytes field is a fresh copy.
-        if message.ByteSize() == 0 and not self._parsed.has_data(owner, name):
-            if required:
-                raise InvalidInputError(field, "is required")
-            return None
-        allowed = FLOAT_WIRE_DTYPES if floats else FLOAT_WIRE_DTYPES + _INT_WIRE_DTYPES
-        if message.dtype not in allowed:
-            names = ", ".join(tensors.BY_WIRE[d].name for d in allowed)
-            raise InvalidInputError(
-                f"{field}.dtype", f"must be one of {names}, got {message.dtype}"
-            )
-        shape = list(message.shape)
-        if len(shape) != ndim:
-            # The count only: a shape of a million dims must not come back in the error.
-            raise InvalidInputError(
-                f"{field}.shape", f"must have {ndim} dimension(s), got {len(shape)}"
-            )
-        for index, dim in enumerate(shape):
-            if dim < 0:
-                raise InvalidInputError(f"{field}.shape[{index}]", f"must be >= 0, got {dim}")
-        rows = shape[0]
-        if rows > self._limits.max_request_rows:
-            raise InvalidInputError(
-                f"{field}.shape[0]",
-                f"{rows} rows exceed the server limit of {self._limits.max_request_rows}",
-            )
-        # Python ints do not overflow; the element limit bounds every product below.
-        elements = math.prod(shape)
-        if elements > self._limits.max_request_elements:
-            raise InvalidInputError(
-                f"{field}.shape",
-                f"{elements} elements exceed the server limit of "
-                f"{self._limits.max_request_elements}",
-            )
-        expected = elements * tensors.BY_WIRE[message.dtype].itemsize
-        # The received bytes themselves for a large request (request_wire.py); a copy
-        # out of the message otherwise. The tensor views them.
-        data = self._parsed.tensor_data(owner, name, message)
-        if len(data) != expected:
-            raise InvalidInputError(
-                f"{field}.data",
-                f"holds {len(data)} bytes; dtype and shape {shape} need {expected}",
-            )
-        if self.nbytes + expected > self._limits.max_request_bytes:
-            raise InvalidInputError(
-                f"{field}.data",
-                f"the request's tensors need more than the server limit of "
-                f"{self._limits.max_request_bytes} bytes",
-            )
-        self.nbytes += expected
-        return tensors.torch_view(data, message.dtype, shape)
-
-    def same_rows(self, tensor: torch.Tensor, name: str, rows: int, rows_of: str) -> None:
-        if tensor.shape[0] != rows:
-            raise InvalidInputError(
-                f"{self.field(name)}.shape",
-                f"must have {rows} rows like {self.field(rows_of)}, got {list(tensor.shape)}",
-            )
-
-
-def _required(tensor: torch.Tensor | None) -> torch.Tensor:
-    assert tensor is not None  # guaranteed by required=True
-    return tensor
+def _enum(values: Mapping[int, _E], value: int, field: str) -> _E:
+    """The engine's value of a request-level enum field."""
+    if value not in values:
+        raise InvalidInputError(field, f"unknown enum value {value}")
+    return values[value]
 
 
 def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsConfig) -> LossJob:
@@ -182,24 +109,29 @@ def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsCon
     loss_field = request.WhichOneof("loss")
     if loss_field is None:
         raise InvalidInputError("loss", "one loss must be set")
-    reduction = _REDUCTIONS.get(request.reduction)
-    if reduction is None:
-        raise InvalidInputError("reduction", f"unknown enum value {request.reduction}")
-    gradient_format = _GRADIENT_FORMATS.get(request.gradient_format)
-    if gradient_format is None:
-        raise InvalidInputError("gradient_format", f"unknown enum value {request.gradient_format}")
+    reduction = _enum(_REDUCTIONS, request.reduction, "reduction")
+    gradient_format = _enum(_GRADIENT_FORMATS, request.gradient_format, "gradient_format")
     kind = LossKind(loss_field)
+    spec, codec = SPECS[kind], CODECS[kind]
     message = getattr(request, loss_field)
-    decoder = _Decoder(limits, loss_field, parsed)
-    job = _DECODERS[kind](message, decoder)
+    decoder = TensorDecoder(limits, loss_field, parsed)
+    inputs = _decode_inputs(spec, message, decoder)
+    scores = inputs.scores
+    extras = codec.extras(message, decoder, scores[0]) if codec.extras else NO_EXTRAS
+    key = BatchKey(
+        params=_loss_params(spec, codec, message, decoder, extras),
+        dtype=scores[0].dtype,
+        trailing_shape=tuple(scores[0].shape[1:]),
+    )
     if gradient_format is GradientFormat.FACTORED:
-        _check_factorable(job.key)
-    option_fields = _options(kind, message, decoder)
+        _check_factorable(spec, key)
+    flags = {s.flag: s.decode(message, decoder) for s in codec.request_switches}
     options = RequestOptions(
         reduction=reduction,
         gradient_format=gradient_format,
         return_per_sample=request.return_per_sample or reduction is Reduction.NONE,
-        **option_fields,
+        **extras.options,
+        **flags,
     )
     sample_weights = decoder.tensor(
         request.sample_weights,
@@ -209,30 +141,103 @@ def decode_request(request: pb.ComputeRequest | ParsedRequest, limits: LimitsCon
         required=False,
         top_level=True,
     )
-    rows = sum(set_rows(kind, job.inputs))
+    rows = sum(spec.set_rows(scores))
+    _check_sample_weights(spec, reduction, sample_weights, rows)
+    if rows == 0:
+        raise InvalidInputError(decoder.field(spec.input_fields[0]), "the batch is empty")
+    return LossJob(
+        request_id=request.request_id,
+        key=key,
+        options=options,
+        inputs=scores,
+        input_fields=spec.input_fields,
+        labels=inputs.aux.get(Aux.LABELS),
+        targets=inputs.aux.get(Aux.TARGETS),
+        class_weights=extras.class_weights,
+        sample_weights=sample_weights,
+        rows=rows,
+        nbytes=decoder.nbytes,  # every tensor of the request, weights included
+    )
+
+
+def _check_sample_weights(
+    spec: LossSpec, reduction: Reduction, sample_weights: torch.Tensor | None, rows: int
+) -> None:
     if reduction is Reduction.WEIGHTED_MEAN and sample_weights is None:
         raise InvalidInputError("sample_weights", "is required by REDUCTION_WEIGHTED_MEAN")
     if sample_weights is not None and sample_weights.shape[0] != rows:
-        what = "real plus fake samples" if kind is LossKind.GAN_DISCRIMINATOR else "samples"
         raise InvalidInputError(
             "sample_weights.shape",
-            f"must have {rows} entries ({what}), got {list(sample_weights.shape)}",
+            f"must have {rows} entries ({spec.samples_text}), got {list(sample_weights.shape)}",
         )
-    if rows == 0:
-        raise InvalidInputError(decoder.field(job.input_fields[0]), "the batch is empty")
-    job.request_id = request.request_id
-    job.options = options
-    job.sample_weights = sample_weights
-    job.rows = rows
-    job.nbytes = decoder.nbytes  # every tensor of the request, weights included
-    return job
+
+
+@dataclass(slots=True)
+class _Inputs:
+    """A request's score inputs in declaration order, and its labels or targets."""
+
+    scores: tuple[torch.Tensor, ...]
+    aux: dict[Aux, torch.Tensor]
+
+
+def _decode_inputs(spec: LossSpec, message: Any, decoder: TensorDecoder) -> _Inputs:
+    """The inputs the spec declares, each checked when it is read, then their rows."""
+    first = spec.scores[0]
+    scores = []
+    for score in spec.scores:
+        tensor = decoder.required(
+            getattr(message, score.name), score.name, ndim=score.ndim, floats=True
+        )
+        if score is not first:
+            decoder.same_dtype(
+                getattr(message, first.name), getattr(message, score.name), score.name, first.name
+            )
+        if score.ndim == 2 and tensor.shape[1] < 2:
+            raise InvalidInputError(
+                f"{decoder.field(score.name)}.shape[1]",
+                f"needs at least 2 classes, got {tensor.shape[1]}",
+            )
+        scores.append(tensor)
+    aux = {}
+    for name in spec.aux:
+        aux[name] = decoder.required(getattr(message, name), name, ndim=1, floats=False)
+        if name is Aux.TARGETS and getattr(message, name).dtype not in INT_WIRE_DTYPES:
+            raise InvalidInputError(f"{decoder.field(name)}.dtype", "must be int32 or int64")
+    rows = int(scores[0].shape[0])
+    for score, tensor in zip(spec.scores[1:], scores[1:], strict=True):
+        if score.sample_set == first.sample_set:
+            decoder.same_rows(tensor, score.name, rows, first.name)
+    for name, tensor in aux.items():
+        decoder.same_rows(tensor, name, rows, first.name)
+    if spec.set_count > 1:
+        for score, tensor in zip(spec.scores, scores, strict=True):
+            if tensor.shape[0] == 0:
+                raise InvalidInputError(decoder.field(score.name), "the batch is empty")
+    return _Inputs(tuple(scores), aux)
+
+
+def _loss_params(
+    spec: LossSpec, codec: LossCodec, message: Any, decoder: TensorDecoder, extras: Extras
+) -> LossParams:
+    """The batch parameters: the loss's own switches, then margin, power and kink."""
+    params = dict(extras.params)
+    for switch in codec.batch_switches:
+        params[switch.flag] = switch.decode(message, decoder)
+    fields = _HINGE_FIELDS[spec.kind]
+    if "margin" in fields:
+        params["margin"] = _margin(message, decoder.field("margin"))
+    if "power" in fields:
+        params["power"] = _power(message, decoder.field("power"))
+    if KINK.field in fields:
+        params["kink_one"] = KINK.decode(message, decoder)
+    return LossParams(kind=spec.kind, **params)
 
 
 # Counts of set mask bits are exact in float32 up to here, whatever the order of the sum.
 _EXACT_FLOAT32_COUNTS = 1 << 24
 
 
-def _check_factorable(key: BatchKey) -> None:
+def _check_factorable(spec: LossSpec, key: BatchKey) -> None:
     """Only the power-1 multi-class gradients factor into a mask and row values.
 
     And only where a row's count of active entries is exact in the compute dtype:
@@ -240,8 +245,8 @@ def _check_factorable(key: BatchKey) -> None:
     its sum, which the SDK could not repeat.
     """
     params = key.params
-    allowed = " or ".join(k.value for k in FACTORED_LOSSES)
-    if params.kind not in FACTORED_LOSSES:
+    allowed = " or ".join(kind.value for kind, s in SPECS.items() if s.factorable)
+    if not spec.factorable:
         got = params.kind.value
     elif params.power != 1:
         got = f"{params.kind.value} with power {params.power}"
@@ -256,176 +261,3 @@ def _check_factorable(key: BatchKey) -> None:
     raise InvalidInputError(
         "gradient_format", f"GRADIENT_FORMAT_FACTORED needs {allowed} with power 1, got {got}"
     )
-
-
-def _options(kind: LossKind, message: Any, decoder: _Decoder) -> dict[str, Any]:
-    if kind is LossKind.BINARY_HINGE:
-        encoding = _enum(
-            message.label_encoding,  # type: ignore[attr-defined]
-            (0, pb.LABEL_ENCODING_PLUS_MINUS_ONE, pb.LABEL_ENCODING_ZERO_ONE),
-            decoder.field("label_encoding"),
-        )
-        return {"label_zero_one": encoding == pb.LABEL_ENCODING_ZERO_ONE}
-    if kind is LossKind.MULTICLASS_HINGE and message.HasField("ignore_index"):  # type: ignore[attr-defined]
-        return {"ignore_index": int(message.ignore_index)}  # type: ignore[attr-defined]
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        combine = _enum(
-            message.combine,  # type: ignore[attr-defined]
-            (0, pb.GAN_COMBINE_SUM_OF_MEANS, pb.GAN_COMBINE_POOLED_MEAN),
-            decoder.field("combine"),
-        )
-        return {"pooled_mean": combine == pb.GAN_COMBINE_POOLED_MEAN}
-    return {}
-
-
-def _job(
-    params: LossParams,
-    inputs: tuple[torch.Tensor, ...],
-    input_fields: tuple[str, ...],
-    **tensors_: torch.Tensor | None,
-) -> LossJob:
-    trailing = tuple(int(d) for d in inputs[0].shape[1:])
-    return LossJob(
-        request_id="",
-        key=BatchKey(params=params, dtype=inputs[0].dtype, trailing_shape=trailing),
-        options=RequestOptions(),
-        inputs=inputs,
-        input_fields=input_fields,
-        **tensors_,  # type: ignore[arg-type]
-    )
-
-
-def _same_dtype(decoder: _Decoder, first: pb.Tensor, other: pb.Tensor, name: str, of: str) -> None:
-    if other.dtype != first.dtype:
-        raise InvalidInputError(
-            f"{decoder.field(name)}.dtype",
-            f"must equal {decoder.field(of)}.dtype ({first.dtype}), got {other.dtype}",
-        )
-
-
-def _binary(message: pb.BinaryHinge, decoder: _Decoder) -> LossJob:
-    scores = _required(decoder.tensor(message.scores, "scores", ndim=1, floats=True))
-    labels = _required(decoder.tensor(message.labels, "labels", ndim=1, floats=False))
-    decoder.same_rows(labels, "labels", int(scores.shape[0]), "scores")
-    params = LossParams(
-        kind=LossKind.BINARY_HINGE,
-        margin=_margin(message, decoder.field("margin")),
-        power=_power(message, decoder.field("power")),
-        kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
-    )
-    return _job(params, (scores,), ("scores",), labels=labels)
-
-
-def _class_scores(
-    message: pb.MulticlassHinge | pb.CrammerSinger, decoder: _Decoder
-) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = _required(decoder.tensor(message.scores, "scores", ndim=2, floats=True))
-    if scores.shape[1] < 2:
-        raise InvalidInputError(
-            f"{decoder.field('scores')}.shape[1]",
-            f"needs at least 2 classes, got {scores.shape[1]}",
-        )
-    targets = _required(decoder.tensor(message.targets, "targets", ndim=1, floats=False))
-    if message.targets.dtype not in _INT_WIRE_DTYPES:
-        raise InvalidInputError(f"{decoder.field('targets')}.dtype", "must be int32 or int64")
-    decoder.same_rows(targets, "targets", int(scores.shape[0]), "scores")
-    return scores, targets
-
-
-def _multiclass(message: pb.MulticlassHinge, decoder: _Decoder) -> LossJob:
-    scores, targets = _class_scores(message, decoder)
-    weights = decoder.tensor(
-        message.target_class_weights, "target_class_weights", ndim=1, floats=True, required=False
-    )
-    if weights is not None and weights.shape[0] != scores.shape[1]:
-        raise InvalidInputError(
-            f"{decoder.field('target_class_weights')}.shape",
-            f"must have one weight per class ({scores.shape[1]}), got {list(weights.shape)}",
-        )
-    normalization = _enum(
-        message.class_normalization,
-        (
-            0,
-            pb.CLASS_NORMALIZATION_SUM_OVER_CLASSES,
-            pb.CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES,
-        ),
-        decoder.field("class_normalization"),
-    )
-    weights64 = None if weights is None else weights.to(torch.float64)
-    params = LossParams(
-        kind=LossKind.MULTICLASS_HINGE,
-        margin=_margin(message, decoder.field("margin")),
-        power=_power(message, decoder.field("power")),
-        kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
-        divide_by_num_classes=normalization == pb.CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES,
-        class_weights=None if weights64 is None else weights64.numpy().tobytes(),
-    )
-    return _job(
-        params,
-        (scores,),
-        ("scores",),
-        targets=targets,
-        class_weights=weights64,
-    )
-
-
-def _crammer_singer(message: pb.CrammerSinger, decoder: _Decoder) -> LossJob:
-    scores, targets = _class_scores(message, decoder)
-    tie_break = _enum(
-        message.tie_break,
-        (0, pb.TIE_BREAK_FIRST_INDEX, pb.TIE_BREAK_SPLIT_EVENLY),
-        decoder.field("tie_break"),
-    )
-    params = LossParams(
-        kind=LossKind.CRAMMER_SINGER,
-        margin=_margin(message, decoder.field("margin")),
-        power=_power(message, decoder.field("power")),
-        kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
-        split_ties=tie_break == pb.TIE_BREAK_SPLIT_EVENLY,
-    )
-    return _job(params, (scores,), ("scores",), targets=targets)
-
-
-def _gan_discriminator(message: pb.GanDiscriminator, decoder: _Decoder) -> LossJob:
-    real = _required(decoder.tensor(message.real_scores, "real_scores", ndim=1, floats=True))
-    fake = _required(decoder.tensor(message.fake_scores, "fake_scores", ndim=1, floats=True))
-    _same_dtype(decoder, message.real_scores, message.fake_scores, "fake_scores", "real_scores")
-    for tensor, name in ((real, "real_scores"), (fake, "fake_scores")):
-        if tensor.shape[0] == 0:
-            raise InvalidInputError(decoder.field(name), "the batch is empty")
-    params = LossParams(
-        kind=LossKind.GAN_DISCRIMINATOR,
-        kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
-    )
-    return _job(params, (real, fake), ("real_scores", "fake_scores"))
-
-
-def _gan_generator(message: pb.GanGenerator, decoder: _Decoder) -> LossJob:
-    fake = _required(decoder.tensor(message.fake_scores, "fake_scores", ndim=1, floats=True))
-    params = LossParams(kind=LossKind.GAN_GENERATOR)
-    return _job(params, (fake,), ("fake_scores",))
-
-
-def _margin_ranking(message: pb.MarginRanking, decoder: _Decoder) -> LossJob:
-    a = _required(decoder.tensor(message.scores_a, "scores_a", ndim=1, floats=True))
-    b = _required(decoder.tensor(message.scores_b, "scores_b", ndim=1, floats=True))
-    _same_dtype(decoder, message.scores_a, message.scores_b, "scores_b", "scores_a")
-    labels = _required(decoder.tensor(message.labels, "labels", ndim=1, floats=False))
-    decoder.same_rows(b, "scores_b", int(a.shape[0]), "scores_a")
-    decoder.same_rows(labels, "labels", int(a.shape[0]), "scores_a")
-    params = LossParams(
-        kind=LossKind.MARGIN_RANKING,
-        margin=_margin(message, decoder.field("margin")),
-        kink_one=_kink_one(message.kink_subgradient, decoder.field("kink_subgradient")),
-    )
-    return _job(params, (a, b), ("scores_a", "scores_b"), labels=labels)
-
-
-_DECODERS: dict[LossKind, Callable[[Any, _Decoder], LossJob]] = {
-    LossKind.BINARY_HINGE: _binary,
-    LossKind.MULTICLASS_HINGE: _multiclass,
-    LossKind.CRAMMER_SINGER: _crammer_singer,
-    LossKind.GAN_DISCRIMINATOR: _gan_discriminator,
-    LossKind.GAN_GENERATOR: _gan_generator,
-    LossKind.MARGIN_RANKING: _margin_ranking,
-}

@@ -18,14 +18,9 @@ import torch
 from hingeloss import _tensors as tensors
 from hingeloss._protowire import length_delimited_key, varint
 from hingeloss.v1 import loss_service_pb2 as pb
-from hingeloss_server.engine.jobs import (
-    FactoredRows,
-    JobResult,
-    LossJob,
-    LossKind,
-    SparseRows,
-    WireArray,
-)
+from hingeloss_server.engine.jobs import FactoredRows, JobResult, LossJob, SparseRows, WireArray
+from hingeloss_server.engine.losses import SPECS
+from hingeloss_server.transport.loss_codecs import CODECS, KINK
 
 # A piece of a serialized message: encoded fields, or a tensor's memory as it is.
 Piece = bytes | memoryview
@@ -154,40 +149,20 @@ def join_without_gil(pieces: list[Piece], size: int) -> bytes:
 
 
 def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
+    """The options the server applied, from the loss's spec and codec entry."""
     params = job.key.params
-    kind = params.kind
     options = job.options
     resolved = pb.ResolvedOptions(
-        loss=kind.value,
+        loss=params.kind.value,
         reduction=f"REDUCTION_{options.reduction.name}",
         gradient_format=f"GRADIENT_FORMAT_{options.gradient_format.name}",
     )
     resolved.compute_dtype = _WIRE_DTYPES[result.compute_dtype]  # type: ignore[assignment]
-    # Every loss but the GAN generator's is a hinge: it has a kink, a margin and a power.
-    if kind is not LossKind.GAN_GENERATOR:
-        resolved.kink_subgradient = (
-            pb.KINK_SUBGRADIENT_ONE if params.kink_one else pb.KINK_SUBGRADIENT_ZERO
-        )
+    # A hinge has a kink, a margin and a power, echoed even where they are fixed.
+    if SPECS[params.kind].hinge:
+        resolved.kink_subgradient = KINK.resolved(job)  # type: ignore[assignment]
         resolved.margin = params.margin
         resolved.power = params.power
-    if kind is LossKind.BINARY_HINGE:
-        resolved.label_encoding = (
-            pb.LABEL_ENCODING_ZERO_ONE
-            if options.label_zero_one
-            else pb.LABEL_ENCODING_PLUS_MINUS_ONE
-        )
-    if kind is LossKind.MULTICLASS_HINGE:
-        resolved.class_normalization = (
-            pb.CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES
-            if params.divide_by_num_classes
-            else pb.CLASS_NORMALIZATION_SUM_OVER_CLASSES
-        )
-    if kind is LossKind.CRAMMER_SINGER:
-        resolved.tie_break = (
-            pb.TIE_BREAK_SPLIT_EVENLY if params.split_ties else pb.TIE_BREAK_FIRST_INDEX
-        )
-    if kind is LossKind.GAN_DISCRIMINATOR:
-        resolved.gan_combine = (
-            pb.GAN_COMBINE_POOLED_MEAN if options.pooled_mean else pb.GAN_COMBINE_SUM_OF_MEANS
-        )
+    for switch in CODECS[params.kind].switches:
+        setattr(resolved, switch.echo or switch.field, switch.resolved(job))
     return resolved
