@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import grpc
+from grpc._cython import cygrpc
 
 from hingeloss._channel import ClientBase, health_request, serving_status
 from hingeloss._errors import CancelledError, HingelossError, from_aio_call, from_rpc_error
@@ -190,7 +191,10 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     async def _write(self, request: pb.ComputeRequest) -> bool:
         """Writes one request; on failure ends the stream (unless the reader will) and says so."""
         try:
-            await self._call.write(request)
+            if not await _send(self._call, request):
+                # The server ended the call: the reader reads what it sent, status included.
+                self._loop.call_later(_SERVER_STATUS_WAIT_S, self._cancel_if_silent)
+                return False
         except grpc.RpcError as rpc_error:
             self._state.finish(await self._error(rpc_error))
             return False
@@ -206,6 +210,11 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                 self._call.cancel()
             return False
         return True
+
+    def _cancel_if_silent(self) -> None:
+        """Bounds the wait for a status Core might never deliver after a failed send."""
+        if not self._call.done():
+            self._call.cancel()
 
     async def _read_all(self) -> None:
         try:
@@ -278,6 +287,36 @@ def _status_error(call: grpc.aio.Call) -> grpc.RpcError | None:
         _now(call.trailing_metadata()),
         _now(call.details()),
     )
+
+
+async def _send(call: Any, request: pb.ComputeRequest) -> bool:
+    """Writes one request on a stream; False when the server has already ended the call.
+
+    grpc.aio's `write`, when a send fails because the server ended the call (its
+    status and answers are on their way), replaces that status with a local INTERNAL
+    ("Internal error from Core"): the status the server sent and the answers not yet
+    read are lost (grpc/grpc#36066). This is grpc.aio's send without that step; the
+    reader then reads the answers and the server's status as usual. Where the call's
+    internals differ (another grpcio), it is the public `write`.
+    """
+    cython_call = getattr(call, "_cython_call", None)
+    serializer = getattr(call, "_request_serializer", None)
+    sent = getattr(call, "_metadata_sent", None)
+    if cython_call is None or serializer is None or not isinstance(sent, asyncio.Event):
+        await call.write(request)
+        return True
+    if not sent.is_set() or call.done():
+        await call.write(request)  # the first write waits for the call to start
+        return True
+    try:
+        await cython_call.send_serialized_message(serializer(request))
+    except cygrpc.InternalError:
+        return False
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            call.cancel()
+        raise
+    return True
 
 
 def _is_local_write_failure(error: grpc.RpcError | None) -> bool:
