@@ -51,6 +51,51 @@ class FusedOutput:
 if AVAILABLE:
 
     @triton.jit
+    def _weston_watkins_chunk(  # type: ignore[no-untyped-def]
+        base,
+        cols,
+        num_classes,
+        target,
+        shift,
+        skip,
+        row_coef,
+        grad_row,
+        HAS_IGNORED: tl.constexpr,
+        POWER: tl.constexpr,
+        KINK_ONE: tl.constexpr,
+        NEED_GRAD: tl.constexpr,
+    ):
+        """One chunk of a row: its hinge terms and activity, and its gradient written.
+
+        Returns h, whether each entry is active, and per entry whether the score was
+        not finite and whether the written gradient overflowed.
+        """
+        compute = row_coef.dtype
+        inside = cols < num_classes
+        raw = tl.load(base + cols, mask=inside, other=0.0).to(compute)
+        bad_in = (inside & ~(tl.abs(raw) < float("inf"))).to(tl.int32)
+        value = raw
+        if HAS_IGNORED:
+            value = tl.where(skip, 0.0, raw)
+        competitor = inside & (cols != target)
+        z = tl.where(competitor, value - shift, -1.0)
+        if KINK_ONE and POWER == 1:
+            on = z >= 0
+        else:
+            on = z > 0
+        h = tl.maximum(z, 0.0)
+        bad_out = tl.zeros_like(bad_in)
+        if NEED_GRAD:
+            if POWER == 1:
+                g = tl.where(on, row_coef, 0.0 * row_coef)
+            else:
+                g = h * row_coef
+            g_wire = g.to(grad_row.dtype.element_ty)
+            bad_out = (competitor & ~(tl.abs(g_wire.to(compute)) < float("inf"))).to(tl.int32)
+            tl.store(grad_row + cols, g_wire, mask=competitor)
+        return h, on, bad_in, bad_out
+
+    @triton.jit
     def _weston_watkins_kernel(  # type: ignore[no-untyped-def]
         scores,
         stride_scores,
@@ -80,6 +125,7 @@ if AVAILABLE:
         row_coef = tl.load(coef + row)
         compute = row_coef.dtype
         true_score = tl.load(base + target).to(compute)
+        skip = row < 0  # never: no row is ignored
         if HAS_IGNORED:  # ignored rows count as all-zero scores, as eager masks them
             skip = tl.load(ignored + row) != 0
             true_score = tl.where(skip, 0.0, true_score)
@@ -92,31 +138,26 @@ if AVAILABLE:
         bad_out = tl.zeros((BLOCK,), dtype=tl.int32)
         for chunk in range(NUM_CHUNKS):
             cols = chunk * BLOCK + tl.arange(0, BLOCK)
-            inside = cols < num_classes
-            raw = tl.load(base + cols, mask=inside, other=0.0).to(compute)
-            bad_in += (inside & ~(tl.abs(raw) < float("inf"))).to(tl.int32)
-            value = raw
-            if HAS_IGNORED:
-                value = tl.where(skip, 0.0, raw)
-            competitor = inside & (cols != target)
-            z = tl.where(competitor, value - shift, -1.0)
-            if KINK_ONE and POWER == 1:
-                on = z >= 0
-            else:
-                on = z > 0
-            h = tl.maximum(z, 0.0)
+            h, on, bad_in_chunk, bad_out_chunk = _weston_watkins_chunk(
+                base,
+                cols,
+                num_classes,
+                target,
+                shift,
+                skip,
+                row_coef,
+                grad + row * stride_grad,
+                HAS_IGNORED,
+                POWER,
+                KINK_ONE,
+                NEED_GRAD,
+            )
             total += h.to(tl.float64)
             if POWER == 2:
                 total_sq += h.to(tl.float64) * h.to(tl.float64)
             count += on.to(tl.int32)
-            if NEED_GRAD:
-                if POWER == 1:
-                    g = tl.where(on, row_coef, 0.0 * row_coef)
-                else:
-                    g = h * row_coef
-                g_wire = g.to(grad.dtype.element_ty)
-                bad_out += (competitor & ~(tl.abs(g_wire.to(compute)) < float("inf"))).to(tl.int32)
-                tl.store(grad + row * stride_grad + cols, g_wire, mask=competitor)
+            bad_in += bad_in_chunk
+            bad_out += bad_out_chunk
         hits = tl.sum(count, axis=0)
         if POWER == 1:
             row_loss = tl.sum(total, axis=0).to(compute)
@@ -187,6 +228,19 @@ if AVAILABLE:
             tl.store(grad_bad + index, tl.zeros((BLOCK,), dtype=tl.int8), mask=inside)
 
 
+def _outputs(
+    scores: Tensor, row_scale: Tensor, grad_dtype: torch.dtype, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A kernel's outputs, uninitialised: per row the loss (compute dtype) and three int8
+    flags (active, gradient overflowed, scores not finite); the gradient, shaped as the
+    scores, where one is written."""
+    rows, device = int(scores.shape[0]), scores.device
+    flags = [torch.empty(rows, dtype=torch.int8, device=device) for _ in range(3)]
+    per_sample = torch.empty(rows, dtype=row_scale.dtype, device=device)
+    grad = torch.empty(scores.shape, dtype=grad_dtype, device=device) if need_grad else None
+    return per_sample, flags[0], flags[1], flags[2], grad
+
+
 def _output(
     per_sample: Tensor, active: Tensor, grad: Tensor | None, grad_bad: Tensor, scores_bad: Tensor
 ) -> FusedOutput:
@@ -230,14 +284,10 @@ def weston_watkins(
         need_grad: Whether to write the gradient.
     """
     rows, num_classes = scores.shape
-    compute = row_scale.dtype
     coef = row_scale * factor * 2 if power == 2 else row_scale * factor
-    device = scores.device
-    per_sample = torch.empty(rows, dtype=compute, device=device)
-    active = torch.empty(rows, dtype=torch.int8, device=device)
-    grad_bad = torch.empty(rows, dtype=torch.int8, device=device)
-    scores_bad = torch.empty(rows, dtype=torch.int8, device=device)
-    grad = torch.empty((rows, num_classes), dtype=grad_dtype, device=device) if need_grad else None
+    per_sample, active, grad_bad, scores_bad, grad = _outputs(
+        scores, row_scale, grad_dtype, need_grad
+    )
     block = min(MAX_BLOCK, triton.next_power_of_2(num_classes))
     chunks = -(-num_classes // block)
     if rows:
@@ -295,12 +345,9 @@ def binary_hinge(
         need_grad: Whether to write the gradient.
     """
     rows = int(scores.shape[0])
-    device = scores.device
-    per_sample = torch.empty(rows, dtype=row_scale.dtype, device=device)
-    active = torch.empty(rows, dtype=torch.int8, device=device)
-    grad_bad = torch.empty(rows, dtype=torch.int8, device=device)
-    scores_bad = torch.empty(rows, dtype=torch.int8, device=device)
-    grad = torch.empty(rows, dtype=grad_dtype, device=device) if need_grad else None
+    per_sample, active, grad_bad, scores_bad, grad = _outputs(
+        scores, row_scale, grad_dtype, need_grad
+    )
     if rows:
         _binary_hinge_kernel[(triton.cdiv(rows, BINARY_BLOCK),)](
             scores,
