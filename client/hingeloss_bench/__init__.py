@@ -4,7 +4,9 @@ The load loop needs only the SDK's own dependencies; live progress, tables and
 the plot need the `loadtest` extra (`pip install "hingeloss[loadtest]"`).
 """
 
-from hingeloss_bench.loadgen import CellSpec, ShareResult, TargetSpec, run_share, run_shares
+from hingeloss_bench.cells import CellSpec, ShareResult, TargetSpec
+from hingeloss_bench.loadgen import run_share
+from hingeloss_bench.processes import run_shares
 from hingeloss_bench.stats import CellResult, merge
 from hingeloss_bench.workload import Workload, WorkloadSpec, parse_shape
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from hingeloss import __version__
 from hingeloss_bench import reference
-from hingeloss_bench.loadgen import CellSpec, TargetSpec, run_shares
+from hingeloss_bench.cells import CellSpec, TargetSpec
+from hingeloss_bench.processes import run_shares
 from hingeloss_bench.report import errors_text, render_table, write_csv, write_json, write_plot
 from hingeloss_bench.stats import CellResult, merge
 from hingeloss_bench.workload import DTYPES, GRADIENT_FORMATS, LOSSES, WorkloadSpec, parse_shape

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
-import multiprocessing
-import queue
 import random
 import time
 from collections.abc import Callable
@@ -30,114 +27,22 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hingeloss._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, with_token
+from hingeloss._channel import channel_options, with_token
 from hingeloss._results import LossResult, decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_bench import reference
+from hingeloss_bench.cells import (
+    COMPUTE_METHOD,
+    MAX_VERIFY_SAMPLES,
+    MISMATCH,
+    CellSpec,
+    ShareResult,
+    TargetSpec,
+    code_name,
+)
+from hingeloss_bench.stream_lane import _StreamLane
 from hingeloss_bench.wire import response_timing
-from hingeloss_bench.workload import Workload, WorkloadSpec
-
-COMPUTE_METHOD = "/hingeloss.v1.LossService/Compute"
-STREAM_METHOD = "/hingeloss.v1.LossService/ComputeStream"
-# Responses kept for verification per process and cell, at most.
-MAX_VERIFY_SAMPLES = 32
-MISMATCH = "MISMATCH"
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """Where to send and how: address, TLS material (bytes) and bearer token."""
-
-    address: str
-    # TLS with the system's roots, unless root_certificates names others.
-    use_tls: bool = False
-    root_certificates: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    server_name: str | None = None
-    token: str | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # Send the token without TLS to a server on this machine (see channel.with_token).
-    local_token: bool = False
-
-    @property
-    def tls(self) -> bool:
-        return (
-            self.use_tls or self.root_certificates is not None or self.certificate_chain is not None
-        )
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """One measurement: a workload at one concurrency (closed loop) or rate (open loop).
-
-    Exactly one of `concurrency` and `rate` is set. With `requests`, the cell ends
-    after that many measured requests; otherwise after `duration_s`. The first
-    `warmup_s` seconds run the same load unmeasured.
-    """
-
-    target: TargetSpec
-    workload: WorkloadSpec
-    concurrency: int | None = 1
-    rate: float | None = None
-    arrivals: str = "poisson"
-    mode: str = "unary"
-    duration_s: float = 5.0
-    requests: int | None = None
-    warmup_s: float = 1.0
-    connections: int = 1
-    verify_fraction: float = 0.02
-    timeout_s: float = 30.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.concurrency is None) == (self.rate is None):
-            raise ValueError("set exactly one of concurrency (closed loop) and rate (open loop)")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.rate is not None and not self.rate > 0:
-            raise ValueError(f"rate must be > 0, got {self.rate}")
-        if self.arrivals not in ("poisson", "constant"):
-            raise ValueError(f"arrivals must be poisson or constant, got {self.arrivals!r}")
-        if self.mode not in ("unary", "stream"):
-            raise ValueError(f"mode must be unary or stream, got {self.mode!r}")
-        if self.requests is None and not self.duration_s > 0:
-            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
-        if self.requests is not None and self.requests < 1:
-            raise ValueError(f"requests must be >= 1, got {self.requests}")
-        if self.warmup_s < 0:
-            raise ValueError(f"warmup_s must be >= 0, got {self.warmup_s}")
-        if self.connections < 1:
-            raise ValueError(f"connections must be >= 1, got {self.connections}")
-        if not 0.0 <= self.verify_fraction <= 1.0:
-            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-
-    @property
-    def label(self) -> str:
-        load = f"c={self.concurrency}" if self.rate is None else f"rate={self.rate:g}/s"
-        return f"{self.workload.loss} {self.workload.shape_text} {self.workload.dtype} {load}"
-
-
-@dataclass
-class ShareResult:
-    """What one load process measured; merged into a CellResult by the caller."""
-
-    latencies_s: np.ndarray[Any, Any]
-    queue_us: np.ndarray[Any, Any]
-    compute_us: np.ndarray[Any, Any]
-    batch_requests: np.ndarray[Any, Any]
-    batch_rows: np.ndarray[Any, Any]
-    send_lag_s: np.ndarray[Any, Any]
-    sent: int
-    ok: int
-    errors: dict[str, int]
-    bytes_up: int
-    bytes_down: int
-    window_s: float
-    verified: int
-    mismatches: list[str]
+from hingeloss_bench.workload import Workload
 
 
 @dataclass
@@ -192,14 +97,6 @@ class _Recorder:
         self.errors[code] += 1
         if self.progress is not None:
             self.progress.value += 1
-
-
-def _code_name(error: BaseException) -> str:
-    code = getattr(error, "code", None)
-    if callable(code):
-        value = code()
-        return str(getattr(value, "name", value))
-    return type(error).__name__
 
 
 def _channel(target: TargetSpec) -> Any:
@@ -356,7 +253,7 @@ class _Share:
                 response = await call(payload, timeout=timeout)
             except grpc.RpcError as error:
                 if measured:
-                    recorder.failed(_code_name(error))
+                    recorder.failed(code_name(error))
                 continue
             if measured:
                 recorder.answered(started, variant, response)
@@ -416,7 +313,7 @@ class _Share:
             response = await call(payload, timeout=self.spec.timeout_s)
         except grpc.RpcError as error:
             if measured:
-                recorder.failed(_code_name(error))
+                recorder.failed(code_name(error))
             return
         if measured:
             recorder.answered(scheduled, variant, response)
@@ -465,181 +362,9 @@ class _Share:
         )
 
 
-class _StreamLane:
-    """One ComputeStream call on one channel; answers come back in order (FIFO)."""
-
-    def __init__(self, share: _Share, channel: Any) -> None:
-        self._share = share
-        self._method = channel.stream_stream(STREAM_METHOD)
-        self._call: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        # (reference time, variant, measured) of each request sent and not yet answered.
-        self._pending: collections.deque[tuple[float, int, bool]] = collections.deque()
-        self._slots: asyncio.Semaphore | None = None
-
-    async def open(self) -> None:
-        self._call = self._method()
-        self._reader = asyncio.create_task(self._read(self._call))
-
-    async def _read(self, call: Any) -> None:
-        recorder = self._share.recorder
-        try:
-            while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    break
-                started, variant, measured = self._pending.popleft()
-                if measured:
-                    recorder.answered(started, variant, response)
-                if self._slots is not None:
-                    self._slots.release()
-        except grpc.RpcError as error:
-            self._fail_pending(_code_name(error))
-            return
-        self._fail_pending("STREAM_ENDED")
-
-    def _fail_pending(self, code: str) -> None:
-        while self._pending:
-            _, _, measured = self._pending.popleft()
-            if measured:
-                self._share.recorder.failed(code)
-            if self._slots is not None:
-                self._slots.release()
-
-    @property
-    def broken(self) -> bool:
-        return self._reader is None or self._reader.done()
-
-    async def _write(self, started: float, measured: bool) -> None:
-        share = self._share
-        if self.broken:
-            # A failed request ends its stream: open a new one and go on.
-            await self.open()
-        variant = share.next_variant()
-        payload = share.payloads[variant]
-        if measured:
-            share.recorder.sending(len(payload))
-        self._pending.append((started, variant, measured))
-        # On failure the reader reports the stream's error for every pending request.
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.write(payload)
-
-    async def closed_loop(self, window: int) -> None:
-        self._slots = asyncio.Semaphore(window)
-        await self.open()
-        share = self._share
-        while True:
-            await self._slots.acquire()
-            going, measured = share._more()
-            if not going:
-                break
-            await self._write(time.perf_counter(), measured)
-        await self.finish()
-
-    async def send_scheduled(self, scheduled: float, measured: bool) -> None:
-        if measured:
-            self._share.recorder.send_lag.append(time.perf_counter() - scheduled)
-        await self._write(scheduled, measured)
-
-    async def finish(self) -> None:
-        """Half-closes and waits for the answers (up to the timeout; the rest fail)."""
-        if self._call is None or self._reader is None:
-            return
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.done_writing()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._reader), self._share.spec.timeout_s)
-        except TimeoutError:
-            self._call.cancel()
-            self._fail_pending("DEADLINE_EXCEEDED")
-            self._reader.cancel()
-
-
 async def run_share(
     spec: CellSpec, index: int = 0, count: int = 1, progress: Any = None
 ) -> ShareResult:
     """Runs share `index` of `count` of a cell in this process's event loop."""
     workload = Workload.build(spec.workload)
     return await _Share(spec, workload, index, count).run(progress)
-
-
-@dataclass
-class _Counter:
-    value: int = 0
-
-
-ProgressHook = Callable[[int, float], None]
-
-
-def _child(spec: CellSpec, index: int, count: int, progress: Any, results: Any) -> None:
-    try:
-        results.put((index, asyncio.run(run_share(spec, index, count, progress))))
-    except BaseException as error:  # reported to the parent, which raises it
-        results.put((index, f"{type(error).__name__}: {error}"))
-
-
-def run_shares(
-    spec: CellSpec, processes: int = 1, on_progress: ProgressHook | None = None
-) -> list[ShareResult]:
-    """Runs a cell in `processes` load processes (spawned) or in this one; returns each share.
-
-    `on_progress(answered, elapsed_s)` is called a few times a second.
-    """
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    if spec.concurrency is not None and spec.concurrency < processes:
-        raise ValueError(f"concurrency {spec.concurrency} is below the {processes} load processes")
-    started = time.perf_counter()
-    if processes == 1:
-        counter = _Counter()
-
-        async def local() -> ShareResult:
-            task = asyncio.create_task(run_share(spec, 0, 1, counter))
-            while not task.done():
-                if on_progress is not None:
-                    on_progress(counter.value, time.perf_counter() - started)
-                await asyncio.wait({task}, timeout=0.25)
-            return task.result()
-
-        result = asyncio.run(local())
-        if on_progress is not None:
-            on_progress(counter.value, time.perf_counter() - started)
-        return [result]
-
-    context = multiprocessing.get_context("spawn")
-    results: Any = context.Queue()
-    counters = [context.Value("q", 0, lock=False) for _ in range(processes)]
-    children = [
-        context.Process(
-            target=_child,
-            args=(spec, i, processes, counters[i], results),
-            name=f"hingeloss-bench-{i}",
-            daemon=True,
-        )
-        for i in range(processes)
-    ]
-    for child in children:
-        child.start()
-    collected: dict[int, ShareResult | str] = {}
-    try:
-        while len(collected) < processes:
-            try:
-                index, outcome = results.get(timeout=0.25)
-                collected[index] = outcome
-            except queue.Empty:
-                dead = [c for c in children if not c.is_alive() and c.exitcode not in (0, None)]
-                if dead and len(collected) < processes and results.empty():
-                    raise RuntimeError(
-                        f"load process {dead[0].name} exited with code {dead[0].exitcode}"
-                    ) from None
-            if on_progress is not None:
-                on_progress(sum(c.value for c in counters), time.perf_counter() - started)
-    finally:
-        for child in children:
-            child.join(timeout=5)
-            if child.is_alive():
-                child.terminate()
-    failures = [o for o in collected.values() if isinstance(o, str)]
-    if failures:
-        raise RuntimeError(f"a load process failed: {failures[0]}")
-    return [o for _, o in sorted(collected.items()) if not isinstance(o, str)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hingeloss_bench.loadgen import CellSpec, ShareResult
+from hingeloss_bench.cells import CellSpec, ShareResult
 
 MB = 1e6
 
