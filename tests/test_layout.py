@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -45,3 +46,58 @@ def test_the_engine_imports_neither_grpc_nor_the_wire_messages() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) >= 10  # every module was imported, not none
+
+
+# ---- sizes: small modules, short functions ----------------------------------------------
+
+PACKAGES = [
+    ROOT / "server" / "hingeloss_server",
+    ROOT / "client" / "hingeloss",
+    ROOT / "client" / "hingeloss_bench",
+]
+LAYERS = [
+    ROOT / "server" / "hingeloss_server" / "engine",
+    ROOT / "server" / "hingeloss_server" / "transport",
+]
+MAX_MODULE_LINES = 400
+# Statements, from the first one after the docstring to the last: a long parameter list
+# (a Triton kernel's) is not logic.
+MAX_FUNCTION_BODY_LINES = 60
+
+
+def _sources(roots: list[Path]) -> list[Path]:
+    # Generated protobuf modules are not code anyone reads.
+    return [p for root in roots for p in sorted(root.rglob("*.py")) if "v1" not in p.parts]
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = node.body
+    first = body[0]
+    if (
+        len(body) > 1
+        and isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        first = body[1]
+    return (node.end_lineno or node.lineno) - first.lineno + 1
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in _sources(PACKAGES)
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, long
+
+
+def test_no_engine_or_transport_function_is_over_60_lines() -> None:
+    long = {
+        f"{path.relative_to(ROOT)}:{node.name}": lines
+        for path in _sources(LAYERS)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (lines := _body_lines(node)) > MAX_FUNCTION_BODY_LINES
+    }
+    assert not long, long
