@@ -1,4 +1,4 @@
-"""Domain exceptions raised below the servicer; `service.py` maps them to gRPC statuses."""
+"""Domain exceptions raised in the engine; `transport/status.py` maps them to gRPC statuses."""
 
 from __future__ import annotations
 
