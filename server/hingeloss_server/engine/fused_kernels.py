@@ -182,9 +182,6 @@ if AVAILABLE:
             NEED_GRAD,
         )
 
-
-if AVAILABLE:
-
     @triton.jit
     def binary_hinge_kernel(  # type: ignore[no-untyped-def]
         scores,
