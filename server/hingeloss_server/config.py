@@ -66,8 +66,9 @@ class BatchingConfig:
     # 1.1-2.1 s on 2 cores, against 32-60 ms each alone).
     max_batch_bytes: int = settable(32 * MIB, "tensor bytes per batch at most")
     # Batch by cost. Measured on 2 cores, Weston-Watkins, float32, one intra-op thread,
-    # 1000 classes (docs/benchmarks.md): 8 requests of 1 MB computed 1.4x faster
-    # together than one by one; at 2 MB alone was already 1.1x faster, at 4 MB 1.3x.
+    # 1000 classes (docs/benchmarks.md): requests of 2 MB and more were consistently
+    # faster one by one than together (1.1x at 2 MB, 1.4x at 4 MB); at 1 MB it went
+    # either way (0.5x to 1.4x), so those still share a batch.
     max_shared_request_bytes: int = settable(
         1 * MIB,
         "tensor bytes of a request above which it is computed alone, never concatenated "
