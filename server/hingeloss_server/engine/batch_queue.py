@@ -4,6 +4,7 @@ Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
 batch's row and byte limits; it adds no delay unless `max_batch_delay_us` asks for one.
+A request larger than `max_shared_request_bytes` is a batch of its own (batch by cost).
 """
 
 from __future__ import annotations
