@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from cases import positional, random_inputs
 from support import server_config
 
@@ -17,8 +18,14 @@ from hingeloss import AsyncLossClient, LossClient
 from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 from hingeloss_server.engine.batch_queue import Batcher
-from hingeloss_server.engine.errors import DeadlineExpiredError, DrainingError, OverloadedError
+from hingeloss_server.engine.errors import (
+    DeadlineExpiredError,
+    DrainingError,
+    InvalidInputError,
+    OverloadedError,
+)
 from hingeloss_server.engine.jobs import LossJob
+from hingeloss_server.engine.validation import PreparedJob, prepare, prepare_batch
 from hingeloss_server.transport.request_codec import decode_request
 
 LIMITS = LimitsConfig()
@@ -258,3 +265,89 @@ async def test_cancelled_keys_are_forgotten() -> None:
     assert batcher.stats.requests == 0
     assert not batcher._queues  # noqa: SLF001 - the leak this guards against
     batcher.fail_all(RuntimeError("nothing left"))
+
+
+async def test_requests_over_the_shared_limit_run_alone() -> None:
+    """Batch by cost: a large request neither joins a batch nor is joined, delay or not."""
+    small = [_job(rows=4) for _ in range(3)]
+    big = _job(rows=64)
+    config = BatchingConfig(max_shared_request_bytes=small[0].nbytes, max_batch_delay_us=20_000)
+    batcher = Batcher(config)
+    for job in [small[0], big, small[1], small[2]]:
+        batcher.submit(job)
+    assert await _next_jobs(batcher) == [small[0]]
+    assert await _next_jobs(batcher) == [big]
+    assert await _next_jobs(batcher) == small[1:]
+
+
+def _batch_case(loss: str, rng: np.random.Generator, **options: Any) -> dict[str, np.ndarray]:
+    inputs = random_inputs(loss, rng, 6, classes=4)
+    if options.get("ignore_index") is not None:
+        inputs["targets"][rng.integers(0, 6)] = options["ignore_index"]
+    return inputs
+
+
+BAD_VALUES: list[tuple[str, dict[str, Any], str, Any]] = [
+    ("binary_hinge", {}, "scores", np.nan),
+    ("binary_hinge", {}, "labels", 0),
+    ("binary_hinge", {"label_encoding": "zero_one"}, "labels", -1),
+    ("margin_ranking", {}, "scores_b", np.inf),
+    ("multiclass_hinge", {}, "targets", 4),
+    ("multiclass_hinge", {"ignore_index": -100}, "targets", -1),
+    ("crammer_singer", {}, "scores", -np.inf),
+    ("gan_discriminator", {}, "fake_scores", np.nan),
+    ("multiclass_hinge", {}, "sample_weights", -1.0),
+]
+
+
+@pytest.mark.parametrize(("loss", "options", "field", "value"), BAD_VALUES)
+def test_batch_value_checks_fail_the_culprit_alone(
+    loss: str, options: dict[str, Any], field: str, value: Any
+) -> None:
+    """Checked once per batch: the bad job gets its own error, the others what they get alone."""
+    rng = np.random.default_rng(7)
+    cases = [_batch_case(loss, rng, **options) for _ in range(4)]
+    for inputs in cases:
+        if options.get("label_encoding") == "zero_one":
+            inputs["labels"] = (inputs["labels"] > 0).astype(np.int64)
+    weights = [rng.uniform(0.5, 2.0, 6) for _ in cases] if field == "sample_weights" else None
+    target = cases[2] if field != "sample_weights" else {}
+    if weights is not None:
+        weights[2][3] = value
+    else:
+        target[field] = target[field].astype(np.float64 if field != "targets" else np.int64)
+        target[field][3] = value
+    jobs = []
+    for i, inputs in enumerate(cases):
+        extra = {} if weights is None else {"sample_weights": weights[i]}
+        request, _ = build_request(loss, inputs, {**options, **extra})
+        jobs.append(decode_request(request, LIMITS))
+    together = prepare_batch(jobs)
+    alone: list[Any] = []
+    for job in jobs:
+        try:
+            alone.append(prepare(job))
+        except InvalidInputError as error:
+            alone.append(error)
+    assert isinstance(together[2], InvalidInputError)
+    assert isinstance(alone[2], InvalidInputError)
+    assert (together[2].field, str(together[2])) == (alone[2].field, str(alone[2]))
+    for i in (0, 1, 3):
+        _assert_same_prepared(together[i], alone[i])
+    # Without the bad job, the batch passes its checks together and prepares the same.
+    good = [jobs[i] for i in (0, 1, 3)]
+    for one, other in zip(prepare_batch(good), [alone[i] for i in (0, 1, 3)], strict=True):
+        _assert_same_prepared(one, other)
+
+
+def _assert_same_prepared(one: Any, other: Any) -> None:
+    assert isinstance(one, PreparedJob)
+    assert isinstance(other, PreparedJob)
+    assert one.job is other.job
+    assert (one.set_rows, one.samples, one.scales) == (other.set_rows, other.samples, other.scales)
+    for name in ("labels", "targets", "ignore_mask"):
+        a, b = getattr(one, name), getattr(other, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype
+            assert torch.equal(a, b), name

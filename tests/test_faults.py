@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -27,7 +27,7 @@ from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import WorkerConfig
 from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.jobs import LossJob
-from hingeloss_server.engine.validation import PreparedJob, prepare
+from hingeloss_server.engine.validation import PreparedJob, prepare, prepare_batch
 from hingeloss_server.transport.servicer import SERVICE_NAME
 
 IDS = ("r0", "r1", "bad", "r3", "r4", "r5")
@@ -164,6 +164,13 @@ def test_bug_while_checking_values_fails_only_that_request(
             raise ZeroDivisionError("a bug")
         return prepare(job, **options)
 
+    def buggy_prepare_batch(jobs: Sequence[LossJob], **options: Any) -> list[Any]:
+        if any(job.request_id == "bad" for job in jobs):
+            raise ZeroDivisionError("a bug")
+        return prepare_batch(jobs, **options)
+
+    # The batch's checks hit the bug first; then each job is checked alone.
+    monkeypatch.setattr(device_worker, "prepare_batch", buggy_prepare_batch)
     monkeypatch.setattr(device_worker, "prepare", buggy_prepare)
     hook = FaultHook()
     server = make_server(server_config(), fault_hook=hook)

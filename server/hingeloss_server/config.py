@@ -65,6 +65,15 @@ class BatchingConfig:
     # cache misses of one huge concatenation (measured: 15 requests of 16 MB together took
     # 1.1-2.1 s on 2 cores, against 32-60 ms each alone).
     max_batch_bytes: int = settable(32 * MIB, "tensor bytes per batch at most")
+    # Batch by cost. Measured on 2 cores, Weston-Watkins, float32, one intra-op thread,
+    # 1000 classes (docs/benchmarks.md): requests of 2 MB and more were consistently
+    # faster one by one than together (1.1x at 2 MB, 1.4x at 4 MB); at 1 MB it went
+    # either way (0.5x to 1.4x), so those still share a batch.
+    max_shared_request_bytes: int = settable(
+        1 * MIB,
+        "tensor bytes of a request above which it is computed alone, never concatenated "
+        "with other requests",
+    )
     max_batch_delay_us: int = settable(
         0, "wait this long for more requests when a batch is not full (0: never wait)"
     )
@@ -86,6 +95,12 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         _require(self.max_batch_rows >= 1, "max_batch_rows", ">= 1", self.max_batch_rows)
         _require(self.max_batch_bytes >= 1, "max_batch_bytes", ">= 1", self.max_batch_bytes)
+        _require(
+            self.max_shared_request_bytes >= 0,
+            "max_shared_request_bytes",
+            ">= 0",
+            self.max_shared_request_bytes,
+        )
         _require(
             self.max_batch_delay_us >= 0, "max_batch_delay_us", ">= 0", self.max_batch_delay_us
         )

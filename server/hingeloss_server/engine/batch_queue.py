@@ -4,6 +4,7 @@ Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
 batch's row and byte limits; it adds no delay unless `max_batch_delay_us` asks for one.
+A request larger than `max_shared_request_bytes` is a batch of its own (batch by cost).
 """
 
 from __future__ import annotations
@@ -165,12 +166,12 @@ class Batcher:
                 await self._work.wait()
                 continue
             batch = self._take(key, max_rows, max_bytes)
-            if batch and self._config.max_batch_delay_us > 0:
+            if batch and self._config.max_batch_delay_us > 0 and not self._alone(batch[0]):
                 rows = sum(queued.job.rows for queued in batch)
                 nbytes = sum(queued.job.nbytes for queued in batch)
                 if rows < max_rows and nbytes < max_bytes:
                     await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
-                    batch.extend(self._take(key, max_rows - rows, max_bytes - nbytes))
+                    batch.extend(self._take(key, max_rows - rows, max_bytes - nbytes, joining=True))
             batch = [queued for queued in batch if not queued.future.done()]
             if batch:
                 return batch
@@ -180,9 +181,21 @@ class Batcher:
             heapq.heappop(self._urgent)
         return self._urgent[0].job.key if self._urgent else None
 
-    def _take(self, key: BatchKey, max_rows: int, max_bytes: int) -> list[QueuedJob]:
+    def _alone(self, queued: QueuedJob) -> bool:
+        """Whether a request is large enough to be computed alone (batch by cost)."""
+        return queued.job.nbytes > self._config.max_shared_request_bytes
+
+    def _take(
+        self, key: BatchKey, max_rows: int, max_bytes: int, *, joining: bool = False
+    ) -> list[QueuedJob]:
+        """Takes the key's most urgent jobs that fit; `joining`: they join a batch taken before.
+
+        A request above `max_shared_request_bytes` is a batch of its own: it would gain
+        nothing from sharing and would cost every job beside it a copy into the batch.
+        """
         taken: list[QueuedJob] = []
         rows = nbytes = 0
+        alone = False
         now = asyncio.get_running_loop().time()
         # The key's heap disappears once its last live entry is removed.
         while heap := self._queues.get(key):
@@ -190,8 +203,11 @@ class Batcher:
             if not entry.live:
                 heapq.heappop(heap)
                 continue
-            if taken and (
-                rows + entry.job.rows > max_rows or nbytes + entry.job.nbytes > max_bytes
+            if (taken or joining) and (
+                alone
+                or self._alone(entry)
+                or rows + entry.job.rows > max_rows
+                or nbytes + entry.job.nbytes > max_bytes
             ):
                 break
             heapq.heappop(heap)
@@ -204,6 +220,7 @@ class Batcher:
                 self._on_drop(entry.job, "deadline_exceeded")
                 continue
             taken.append(entry)
+            alone = self._alone(entry)
             rows += entry.job.rows
             nbytes += entry.job.nbytes
         return taken

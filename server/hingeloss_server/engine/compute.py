@@ -25,7 +25,7 @@ from hingeloss_server.engine.losses.spec import DeviceBatch, KernelBatch
 from hingeloss_server.engine.row_flags import (
     GRAD_OVERFLOW,
     SCORES_NOT_FINITE,
-    not_finite_rows,
+    flag_not_finite,
     row_flags,
     scores_flags,
 )
@@ -84,7 +84,7 @@ def compute_batch(
         computed = _compute_eager(batch, spec, margin_rows, not scores_checked)
     output = computed.output
     per_sample_wire = tuple(p.to(batch.wire) for p in output.per_sample) if need_per_sample else ()
-    flags = row_flags(output, per_sample_wire, computed.flags)
+    flags = row_flags(output, per_sample_wire, computed.flags, reads_free=staging.host_reads_free)
     grads_wire, margins = computed.grads_wire, computed.margins
     downloads = download(staging, output, flags, margins, grads_wire, per_sample_wire)
     staging.wait()
@@ -200,8 +200,7 @@ def _compute_eager(
     output = spec.kernel(kernel_batch)
     grads_wire = tuple(g.to(batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
-        bad = not_finite_rows(grad, reads_free=batch.host_reads_free)
-        flags[input_sets[k]] |= bad.to(torch.uint8) * GRAD_OVERFLOW
+        flag_not_finite(flags[input_sets[k]], grad, GRAD_OVERFLOW, reads_free=batch.host_reads_free)
     if not grads_wire:
         # A factored row overflows the wire dtype exactly where its largest entry does.
         for k, factors in enumerate(output.factors):

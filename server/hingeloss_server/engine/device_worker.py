@@ -28,7 +28,7 @@ from hingeloss_server.engine.errors import (
 )
 from hingeloss_server.engine.jobs import JobResult, LossJob
 from hingeloss_server.engine.staging import DeviceStaging
-from hingeloss_server.engine.validation import PreparedJob, prepare
+from hingeloss_server.engine.validation import PreparedJob, prepare, prepare_batch
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +154,11 @@ class Worker:
         try:
             outcomes: list[Outcome] = []
             prepared: list[PreparedJob] = []
-            for job in jobs:
-                try:
-                    prepared.append(prepare(job, check_scores=on_host))
-                except InvalidInputError as error:
-                    outcomes.append(Outcome(job, error=error))
-                except Exception as error:  # a bug on one request fails that request only
-                    outcomes.append(Outcome(job, error=_compute_error(job.request_id, error)))
+            for job, checked in zip(jobs, self._prepare(jobs, on_host), strict=True):
+                if isinstance(checked, PreparedJob):
+                    prepared.append(checked)
+                else:
+                    outcomes.append(Outcome(job, error=checked))
             if not prepared:
                 return outcomes, None
             with self._stream_context():
@@ -168,6 +166,14 @@ class Worker:
             return outcomes, output
         finally:
             self.busy_since = None
+
+    @staticmethod
+    def _prepare(jobs: Sequence[LossJob], on_host: bool) -> list[PreparedJob | HingelossError]:
+        """Each job validated, the batch's values at once; a bug fails its request only."""
+        try:
+            return list(prepare_batch(jobs, check_scores=on_host))
+        except Exception:  # found again job by job: only the request that hits it fails
+            return [_prepare_alone(job, on_host) for job in jobs]
 
     def _compute_isolated(
         self, prepared: list[PreparedJob], outcomes: list[Outcome], *, alone: bool
@@ -247,6 +253,15 @@ class Worker:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _prepare_alone(job: LossJob, on_host: bool) -> PreparedJob | HingelossError:
+    try:
+        return prepare(job, check_scores=on_host)
+    except InvalidInputError as error:
+        return error
+    except Exception as error:
+        return _compute_error(job.request_id, error)
 
 
 def _make_staging(device: torch.device, pinned_bytes: int) -> DeviceStaging:

@@ -24,18 +24,34 @@ def row_flags(
     output: losses.LossOutput,
     per_sample_wire: tuple[torch.Tensor, ...],
     flags: list[torch.Tensor],
+    *,
+    reads_free: bool = False,
 ) -> list[torch.Tensor]:
     """Per row of each sample set, which of the things that can go wrong did (bit set).
 
     Adds to what the kernel step found (scores, gradients) the losses' own overflow.
     Computed on the device with a few vectorised passes and never read there: the
-    host reads them with the losses, after the batch's one wait.
+    host reads them with the losses, after the batch's one wait. `reads_free`: as
+    in `not_finite_rows`, where a finite sum proves a set of values clean.
     """
     for s, loss in enumerate(output.per_sample):
-        flags[s] |= (~torch.isfinite(loss)).to(torch.uint8) * LOSS_OVERFLOW
+        flag_not_finite(flags[s], loss, LOSS_OVERFLOW, reads_free=reads_free)
     for s, wire in enumerate(per_sample_wire):
-        flags[s] |= (~torch.isfinite(wire)).to(torch.uint8) * PER_SAMPLE_OVERFLOW
+        flag_not_finite(flags[s], wire, PER_SAMPLE_OVERFLOW, reads_free=reads_free)
     return flags
+
+
+def flag_not_finite(
+    flags: torch.Tensor, values: torch.Tensor, bit: int, *, reads_free: bool = False
+) -> None:
+    """Sets `bit` in `flags` on every row of `values` ((N,) or (N, C)) holding a NaN or Inf.
+
+    Where reading a value costs nothing (the CPU), one sum over all the values settles
+    the usual case: a finite sum proves every row clean, and no flag is touched.
+    """
+    if reads_free and (values.numel() == 0 or bool(torch.isfinite(values.sum()))):
+        return
+    flags |= not_finite_rows(values, reads_free=reads_free).to(torch.uint8) * bit
 
 
 def scores_flags(

@@ -1,17 +1,21 @@
-"""Checks a job's values and derives what the kernels need: +-1 labels, masks, row scales.
+"""Checks a batch's values and derives what the kernels need: +-1 labels, masks, row scales.
 
-Runs on a worker thread (it reads every element), one job at a time, so that a bad
-request fails alone and never reaches a batch.
+Runs on a worker thread (it reads every element). The checks run once over the
+whole batch with a few vectorised ops (`prepare_batch`); only when one fails is
+each job checked alone (`prepare`), so that a bad request fails alone, with the
+error it would get on its own, and never reaches a batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hingeloss_server.engine.errors import InvalidInputError
-from hingeloss_server.engine.jobs import LossJob, Reduction
+from hingeloss_server.engine.jobs import LossJob, Reduction, RequestOptions
 from hingeloss_server.engine.losses import SPECS
 
 
@@ -133,6 +137,134 @@ def prepare(job: LossJob, *, check_scores: bool = True) -> PreparedJob:
         set_rows=tuple(rows_per_set),
         samples=counted,
     )
+
+
+def prepare_batch(
+    jobs: Sequence[LossJob], *, check_scores: bool = True
+) -> list[PreparedJob | InvalidInputError]:
+    """Validates a batch (jobs sharing a BatchKey); returns each job prepared or its error.
+
+    Every check runs once over the batch's concatenated values. Where one fails, or
+    where the jobs' options differ in a way the batch-wide checks do not cover, each
+    job is prepared alone (`prepare`): the errors, fields and indices are those of
+    that job alone, and the other jobs are prepared as usual.
+    """
+    together = _prepare_together(jobs, check_scores) if jobs else []
+    if together is not None:
+        return list(together)
+    prepared: list[PreparedJob | InvalidInputError] = []
+    for job in jobs:
+        try:
+            prepared.append(prepare(job, check_scores=check_scores))
+        except InvalidInputError as error:
+            prepared.append(error)
+    return prepared
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _prepare_together(jobs: Sequence[LossJob], check_scores: bool) -> list[PreparedJob] | None:
+    """Every job prepared at once, or None where a check fails or the options are mixed."""
+    first = jobs[0]
+    spec = SPECS[first.key.params.kind]
+    options = first.options
+    if any(
+        job.options.label_zero_one != options.label_zero_one
+        or job.options.ignore_index != options.ignore_index
+        or job.options.reduction is Reduction.WEIGHTED_MEAN
+        for job in jobs
+    ):
+        return None
+    if check_scores:
+        for k in range(len(first.inputs)):
+            sums = [job.inputs[k].sum() for job in jobs if job.inputs[k].numel()]
+            # A finite sum proves every element finite (as in _check_finite).
+            if sums and not bool(
+                torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums)).all()
+            ):
+                return None
+    if first.class_weights is not None and not _non_negative(first.class_weights):
+        return None  # the weights are part of the BatchKey: every job has the same ones
+    weights = [job.sample_weights for job in jobs if job.sample_weights is not None]
+    if weights and not _non_negative(_joined(weights)):
+        return None
+    labels: list[torch.Tensor | None] = [None] * len(jobs)
+    if first.labels is not None:
+        values = _joined([job.labels for job in jobs if job.labels is not None])
+        values = values.to(torch.float64)
+        low = 0.0 if options.label_zero_one else -1.0
+        if bool(((values != low) & (values != 1.0)).any()):
+            return None
+        plus_minus = (values == 1.0).to(torch.int8).mul_(2).sub_(1)
+        labels = list(torch.split(plus_minus, [_rows(job.labels) for job in jobs]))
+
+    targets: list[torch.Tensor | None] = [None] * len(jobs)
+    masks: list[torch.Tensor | None] = [None] * len(jobs)
+    ignored = [0] * len(jobs)
+    if first.targets is not None:
+        joined = _joined([job.targets for job in jobs if job.targets is not None])
+        found = _batch_targets(joined.to(torch.int64), first.key.trailing_shape[0], options)
+        if found is None:
+            return None
+        all_targets, ignore_mask = found
+        rows = [_rows(job.targets) for job in jobs]
+        targets = list(torch.split(all_targets, rows))
+        if ignore_mask is not None:
+            # Ignored rows per job from one running count: no op per job.
+            running = np.concatenate([[0], np.cumsum(ignore_mask.numpy(), dtype=np.int64)])
+            ends = np.cumsum(rows)
+            ignored = (running[ends] - running[ends - rows]).tolist()
+            masks = [
+                m if n else None
+                for m, n in zip(torch.split(ignore_mask, rows), ignored, strict=True)
+            ]
+
+    prepared = []
+    for i, job in enumerate(jobs):
+        rows_per_set = spec.set_rows(job.inputs)
+        counted = job.rows - int(ignored[i])
+        if counted == 0:
+            return None
+        prepared.append(
+            PreparedJob(
+                job=job,
+                labels=labels[i],
+                targets=targets[i],
+                ignore_mask=masks[i],
+                scales=_row_scales(job, rows_per_set, None, counted),
+                set_rows=tuple(rows_per_set),
+                samples=counted,
+            )
+        )
+    return prepared
+
+
+def _rows(tensor: torch.Tensor | None) -> int:
+    assert tensor is not None  # every job of a batch has the same inputs
+    return int(tensor.shape[0])
+
+
+def _non_negative(weights: torch.Tensor) -> bool:
+    """Every weight finite and >= 0 (NaN fails both comparisons)."""
+    return bool(((weights >= 0) & (weights < float("inf"))).all())
+
+
+def _batch_targets(
+    targets: torch.Tensor, classes: int, options: RequestOptions
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A batch's int64 targets (ignored ones 0) and ignore mask, or None if one is out of range."""
+    ignore_index = options.ignore_index
+    out_of_range = (targets < 0) | (targets >= classes)
+    if ignore_index is None:
+        return None if bool(out_of_range.any()) else (targets, None)
+    ignore_mask = targets == ignore_index
+    if bool((out_of_range & ~ignore_mask).any()):
+        return None
+    if not bool(ignore_mask.any()):
+        return targets, None
+    return targets.masked_fill(ignore_mask, 0), ignore_mask
 
 
 def _class_targets(job: LossJob, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:

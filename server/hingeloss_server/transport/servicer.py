@@ -110,7 +110,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         frame until the garbage collector finds it.
         """
         try:
-            raw = await asyncio.wait_for(context.read(), self._arrival_seconds)
+            # asyncio.timeout, not wait_for: wait_for runs the read in a task of its own,
+            # a task per request on the event loop that every caller shares.
+            async with asyncio.timeout(self._arrival_seconds):
+                raw = await context.read()
         except TimeoutError:
             raise ArrivalTimeoutError(
                 f"the request did not arrive within {self._arrival_seconds:g} s"
