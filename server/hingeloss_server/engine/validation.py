@@ -169,58 +169,13 @@ def _prepare_together(jobs: Sequence[LossJob], check_scores: bool) -> list[Prepa
     """Every job prepared at once, or None where a check fails or the options are mixed."""
     first = jobs[0]
     spec = SPECS[first.key.params.kind]
-    options = first.options
-    if any(
-        job.options.label_zero_one != options.label_zero_one
-        or job.options.ignore_index != options.ignore_index
-        or job.options.reduction is Reduction.WEIGHTED_MEAN
-        for job in jobs
-    ):
+    if not _same_value_rules(jobs) or not _weights_and_scores_pass(jobs, check_scores):
         return None
-    if check_scores:
-        for k in range(len(first.inputs)):
-            sums = [job.inputs[k].sum() for job in jobs if job.inputs[k].numel()]
-            # A finite sum proves every element finite (as in _check_finite).
-            if sums and not bool(
-                torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums)).all()
-            ):
-                return None
-    if first.class_weights is not None and not _non_negative(first.class_weights):
-        return None  # the weights are part of the BatchKey: every job has the same ones
-    weights = [job.sample_weights for job in jobs if job.sample_weights is not None]
-    if weights and not _non_negative(_joined(weights)):
+    labels = _batch_labels(jobs)
+    found = _batch_targets_split(jobs)
+    if labels is None or found is None:
         return None
-    labels: list[torch.Tensor | None] = [None] * len(jobs)
-    if first.labels is not None:
-        values = _joined([job.labels for job in jobs if job.labels is not None])
-        values = values.to(torch.float64)
-        low = 0.0 if options.label_zero_one else -1.0
-        if bool(((values != low) & (values != 1.0)).any()):
-            return None
-        plus_minus = (values == 1.0).to(torch.int8).mul_(2).sub_(1)
-        labels = list(torch.split(plus_minus, [_rows(job.labels) for job in jobs]))
-
-    targets: list[torch.Tensor | None] = [None] * len(jobs)
-    masks: list[torch.Tensor | None] = [None] * len(jobs)
-    ignored = [0] * len(jobs)
-    if first.targets is not None:
-        joined = _joined([job.targets for job in jobs if job.targets is not None])
-        found = _batch_targets(joined.to(torch.int64), first.key.trailing_shape[0], options)
-        if found is None:
-            return None
-        all_targets, ignore_mask = found
-        rows = [_rows(job.targets) for job in jobs]
-        targets = list(torch.split(all_targets, rows))
-        if ignore_mask is not None:
-            # Ignored rows per job from one running count: no op per job.
-            running = np.concatenate([[0], np.cumsum(ignore_mask.numpy(), dtype=np.int64)])
-            ends = np.cumsum(rows)
-            ignored = (running[ends] - running[ends - rows]).tolist()
-            masks = [
-                m if n else None
-                for m, n in zip(torch.split(ignore_mask, rows), ignored, strict=True)
-            ]
-
+    targets, masks, ignored = found
     prepared = []
     for i, job in enumerate(jobs):
         rows_per_set = spec.set_rows(job.inputs)
@@ -239,6 +194,75 @@ def _prepare_together(jobs: Sequence[LossJob], check_scores: bool) -> list[Prepa
             )
         )
     return prepared
+
+
+def _same_value_rules(jobs: Sequence[LossJob]) -> bool:
+    """Whether one set of checks serves every job (weighted means go one by one)."""
+    options = jobs[0].options
+    return not any(
+        job.options.label_zero_one != options.label_zero_one
+        or job.options.ignore_index != options.ignore_index
+        or job.options.reduction is Reduction.WEIGHTED_MEAN
+        for job in jobs
+    )
+
+
+def _weights_and_scores_pass(jobs: Sequence[LossJob], check_scores: bool) -> bool:
+    first = jobs[0]
+    if check_scores:
+        for k in range(len(first.inputs)):
+            sums = [job.inputs[k].sum() for job in jobs if job.inputs[k].numel()]
+            # A finite sum proves every element finite (as in _check_finite).
+            if sums and not bool(
+                torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums)).all()
+            ):
+                return False
+    if first.class_weights is not None and not _non_negative(first.class_weights):
+        return False  # the weights are part of the BatchKey: every job has the same ones
+    weights = [job.sample_weights for job in jobs if job.sample_weights is not None]
+    return not weights or _non_negative(_joined(weights))
+
+
+def _batch_labels(jobs: Sequence[LossJob]) -> list[torch.Tensor | None] | None:
+    """Each job's labels as int8 +-1 from one check over the batch; None: one is bad."""
+    first = jobs[0]
+    if first.labels is None:
+        return [None] * len(jobs)
+    values = _joined([job.labels for job in jobs if job.labels is not None])
+    values = values.to(torch.float64)
+    low = 0.0 if first.options.label_zero_one else -1.0
+    if bool(((values != low) & (values != 1.0)).any()):
+        return None
+    plus_minus = (values == 1.0).to(torch.int8).mul_(2).sub_(1)
+    return list(torch.split(plus_minus, [_rows(job.labels) for job in jobs]))
+
+
+_Targets = tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[int]]
+
+
+def _batch_targets_split(jobs: Sequence[LossJob]) -> _Targets | None:
+    """Each job's targets, ignore mask and count of ignored rows, from one check."""
+    first = jobs[0]
+    none: list[torch.Tensor | None] = [None] * len(jobs)
+    if first.targets is None:
+        return none, list(none), [0] * len(jobs)
+    joined = _joined([job.targets for job in jobs if job.targets is not None])
+    found = _batch_targets(joined.to(torch.int64), first.key.trailing_shape[0], first.options)
+    if found is None:
+        return None
+    all_targets, ignore_mask = found
+    rows = [_rows(job.targets) for job in jobs]
+    targets: list[torch.Tensor | None] = list(torch.split(all_targets, rows))
+    if ignore_mask is None:
+        return targets, list(none), [0] * len(jobs)
+    # Ignored rows per job from one running count: no op per job.
+    running = np.concatenate([[0], np.cumsum(ignore_mask.numpy(), dtype=np.int64)])
+    ends = np.cumsum(rows)
+    ignored = (running[ends] - running[ends - rows]).tolist()
+    masks: list[torch.Tensor | None] = [
+        m if n else None for m, n in zip(torch.split(ignore_mask, rows), ignored, strict=True)
+    ]
+    return targets, masks, ignored
 
 
 def _rows(tensor: torch.Tensor | None) -> int:
