@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import DOCKERFILE, load_yaml, parse_dockerfile
+from helpers.references import reference
 from podman_engine import REPO_ROOT, Podman
-from references import reference
 
 from hingeloss import LossClient, UnavailableError
 

@@ -18,9 +18,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cases import random_inputs
+from helpers.cases import random_inputs
+from helpers.servers import server_config
 from prometheus_client import CollectorRegistry
-from support import server_config
 
 from hingeloss import NO_RETRY, LossClient, UnavailableError
 from hingeloss._health import check
@@ -204,7 +204,7 @@ def test_a_sticky_device_fault_turns_health_not_serving(
 @pytest.mark.timeout(240)  # compiles about 64 variants of the kernel
 def test_the_fused_kernel_matches_eager_bit_for_bit_on_cuda() -> None:
     """Compiled, every dtype and option: the gradient equals eager's bit for bit."""
-    fused_interpreted = pytest.importorskip("fused_interpreted")
+    fused_interpreted = pytest.importorskip("helpers.fused_interpreted")
     pytest.importorskip("triton")
     try:
         assert fused_interpreted.main(secrets.randbits(32), "cuda") == 0

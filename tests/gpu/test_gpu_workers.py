@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cases import positional, random_inputs
-from hooks import BLOCKER, FaultHook, wait_until
+from helpers.cases import positional, random_inputs
+from helpers.faults import BLOCKER, FaultHook, wait_until
+from helpers.references import reference
+from helpers.servers import ServerThread, server_config
 from prometheus_client import CollectorRegistry
-from references import reference
-from support import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
 from hingeloss._requests import build_request

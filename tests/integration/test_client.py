@@ -1,0 +1,635 @@
+"""The SDK over real servers: types in and out, asyncio, streams, errors, retries, balancing."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import pkgutil
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from helpers.cases import random_inputs
+from helpers.references import reference
+from helpers.servers import ServerThread, server_config
+from helpers.system import requires_cuda
+from prometheus_client import CollectorRegistry
+
+import hingeloss
+from hingeloss import (
+    NO_RETRY,
+    AsyncLossClient,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    LossClient,
+    OverloadedError,
+    RetryPolicy,
+    StreamAbortedError,
+    UnavailableError,
+)
+from hingeloss import _tensors as tensors
+from hingeloss._errors import from_rpc_error
+from hingeloss._requests import InputKind, build_request, enum_value
+from hingeloss._results import decode_response
+from hingeloss._retry import CallAttempts, Retrier
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_server.config import BatchingConfig
+from hingeloss_server.engine.jobs import LossJob
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_numpy_in_numpy_out(shared_server: ServerThread) -> None:
+    inputs = random_inputs("multiclass_hinge", np.random.default_rng(), 16, classes=4)
+    scores32 = inputs["scores"].astype(np.float32)
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(scores32, inputs["targets"], return_per_sample=True)
+    assert isinstance(result.grad, np.ndarray)
+    assert result.grad.dtype == np.float32
+    assert result.grad.shape == (16, 4)
+    assert result.per_sample[0].dtype == np.float32
+    assert not result.grad.flags.writeable  # a view of the response, never copied
+    expected = reference("multiclass_hinge", {**inputs, "scores": scores32.astype(np.float64)})
+    np.testing.assert_allclose(result.grad, expected.grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_torch_in_torch_out(shared_server: ServerThread, dtype: torch.dtype) -> None:
+    scores = torch.randn(12, dtype=torch.float64).to(dtype)
+    labels = torch.tensor([1, -1] * 6)
+    with LossClient(shared_server.target) as client:
+        result = client.binary_hinge(scores, labels, gradient_format="row_sparse")
+    assert isinstance(result.grad, torch.Tensor)
+    assert result.grad.dtype == dtype
+    assert result.grad.device == scores.device
+    expected = torch.clamp(1 - labels * scores.double(), min=0).mean()
+    assert result.loss == pytest.approx(
+        float(expected), rel=1e-2 if dtype != torch.float64 else 1e-12
+    )
+    result.grad.add_(1)  # torch results are the caller's own memory
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_bfloat16_cuda_tensors(shared_server: ServerThread) -> None:
+    logits = torch.randn(32, 10, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 10, (32,), device="cuda")
+    with LossClient(shared_server.target) as client:
+        result = client.multiclass_hinge(logits, targets)
+    assert result.grad.device == logits.device
+    assert result.grad.dtype == torch.bfloat16
+    expected = reference(
+        "multiclass_hinge",
+        {"scores": logits.float().cpu().double().numpy(), "targets": targets.cpu().numpy()},
+    )
+    np.testing.assert_allclose(result.grad.float().cpu().numpy(), expected.grads[0], atol=1e-2)
+
+
+def test_async_client_matches_sync(shared_server: ServerThread) -> None:
+    rng = np.random.default_rng()
+    inputs = random_inputs("crammer_singer", rng, 20, classes=6)
+
+    async def run() -> Any:
+        async with AsyncLossClient(shared_server.target) as client:
+            assert await client.health() == "SERVING"
+            info = await client.server_info()
+            assert "crammer_singer" in info.losses
+            return await client.crammer_singer(inputs["scores"], inputs["targets"], power=2)
+
+    async_result = asyncio.run(run())
+    with LossClient(shared_server.target) as client:
+        sync_result = client.crammer_singer(inputs["scores"], inputs["targets"], power=2)
+    assert async_result.loss == sync_result.loss
+    np.testing.assert_array_equal(async_result.grad, sync_result.grad)
+
+
+def _stream_cases(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng()
+    return [random_inputs("binary_hinge", rng, int(rng.integers(1, 30))) for _ in range(count)]
+
+
+def test_sync_stream_pipelines_in_order(shared_server: ServerThread) -> None:
+    cases = _stream_cases(40)
+    with LossClient(shared_server.target) as client:
+        with client.stream(max_in_flight=8) as stream:
+            futures = [
+                stream.binary_hinge(c["scores"], c["labels"], request_id=f"r{i}")
+                for i, c in enumerate(cases)
+            ]
+            results = [f.result(timeout=30) for f in futures]
+        alone = [client.binary_hinge(c["scores"], c["labels"]) for c in cases]
+    assert [r.request_id for r in results] == [f"r{i}" for i in range(40)]
+    for streamed, single in zip(results, alone, strict=True):
+        assert streamed.loss == single.loss
+        np.testing.assert_array_equal(streamed.grad, single.grad)
+
+
+def test_async_stream_pipelines_in_order(shared_server: ServerThread) -> None:
+    cases = _stream_cases(40)
+
+    async def run() -> list[Any]:
+        async with (
+            AsyncLossClient(shared_server.target) as client,
+            client.stream(max_in_flight=4) as stream,
+        ):
+            pending = [
+                stream.binary_hinge(c["scores"], c["labels"], request_id=f"a{i}")
+                for i, c in enumerate(cases)
+            ]
+            return [await p for p in pending]
+
+    results = asyncio.run(run())
+    assert [r.request_id for r in results] == [f"a{i}" for i in range(40)]
+    for result, case in zip(results, cases, strict=True):
+        expected = reference("binary_hinge", case)
+        np.testing.assert_allclose(result.loss, expected.loss, rtol=1e-12)
+
+
+def test_stream_reports_a_bad_request(shared_server: ServerThread) -> None:
+    cases = _stream_cases(3)
+    cases[1]["labels"] = cases[1]["labels"] * 3
+    with LossClient(shared_server.target) as client, client.stream() as stream:
+        futures = [stream.binary_hinge(c["scores"], c["labels"]) for c in cases]
+        assert futures[0].result(timeout=30).samples == len(cases[0]["scores"])
+        with pytest.raises(InvalidArgumentError) as info:
+            futures[1].result(timeout=30)
+    assert info.value.field_violations[0].field == "binary_hinge.labels[0]"
+
+
+def test_options_take_strings_or_enums() -> None:
+    assert enum_value("CLASS_NORMALIZATION_", "divide_by_num_classes") == 2
+    assert enum_value("CLASS_NORMALIZATION_", "CLASS_NORMALIZATION_DIVIDE_BY_NUM_CLASSES") == 2
+    assert enum_value("KINK_SUBGRADIENT_", 2) == 2
+    with pytest.raises(ValueError, match="choose from"):
+        enum_value("TIE_BREAK_", "random")
+    with pytest.raises(TypeError, match="takes no option 'tie_break'"):
+        build_request(
+            "binary_hinge", {"scores": [1.0], "labels": [1]}, {"tie_break": "first_index"}
+        )
+    with pytest.raises(TypeError, match="unknown option"):
+        build_request("binary_hinge", {"scores": [1.0], "labels": [1]}, {"marginn": 1.0})
+
+
+class _Gate:
+    """Fault hook that holds the worker while a 'blocker' request computes."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.computed: list[str] = []
+
+    def __call__(self, jobs: Sequence[LossJob]) -> None:
+        self.computed += [job.request_id for job in jobs]
+        if any(job.request_id == "blocker" for job in jobs):
+            self.entered.set()
+            self.release.wait(30)
+
+
+def _block(server: ServerThread, gate: _Gate) -> threading.Thread:
+    def blocker() -> None:
+        with LossClient(server.target) as client:
+            client.gan_generator(np.ones(2), request_id="blocker")
+
+    thread = threading.Thread(target=blocker)
+    thread.start()
+    assert gate.entered.wait(30)
+    return thread
+
+
+def test_deadline_exceeded(make_server: Any) -> None:
+    gate = _Gate()
+    server = make_server(fault_hook=gate)
+    blocker = _block(server, gate)
+    try:
+        with LossClient(server.target, timeout=0.3) as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as info:
+                client.gan_generator(np.ones(3), request_id="late")
+        assert time.monotonic() - started < 5
+        assert isinstance(info.value.__cause__, grpc.RpcError)
+    finally:
+        gate.release.set()
+        blocker.join()
+
+
+@contextlib.contextmanager
+def _full_queue(make_server: Any) -> Iterator[tuple[ServerThread, CollectorRegistry]]:
+    """A server whose only worker is held and whose queue is full: it sheds every call."""
+    gate = _Gate()
+    registry = CollectorRegistry()
+    config = server_config(batching=BatchingConfig(max_queue_rows=3))
+    server = make_server(config, fault_hook=gate, registry=registry)
+    blocker = _block(server, gate)
+    filler = LossClient(server.target)
+    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
+    try:
+        queued.start()
+        while server.server.batcher.stats.rows < 3:
+            time.sleep(0.01)
+        yield server, registry
+    finally:
+        gate.release.set()
+        blocker.join()
+        queued.join()
+        filler.close()
+
+
+def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:
+    with _full_queue(make_server) as (server, registry):
+        policy = RetryPolicy(max_attempts=3, jitter=0.0)
+        with LossClient(server.target, retry=policy) as client:
+            started = time.monotonic()
+            with pytest.raises(OverloadedError) as info:
+                client.gan_generator(np.ones(2))
+            elapsed = time.monotonic() - started
+        assert info.value.retry_delay is not None
+        assert info.value.retry_delay > 0
+        # Three attempts, each refused at once; the waits between them follow RetryInfo.
+        assert (
+            registry.get_sample_value("hingeloss_requests_rejected_total", {"reason": "queue_full"})
+            == 3
+        )
+        assert elapsed >= 2 * info.value.retry_delay * 0.9
+
+
+def test_async_client_retries_on_the_shared_core(make_server: Any) -> None:
+    """The asyncio client retries as the sync one does, reading each status from its call."""
+
+    async def refused(target: str) -> OverloadedError:
+        policy = RetryPolicy(max_attempts=3, jitter=0.0)
+        async with AsyncLossClient(target, retry=policy) as client:
+            with pytest.raises(OverloadedError) as info:
+                await client.gan_generator(np.ones(2))
+        return info.value
+
+    with _full_queue(make_server) as (server, registry):
+        error = asyncio.run(refused(server.target))
+        assert error.reason == "QUEUE_FULL"
+        assert error.retry_delay is not None
+        assert error.retry_delay > 0
+        assert isinstance(error.__cause__, grpc.RpcError)
+        rejected = {"reason": "queue_full"}
+        assert registry.get_sample_value("hingeloss_requests_rejected_total", rejected) == 3
+
+
+def test_unavailable_without_a_server() -> None:
+    with (
+        LossClient("127.0.0.1:1", timeout=5, retry=NO_RETRY) as client,
+        pytest.raises(UnavailableError) as info,
+    ):
+        client.gan_generator(np.ones(2))
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_retry_never_outlives_the_deadline() -> None:
+    policy = RetryPolicy(max_attempts=50, initial_backoff_s=0.2, max_backoff_s=0.2)
+    with LossClient("127.0.0.1:1", timeout=1.0, retry=policy) as client:
+        started = time.monotonic()
+        with pytest.raises((UnavailableError, DeadlineExceededError)):
+            client.gan_generator(np.ones(2))
+    assert time.monotonic() - started < 2.0
+
+
+def test_round_robin_failover_across_three_servers(make_server: Any) -> None:
+    """One client over three servers; one stops mid-run; nothing is lost."""
+    registries = [CollectorRegistry() for _ in range(3)]
+    servers = [
+        make_server(server_config(drain_seconds=5.0, shutdown_delay_seconds=0.3), registry=r)
+        for r in registries
+    ]
+    target = "ipv4:" + ",".join(s.target for s in servers)
+    rng = np.random.default_rng()
+    results: list[float] = []
+    expected: list[float] = []
+    with LossClient(target, retry=RetryPolicy(max_attempts=5)) as client:
+        for i in range(150):
+            if i == 60:
+                servers[1].begin_stop()
+            inputs = random_inputs("binary_hinge", rng, 5)
+            results.append(client.binary_hinge(inputs["scores"], inputs["labels"]).loss)
+            expected.append(reference("binary_hinge", inputs).loss)
+    np.testing.assert_allclose(results, expected, rtol=1e-12)
+    served = [
+        r.get_sample_value("hingeloss_requests_total", {"loss": "binary_hinge", "code": "OK"}) or 0
+        for r in registries
+    ]
+    assert all(count > 0 for count in served), served
+    assert sum(served) == 150
+    assert served[1] < served[0]  # the stopped one took no traffic after the stop
+
+
+def test_numpy_users_need_no_torch(shared_server: ServerThread) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "import numpy as np, hingeloss\n"
+        f"c = hingeloss.LossClient({shared_server.target!r})\n"
+        "r = c.binary_hinge(np.array([0.5, -2.0]), np.array([1, 1]))\n"
+        "assert abs(r.loss - 1.75) < 1e-12, r.loss\n"
+        "print(type(r.grad).__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+
+
+def test_public_surface() -> None:
+    for name in hingeloss.__all__:
+        assert hasattr(hingeloss, name), name
+    assert issubclass(hingeloss.InvalidArgumentError, hingeloss.HingelossError)
+
+
+def test_internals_are_private() -> None:
+    """Public modules are the documented ones; every other public name is in __all__."""
+    modules = {m.name for m in pkgutil.iter_modules(hingeloss.__path__)}
+    assert {m for m in modules if not m.startswith("_")} == {"torch", "v1"}
+    exported = {
+        name
+        for name in dir(hingeloss)
+        if not name.startswith("_") and not isinstance(getattr(hingeloss, name), types.ModuleType)
+    }
+    assert exported == set(hingeloss.__all__) - {"__version__"}
+
+
+def test_each_public_name_is_imported_from_its_home_for_type_checkers() -> None:
+    """The lazy table and the TYPE_CHECKING imports of hingeloss/__init__.py agree."""
+    tree = ast.parse(Path(hingeloss.__file__).read_text())
+    typed = {
+        alias.name: node.module.removeprefix("hingeloss.")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hingeloss.")
+        for alias in node.names
+    }
+    assert typed == hingeloss._HOMES  # noqa: SLF001 - the table under test
+    assert set(typed) == set(hingeloss.__all__) - {"__version__"}
+
+
+def test_importing_an_internal_module_loads_no_grpc() -> None:
+    code = "import sys, hingeloss._factored; print('grpc' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_device_out_of_memory_is_not_retried(make_server: Any) -> None:
+    attempts: list[str] = []
+
+    def out_of_memory(jobs: Sequence[LossJob]) -> None:
+        if any(job.request_id == "huge" for job in jobs):
+            attempts.extend(job.request_id for job in jobs)
+            raise torch.cuda.OutOfMemoryError("simulated: the request does not fit")
+
+    server = make_server(fault_hook=out_of_memory)
+    with LossClient(server.target) as client, pytest.raises(OverloadedError) as info:
+        client.gan_generator(np.ones(4), request_id="huge")
+    assert info.value.reason == "DEVICE_OUT_OF_MEMORY"
+    assert attempts == ["huge"]
+
+
+# -- retries: only real load shedding, throttled per client --------------------------------
+
+
+def test_resource_exhausted_is_retried_only_when_the_server_sheds_load() -> None:
+    policy = RetryPolicy()
+    shedding = [
+        OverloadedError("the queue is full", reason="QUEUE_FULL"),
+        OverloadedError("busy", retry_delay=0.1),
+        OverloadedError("Concurrent RPC limit exceeded!"),
+    ]
+    final = [
+        OverloadedError("Received message larger than max (600 vs. 512)"),
+        OverloadedError("Sent message larger than max (600 vs. 512)"),
+        OverloadedError("the request does not fit", reason="DEVICE_OUT_OF_MEMORY"),
+        OverloadedError("some quota ran out"),
+    ]
+    assert all(policy.is_retryable(e) for e in shedding)
+    assert not any(policy.is_retryable(e) for e in final)
+    assert all(policy.next_delay(1, e, None) is not None for e in shedding)
+    assert all(policy.next_delay(1, e, None) is None for e in final)
+    assert policy.is_retryable(UnavailableError("draining", reason="DRAINING"))
+    assert not policy.is_retryable(InvalidArgumentError("bad"))
+
+
+def test_retry_throttle_follows_grpc_token_bucket() -> None:
+    retrier = Retrier(RetryPolicy(max_attempts=100, jitter=0.0))
+    shed = OverloadedError("the queue is full", reason="QUEUE_FULL", retry_delay=0.01)
+    allowed = [retrier.failed(1, shed, None) is not None for _ in range(7)]
+    # 10 tokens; each failure costs one; retries only while more than 5 are left.
+    assert allowed == [True, True, True, True, False, False, False]
+    for _ in range(40):  # 0.1 token per success: 3 tokens become 7
+        retrier.succeeded()
+    assert retrier.failed(1, shed, None) is not None  # 6 left
+    assert retrier.failed(1, shed, None) is None  # 5 left: not more than half
+
+    # Failures that are not worth retrying cost nothing.
+    assert retrier.throttle is not None
+    tokens = retrier.throttle.tokens
+    assert retrier.failed(1, InvalidArgumentError("bad"), None) is None
+    assert retrier.throttle.tokens == tokens
+    assert Retrier(RetryPolicy(throttle_max_tokens=None)).throttle is None
+    with pytest.raises(ValueError, match="throttle_max_tokens"):
+        RetryPolicy(throttle_max_tokens=0)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_call_attempts_say_when_to_retry_and_when_to_give_up() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.25, jitter=0.0)
+    clock = _Clock()
+    draining = UnavailableError("draining", reason="DRAINING")
+
+    attempts = CallAttempts(Retrier(policy), 1.0, clock)
+    assert attempts.start() == 1.0
+    clock.now += 0.5
+    assert attempts.retry_after(draining) == 0.25
+    clock.now += 0.25
+    assert attempts.start() == 0.25  # the call's deadline, not a fresh one per attempt
+    with pytest.raises(UnavailableError) as info:  # a 0.5 s backoff would pass the deadline
+        attempts.retry_after(draining)
+    assert info.value is draining
+
+    unlimited = CallAttempts(Retrier(policy), None, clock)
+    assert unlimited.start() is None
+    assert unlimited.retry_after(draining) == 0.25
+    unlimited.start()
+    assert unlimited.retry_after(draining) == 0.5
+    unlimited.start()
+    with pytest.raises(UnavailableError):  # the third attempt was the last
+        unlimited.retry_after(draining)
+
+    final = InvalidArgumentError("bad")
+    with pytest.raises(InvalidArgumentError) as refused:
+        CallAttempts(Retrier(policy), None, clock).retry_after(final)
+    assert refused.value is final
+
+
+def test_throttle_stops_retries_against_a_shedding_server(make_server: Any) -> None:
+    with _full_queue(make_server) as (server, registry):
+
+        def shed() -> float:
+            labels = {"reason": "queue_full"}
+            return registry.get_sample_value("hingeloss_requests_rejected_total", labels) or 0.0
+
+        policy = RetryPolicy(max_attempts=5, jitter=0.0)
+        with LossClient(server.target, retry=policy) as client:
+            for _ in range(3):
+                with pytest.raises(OverloadedError):
+                    client.gan_generator(np.ones(2))
+        # 5 attempts (tokens 10 -> 5), then the bucket allows first attempts only.
+        assert shed() == 5 + 1 + 1
+        unthrottled = RetryPolicy(max_attempts=5, jitter=0.0, throttle_max_tokens=None)
+        with LossClient(server.target, retry=unthrottled) as client:
+            for _ in range(2):
+                with pytest.raises(OverloadedError):
+                    client.gan_generator(np.ones(2))
+        assert shed() == 7 + 5 + 5
+
+
+# -- errors carry the server's ErrorInfo metadata -------------------------------------------
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, status: status_pb2.Status) -> None:
+        self._status = status
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return self._status.message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self._status.SerializeToString()),)
+
+
+def test_error_info_metadata_is_parsed() -> None:
+    info = error_details_pb2.ErrorInfo(
+        reason="INVALID_ARGUMENT",
+        domain="hingeloss.v1",
+        metadata={"streamIndex": "3", "requestId": "r3"},
+    )
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status = status_pb2.Status(code=3, message="bad labels", details=[packed])
+    error = from_rpc_error(_FakeRpcError(status))
+    assert isinstance(error, InvalidArgumentError)
+    assert error.reason == "INVALID_ARGUMENT"
+    assert error.metadata == {"streamIndex": "3", "requestId": "r3"}
+    aborted = StreamAbortedError(error)
+    assert aborted.culprit is error
+    assert aborted.__cause__ is error
+    assert "bad labels" in str(aborted)
+
+
+def test_details_that_contradict_the_status_are_not_read() -> None:
+    """grpcio-status checks the details against the call's own code and message."""
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason="QUEUE_FULL"))
+    other = status_pb2.Status(code=8, message="bad labels", details=[packed])
+    error = from_rpc_error(_FakeRpcError(other))
+    assert isinstance(error, InvalidArgumentError)
+    assert error.message == "bad labels"
+    assert error.reason == ""
+    assert isinstance(error.__cause__, _FakeRpcError)
+
+
+def test_unary_errors_name_their_request(shared_server: ServerThread) -> None:
+    with LossClient(shared_server.target) as client, pytest.raises(InvalidArgumentError) as info:
+        client.binary_hinge(np.ones(2), np.array([3, 1]), request_id="bad-1")
+    # Servers that name the failing request in ErrorInfo say which (older ones do not).
+    assert info.value.metadata.get("requestId", "bad-1") == "bad-1"
+
+
+# -- requests are filled in place; answers are the caller's own ---------------------------
+
+
+def test_tensors_are_filled_in_place() -> None:
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
+    message = pb.Tensor()
+    tensors.fill_from_numpy(message, scores)
+    assert message == tensors.from_numpy(scores)
+    np.testing.assert_array_equal(tensors.to_numpy(message), scores)
+    big_endian = np.arange(3, dtype=">f8")
+    np.testing.assert_array_equal(tensors.to_numpy(tensors.from_numpy(big_endian)), [0, 1, 2])
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        value = torch.arange(6).to(dtype).reshape(2, 3).t()
+        message = pb.Tensor()
+        tensors.fill_from_torch(message, value)
+        assert message == tensors.from_torch(value)
+        assert list(message.shape) == [3, 2]
+        torch.testing.assert_close(tensors.to_torch(message), value.contiguous())
+
+    weights = np.array([1.0, 2.0, 3.0])
+    request, _ = build_request(
+        "multiclass_hinge",
+        {"scores": scores, "targets": np.array([0, 1, 1])},
+        {"class_weights": weights, "sample_weights": weights, "request_id": "in-place"},
+    )
+    assert request.WhichOneof("loss") == "multiclass_hinge"
+    assert request.request_id == "in-place"
+    assert request.multiclass_hinge.scores == tensors.from_numpy(scores)
+    assert request.multiclass_hinge.target_class_weights == tensors.from_numpy(weights)
+    assert request.sample_weights == tensors.from_numpy(weights)
+    empty, _ = build_request("gan_generator", {"fake_scores": np.zeros(0)}, {})
+    assert empty.WhichOneof("loss") == "gan_generator"
+
+
+def _response(values: np.ndarray) -> pb.ComputeResponse:
+    response = pb.ComputeResponse(request_id="r", loss=0.5)
+    tensors.fill_from_numpy(response.gradients.add().dense, values)
+    return response
+
+
+def test_torch_answers_are_owned_and_writable() -> None:
+    values = np.linspace(-1, 1, 8, dtype=np.float32)
+    response = _response(values)
+    kind = InputKind(is_torch=True, device=torch.device("cpu"), dtype=torch.float32)
+    first = decode_response(response, kind).grad
+    second = decode_response(response, kind).grad
+    first.add_(10)
+    torch.testing.assert_close(second, torch.from_numpy(values))
+    np.testing.assert_array_equal(tensors.to_numpy(response.gradients[0].dense), values)
+    half = InputKind(is_torch=True, device=torch.device("cpu"), dtype=torch.float16)
+    converted = decode_response(response, half).grad
+    assert converted.dtype == torch.float16
+    converted.mul_(2)
+
+
+def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
+    """A newer server may resolve options or dtypes this SDK version does not know."""
+    response = _response(np.ones(2))
+    response.resolved.loss = "binary_hinge"
+    response.resolved.reduction = 99  # type: ignore[assignment]
+    response.resolved.tie_break = 7  # type: ignore[assignment]
+    response.resolved.compute_dtype = 42  # type: ignore[assignment]
+    result = decode_response(response, InputKind(is_torch=False))
+    assert result.resolved["reduction"] == "unknown(99)"
+    assert result.resolved["tie_break"] == "unknown(7)"
+    assert result.resolved["compute_dtype"] == "unknown(42)"
+    np.testing.assert_array_equal(result.grad, [1.0, 1.0])
+    # Only a tensor actually decoded in an unknown dtype fails, and says why.
+    response.gradients[0].dense.dtype = 42  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
+        decode_response(response, InputKind(is_torch=False))
