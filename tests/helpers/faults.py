@@ -2,7 +2,8 @@
 
 `HingelossServer(config, fault_hook=hook)` calls the hook on the worker thread with
 each batch's jobs just before compute, so what it records is exactly what was
-computed (or attempted), by request id.
+computed (or attempted), by request id. `HeldWorker` is the one way tests hold a
+server's only worker (its BLOCKER request computing) while they queue more behind it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Generic, TypeVar
 
 from hingeloss_server.engine.jobs import LossJob
 
 BLOCKER = "blocker"
+# How long a held worker's blocker may take to answer once released.
+PATIENCE_S = 60.0
+
+T = TypeVar("T")
 
 
 class FaultHook:
@@ -84,3 +92,43 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+class HeldWorker(Generic[T]):
+    """A server's only worker, held on a BLOCKER request until `release()`.
+
+    `send` makes the blocker call (any client, any loss, with `request_id=BLOCKER`);
+    it runs on a thread of its own and its answer is the future `blocker`. Entering
+    waits until the worker holds it, so that what the test sends next queues behind
+    it; leaving releases it (as `release()` does earlier) and waits for its answer,
+    even when the test fails, so that no test leaves a worker stuck.
+    """
+
+    def __init__(self, hook: FaultHook, send: Callable[[], T]) -> None:
+        self.hook = hook
+        self._send = send
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="blocker")
+        self.blocker: Future[T] = Future()
+
+    def __enter__(self) -> HeldWorker[T]:
+        self.blocker = self._pool.submit(self._send)
+        try:
+            self.hook.wait_blocked()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def release(self) -> None:
+        """Lets the worker go and waits for the blocker to finish (its answer: `blocker`)."""
+        self.hook.release()
+        self.blocker.exception(PATIENCE_S)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+        self._pool.shutdown()

@@ -22,6 +22,7 @@ import torch
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from helpers.cases import random_inputs
+from helpers.faults import BLOCKER, FaultHook, HeldWorker
 from helpers.references import reference
 from helpers.servers import ServerThread, server_config
 from helpers.system import requires_cuda
@@ -34,6 +35,7 @@ from hingeloss import (
     DeadlineExceededError,
     InvalidArgumentError,
     LossClient,
+    LossResult,
     OverloadedError,
     RetryPolicy,
     StreamAbortedError,
@@ -182,68 +184,44 @@ def test_options_take_strings_or_enums() -> None:
         build_request("binary_hinge", {"scores": [1.0], "labels": [1]}, {"marginn": 1.0})
 
 
-class _Gate:
-    """Fault hook that holds the worker while a 'blocker' request computes."""
+def _hold_worker(server: ServerThread, hook: FaultHook) -> HeldWorker[LossResult]:
+    """Holds the server's only worker on a blocker sent by a client of its own."""
 
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.computed: list[str] = []
-
-    def __call__(self, jobs: Sequence[LossJob]) -> None:
-        self.computed += [job.request_id for job in jobs]
-        if any(job.request_id == "blocker" for job in jobs):
-            self.entered.set()
-            self.release.wait(30)
-
-
-def _block(server: ServerThread, gate: _Gate) -> threading.Thread:
-    def blocker() -> None:
+    def blocker() -> LossResult:
         with LossClient(server.target) as client:
-            client.gan_generator(np.ones(2), request_id="blocker")
+            return client.gan_generator(np.ones(2), request_id=BLOCKER)
 
-    thread = threading.Thread(target=blocker)
-    thread.start()
-    assert gate.entered.wait(30)
-    return thread
+    return HeldWorker(hook, blocker)
 
 
 def test_deadline_exceeded(make_server: Any) -> None:
-    gate = _Gate()
-    server = make_server(fault_hook=gate)
-    blocker = _block(server, gate)
-    try:
-        with LossClient(server.target, timeout=0.3) as client:
-            started = time.monotonic()
-            with pytest.raises(DeadlineExceededError) as info:
-                client.gan_generator(np.ones(3), request_id="late")
+    hook = FaultHook()
+    server = make_server(fault_hook=hook)
+    with _hold_worker(server, hook), LossClient(server.target, timeout=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError) as info:
+            client.gan_generator(np.ones(3), request_id="late")
         assert time.monotonic() - started < 5
         assert isinstance(info.value.__cause__, grpc.RpcError)
-    finally:
-        gate.release.set()
-        blocker.join()
 
 
 @contextlib.contextmanager
 def _full_queue(make_server: Any) -> Iterator[tuple[ServerThread, CollectorRegistry]]:
     """A server whose only worker is held and whose queue is full: it sheds every call."""
-    gate = _Gate()
+    hook = FaultHook()
     registry = CollectorRegistry()
     config = server_config(batching=BatchingConfig(max_queue_rows=3))
-    server = make_server(config, fault_hook=gate, registry=registry)
-    blocker = _block(server, gate)
-    filler = LossClient(server.target)
-    queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
-    try:
+    server = make_server(config, fault_hook=hook, registry=registry)
+    with _hold_worker(server, hook), LossClient(server.target) as filler:
+        queued = threading.Thread(target=lambda: filler.gan_generator(np.ones(3)))
         queued.start()
-        while server.server.batcher.stats.rows < 3:
-            time.sleep(0.01)
-        yield server, registry
-    finally:
-        gate.release.set()
-        blocker.join()
-        queued.join()
-        filler.close()
+        try:
+            while server.server.batcher.stats.rows < 3:
+                time.sleep(0.01)
+            yield server, registry
+        finally:
+            hook.release()
+            queued.join()
 
 
 def test_overloaded_is_retried_honouring_retry_info(make_server: Any) -> None:

@@ -1,6 +1,6 @@
 """Deadlines and cancellation: what waits too long or is abandoned is never computed.
 
-The single worker is held on a "blocker" request (see hooks.py), so that the
+The single worker is held on a "blocker" request (helpers/faults.py: HeldWorker), so that the
 requests under test wait in the queue deterministically.
 """
 
@@ -10,13 +10,14 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from helpers.calls import compute_without_a_request
-from helpers.faults import BLOCKER, FaultHook, wait_until
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
 from helpers.servers import server_config
 from prometheus_client import CollectorRegistry
 
@@ -51,36 +52,33 @@ def _rejected(registry: CollectorRegistry, reason: str) -> float:
     return value or 0.0
 
 
+@dataclass
 class _Held:
     """A server whose only worker is held on BLOCKER until release()."""
 
-    def __init__(self, make_server: Callable[..., Any]) -> None:
-        self.hook = FaultHook()
-        self.registry = CollectorRegistry()
-        self.server = make_server(server_config(), fault_hook=self.hook, registry=self.registry)
-        self.channel = grpc.insecure_channel(self.server.target)
-        self.stub = pb_grpc.LossServiceStub(self.channel)
-        self.blocker = self.stub.Compute.future(_request(BLOCKER), timeout=60)
-        self.hook.wait_blocked()
+    server: Any
+    hook: FaultHook
+    registry: CollectorRegistry
+    stub: pb_grpc.LossServiceStub
+    worker: HeldWorker[pb.ComputeResponse]
 
     @property
     def queued(self) -> int:
         return int(self.server.server.batcher.stats.requests)
 
     def release(self) -> None:
-        self.hook.release()
-        self.blocker.result(30)
-
-    def close(self) -> None:
-        self.hook.release()
-        self.channel.close()
+        self.worker.release()
+        self.worker.blocker.result(0)
 
 
 @pytest.fixture
 def held(make_server: Callable[..., Any]) -> Iterator[_Held]:
-    state = _Held(make_server)
-    yield state
-    state.close()
+    hook, registry = FaultHook(), CollectorRegistry()
+    server = make_server(server_config(), fault_hook=hook, registry=registry)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        with HeldWorker(hook, lambda: stub.Compute(_request(BLOCKER), timeout=60)) as worker:
+            yield _Held(server, hook, registry, stub, worker)
 
 
 def test_expired_while_queued_is_never_computed(held: _Held) -> None:

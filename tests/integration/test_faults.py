@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import grpc
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers.faults import BLOCKER, FaultHook, wait_until
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
 from helpers.servers import server_config
 
 from hingeloss import (
@@ -51,22 +52,18 @@ def _batch_behind_blocker(
     """Queues `ids` while the worker is held, then lets them go as one batch."""
     rng = np.random.default_rng(seed)
     inputs = {request_id: _inputs(rng) for request_id in (BLOCKER, *ids)}
-    client = LossClient(server.target, retry=NO_RETRY)
-    pool = ThreadPoolExecutor(len(ids) + 1)
-    futures = {BLOCKER: pool.submit(client.binary_hinge, *inputs[BLOCKER], request_id=BLOCKER)}
-    try:
-        hook.wait_blocked()
-        for request_id in ids:
-            futures[request_id] = pool.submit(
-                client.binary_hinge, *inputs[request_id], request_id=request_id
-            )
-        wait_until(lambda: server.server.batcher.stats.requests == len(ids), what="queued")
-    finally:
-        hook.release()
-    for future in futures.values():
-        future.exception(30)
-    pool.shutdown()
-    client.close()
+    futures: dict[str, Future[LossResult]] = {}
+    with LossClient(server.target, retry=NO_RETRY) as client, ThreadPoolExecutor(len(ids)) as pool:
+        send = partial(client.binary_hinge, *inputs[BLOCKER], request_id=BLOCKER)
+        with HeldWorker(hook, send) as held:
+            for request_id in ids:
+                futures[request_id] = pool.submit(
+                    client.binary_hinge, *inputs[request_id], request_id=request_id
+                )
+            wait_until(lambda: server.server.batcher.stats.requests == len(ids), what="queued")
+        futures[BLOCKER] = held.blocker
+        for future in futures.values():
+            future.exception(30)
     return futures, inputs
 
 
@@ -204,16 +201,13 @@ def test_watchdog_reports_a_stuck_worker_and_its_recovery(make_server: Callable[
         health = health_pb2_grpc.HealthStub(channel)
         stub = pb_grpc.LossServiceStub(channel)
         assert status() == "SERVING"
-        stuck = pool.submit(client.binary_hinge, *_inputs(rng), request_id=BLOCKER)
-        try:
-            hook.wait_blocked()
+        send = partial(client.binary_hinge, *_inputs(rng), request_id=BLOCKER)
+        with HeldWorker(hook, send) as stuck:
             wait_until(lambda: status() == "NOT_SERVING", timeout=5, what="NOT_SERVING")
             assert status(SERVICE_NAME) == "NOT_SERVING"
             queued = pool.submit(stub.Compute, request, timeout=10)
             wait_until(lambda: server.server.batcher.stats.requests == 1, what="queued")
-        finally:
-            hook.release()
         wait_until(lambda: status() == "SERVING", timeout=5, what="SERVING again")
         assert status(SERVICE_NAME) == "SERVING"
-        stuck.result(10)
+        stuck.blocker.result(10)
         _check_correct(decode_response(queued.result(10), kind), queued_inputs)

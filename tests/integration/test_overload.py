@@ -16,12 +16,13 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from helpers.faults import BLOCKER, FaultHook, wait_until
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
 from helpers.servers import server_config
 from prometheus_client import CollectorRegistry
 
@@ -211,21 +212,19 @@ def test_full_queue_answers_at_once_with_retry_info(make_server: Callable[..., A
     )
     scores, labels = np.zeros(4), np.ones(4)
     with LossClient(server.target, retry=NO_RETRY) as client, ThreadPoolExecutor(3) as pool:
-        blocker = pool.submit(client.binary_hinge, scores, labels, request_id=BLOCKER)
-        try:
-            hook.wait_blocked()
+        with HeldWorker(
+            hook, lambda: client.binary_hinge(scores, labels, request_id=BLOCKER)
+        ) as held:
             queued = [pool.submit(client.binary_hinge, scores, labels) for _ in range(2)]
             wait_until(lambda: server.server.batcher.stats.rows == 8, what="queue full")
             started = time.perf_counter()
             with pytest.raises(OverloadedError) as info:
                 client.binary_hinge(scores, labels, timeout=10)
             assert time.perf_counter() - started < 1.0
-        finally:
-            hook.release()
         assert info.value.reason == "QUEUE_FULL"
         assert info.value.retry_delay is not None
         assert 0 < info.value.retry_delay <= 5
-        for future in (blocker, *queued):
+        for future in (held.blocker, *queued):
             assert future.result(10).loss == pytest.approx(1.0)
 
 
@@ -235,9 +234,9 @@ def test_queue_byte_bound(make_server: Callable[..., Any]) -> None:
     )
     big = np.zeros(2048)  # 16 KiB of float64 scores, plus 16 KiB of float64 labels
     with LossClient(server.target, retry=NO_RETRY) as client, ThreadPoolExecutor(3) as pool:
-        blocker = pool.submit(client.binary_hinge, np.zeros(4), np.ones(4), request_id=BLOCKER)
-        try:
-            hook.wait_blocked()
+        with HeldWorker(
+            hook, lambda: client.binary_hinge(np.zeros(4), np.ones(4), request_id=BLOCKER)
+        ) as held:
             first = pool.submit(client.binary_hinge, big, np.ones(2048))
             wait_until(lambda: server.server.batcher.stats.requests == 1, what="one queued")
             with pytest.raises(OverloadedError):
@@ -245,9 +244,7 @@ def test_queue_byte_bound(make_server: Callable[..., Any]) -> None:
             # Small requests still fit.
             small = pool.submit(client.binary_hinge, np.zeros(4), np.ones(4))
             wait_until(lambda: server.server.batcher.stats.requests == 2, what="small queued")
-        finally:
-            hook.release()
-        for future in (blocker, first, small):
+        for future in (held.blocker, first, small):
             future.result(10)
 
 
@@ -264,9 +261,7 @@ def test_concurrent_rpc_cap(make_server: Callable[..., Any]) -> None:
     )
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.LossServiceStub(channel)
-        blocker = stub.Compute.future(blocker_request, timeout=30)
-        try:
-            hook.wait_blocked()
+        with HeldWorker(hook, lambda: stub.Compute(blocker_request, timeout=30)) as held:
             queued = [stub.Compute.future(request, timeout=30) for _ in range(3)]
             wait_until(lambda: server.server.batcher.stats.requests == 3, what="cap reached")
             with pytest.raises(grpc.RpcError) as info:
@@ -274,9 +269,7 @@ def test_concurrent_rpc_cap(make_server: Callable[..., Any]) -> None:
             error = from_rpc_error(info.value)
             assert isinstance(error, OverloadedError)
             assert error.retry_delay is None
-        finally:
-            hook.release()
-        for call in (blocker, *queued):
+        for call in (held.blocker, *queued):
             assert call.result(10).loss == pytest.approx(1.0)
         assert stub.Compute(request, timeout=10).loss == pytest.approx(1.0)
 
@@ -322,16 +315,11 @@ def test_inflight_byte_budget_sheds_with_retry_info(make_server: Callable[..., A
     scores = np.zeros(64)  # 512 bytes of scores + 512 of labels: a charge of about 3 KiB
     config = server_config(batching=BatchingConfig(max_inflight_bytes=3 * 1024))
     server = make_server(config, fault_hook=hook)
-    with (
-        LossClient(server.target, retry=NO_RETRY) as client,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        blocker = pool.submit(client.binary_hinge, scores, np.ones(64), request_id=BLOCKER)
-        hook.wait_blocked()
-        with pytest.raises(OverloadedError) as info:
+    with LossClient(server.target, retry=NO_RETRY) as client:
+        send = partial(client.binary_hinge, scores, np.ones(64), request_id=BLOCKER)
+        with HeldWorker(hook, send) as held, pytest.raises(OverloadedError) as info:
             client.binary_hinge(scores, np.ones(64))
-        hook.release()
-        blocker.result(timeout=30)
+        held.blocker.result(timeout=30)
         after = client.binary_hinge(scores, np.ones(64))
     assert info.value.reason == "INFLIGHT_FULL"
     assert info.value.retry_delay is not None

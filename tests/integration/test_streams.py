@@ -8,17 +8,17 @@ needs answers to wait.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures as cf
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from helpers.cases import random_inputs
-from helpers.faults import BLOCKER, FaultHook
+from helpers.faults import BLOCKER, FaultHook, HeldWorker
 from helpers.references import reference
 from helpers.servers import ServerThread
 from prometheus_client import CollectorRegistry
@@ -29,6 +29,7 @@ from hingeloss import (
     HingelossError,
     InvalidArgumentError,
     LossClient,
+    LossResult,
     StreamAbortedError,
 )
 from hingeloss import _streams as sdk_streams
@@ -66,36 +67,34 @@ def _sync_outcomes(futures: list[cf.Future[Any]]) -> list[Any]:
     return outcomes
 
 
+@dataclass
 class _Held:
     """A server whose only worker is held by a blocker request until `release()`."""
 
-    def __init__(self, make_server: Callable[..., ServerThread]) -> None:
-        self.hook = FaultHook()
-        self.registry = CollectorRegistry()
-        self.server = make_server(fault_hook=self.hook, registry=self.registry)
-        self._client = LossClient(self.server.target, timeout=60)
-        self._thread = threading.Thread(
-            target=lambda: self._client.gan_generator(np.ones(2), request_id=BLOCKER)
-        )
-        self._thread.start()
-        self.hook.wait_blocked()
+    server: ServerThread
+    hook: FaultHook
+    registry: CollectorRegistry
+    worker: HeldWorker[LossResult]
 
     def inflight(self) -> float:
         """Requests the server has received and not answered, the blocker included."""
         return self.registry.get_sample_value("hingeloss_inflight_requests") or 0.0
 
     def release(self) -> None:
-        self.hook.release()
-        if self._thread.is_alive():
-            self._thread.join(PATIENCE_S)
-            self._client.close()
+        self.worker.release()
 
 
 @pytest.fixture
 def held(make_server: Callable[..., ServerThread]) -> Iterator[_Held]:
-    holder = _Held(make_server)
-    yield holder
-    holder.release()
+    hook, registry = FaultHook(), CollectorRegistry()
+    server = make_server(fault_hook=hook, registry=registry)
+
+    def blocker() -> LossResult:
+        with LossClient(server.target, timeout=60) as client:
+            return client.gan_generator(np.ones(2), request_id=BLOCKER)
+
+    with HeldWorker(hook, blocker) as worker:
+        yield _Held(server, hook, registry, worker)
 
 
 # -- a stream that fails while callers wait for a slot --------------------------------
