@@ -68,44 +68,16 @@ def _accepted(metrics_port: int) -> tuple[float, float]:
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    port_file = tmp_path / "port"
     metrics_port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hingeloss_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(metrics_port),
-            "--devices",
-            "cpu",
-            # Each batch waits 200 ms for company (and never fills up): requests stay in
-            # flight long enough for SIGTERM to land among them, however fast the machine.
-            "--max-batch-delay-us",
-            "200000",
-            "--max-batch-bytes",
-            str(1 << 30),
-            "--drain-seconds",
-            "30",
-            "--shutdown-delay-seconds",
-            "0.5",
-        ],
-        stderr=subprocess.PIPE,
+    flags = (
+        *("--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)),
+        # Each batch waits 200 ms for company (and never fills up): requests stay in
+        # flight long enough for SIGTERM to land among them, however fast the machine.
+        *("--max-batch-delay-us", "200000", "--max-batch-bytes", str(1 << 30)),
+        *("--drain-seconds", "30", "--shutdown-delay-seconds", "0.5"),
     )
-    try:
-        yield process, wait_for_port(port_file, process), metrics_port
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with spawn_server(tmp_path, *flags) as (process, port):
+        yield process, port, metrics_port
 
 
 @pytest.mark.slow

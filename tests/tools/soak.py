@@ -22,10 +22,8 @@ import math
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +33,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hingeloss import NO_RETRY, AsyncLossClient, HingelossError, LossClient
+# tests/, for the helpers package, when this runs as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.servers import ServerProcess, server_argv  # noqa: E402
+
+from hingeloss import NO_RETRY, AsyncLossClient, HingelossError
 from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
@@ -363,55 +365,18 @@ def server_process(extra_args: list[str] | None = None) -> Iterator[tuple[str, i
 
     On exit it sends SIGTERM and expects a graceful, successful shutdown.
     """
+    flags = ("--max-queue-rows=8192", "--drain-seconds=5", "--log-level=WARNING")
     with tempfile.TemporaryDirectory(prefix="hingeloss-soak-") as folder:
-        port_file = Path(folder) / "port"
-        log = (Path(folder) / "server.log").open("w")
-        command = [
-            sys.executable,
-            "-m",
-            "hingeloss_server",
-            "--host=127.0.0.1",
-            "--port=0",
-            f"--port-file={port_file}",
-            "--metrics-port=0",
-            "--devices=cpu",
-            "--max-queue-rows=8192",
-            "--drain-seconds=5",
-            "--log-level=WARNING",
-            *(extra_args or []),
-        ]
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = ServerProcess(server_argv(*flags, *(extra_args or [])), Path(folder)).start()
         try:
-            target = _wait_serving(process, port_file, Path(folder) / "server.log")
-            yield target, process.pid
+            server.wait_ready(120)
+            yield server.target, server.pid
         finally:
-            process.terminate()
-            try:
-                code = process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                code = process.wait()
-            log.close()
+            code = server.stop()
             if code != 0:
-                tail = (Path(folder) / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"the server exited with {code} after SIGTERM:\n{tail}")
-
-
-def _wait_serving(process: subprocess.Popen[bytes], port_file: Path, log: Path) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited early:\n{log.read_text()[-3000:]}")
-        if port_file.exists():
-            target = f"127.0.0.1:{port_file.read_text().strip()}"
-            with (
-                LossClient(target, timeout=2, retry=NO_RETRY) as client,
-                contextlib.suppress(HingelossError),
-            ):
-                if client.health() == "SERVING":
-                    return target
-        time.sleep(0.1)
-    raise RuntimeError("the server did not become SERVING within 120 s")
+                raise RuntimeError(
+                    f"the server exited with {code} after SIGTERM:\n{server.log_tail()}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

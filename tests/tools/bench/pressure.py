@@ -205,19 +205,19 @@ def main() -> int:
         workdir = Path(folder)
 
         def echo(name: str) -> ServerProcess:
-            return ServerProcess(name, [sys.executable, str(HERE / "echo_server.py")], workdir)
+            return ServerProcess([sys.executable, str(HERE / "echo_server.py")], workdir, name=name)
 
         # Two workers: on a CPU, the small calls' batches would otherwise wait for the
         # large one's compute (seconds), which is the device's time, not the event loop's.
         two_workers = service_argv("--workers-per-device", "2")
         stalls = [
-            _run(ServerProcess("service-stall", two_workers, workdir), stall),
+            _run(ServerProcess(two_workers, workdir, name="service-stall"), stall),
             _run(echo("echo-stall"), stall),
         ]
         queue_rows = service_argv("--max-queue-rows", str(FLOOD_QUEUE_ROWS))
         floods = [
             _run(
-                ServerProcess("service-flood", queue_rows, workdir),
+                ServerProcess(queue_rows, workdir, name="service-flood"),
                 lambda s: flood(s, args.flood_seconds),
             ),
             _run(echo("echo-flood"), lambda s: flood(s, args.flood_seconds)),

@@ -23,9 +23,7 @@ import argparse
 import contextlib
 import os
 import platform
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,9 @@ from hingeloss_bench import CellResult, CellSpec, TargetSpec, WorkloadSpec, merg
 from hingeloss_bench.report import render_table, write_json
 
 HERE = Path(__file__).resolve().parent
+# tests/, for the helpers package: this runs as a script.
+sys.path.insert(0, str(HERE.parents[1]))
+from helpers.servers import ServerProcess, server_argv  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,85 +102,26 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ServerProcess:
-    """A server in its own process, bound to 127.0.0.1 on a free port (read from a port file)."""
-
-    def __init__(
-        self, name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self._argv = list(argv)
-        self._env = None if env is None else {**os.environ, **env}
-        self._port_file = workdir / f"{name}.port"
-        self._log = workdir / f"{name}.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def start(self) -> ServerProcess:
-        with self._log.open("wb") as log:
-            self._process = subprocess.Popen(
-                [*self._argv, "--port-file", str(self._port_file)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._env,
-            )
-        return self
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + timeout_s
-        while not self._port_file.exists():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start:\n{self._log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        self.port = int(self._port_file.read_text())
-        with grpc.insecure_channel(self.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-
-    def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-
 def service_argv(*extra: str) -> list[str]:
-    return [
-        *(sys.executable, "-m", "hingeloss_server", "--host", "127.0.0.1", "--port", "0"),
-        *("--devices", "cpu", "--metrics-port", "0", "--reflection", "false"),
-        *("--log-level", "WARNING", *extra),
-    ]
+    return server_argv("--reflection", "false", "--log-level", "WARNING", *extra)
 
 
 def server_processes(workdir: Path) -> list[ServerProcess]:
     metrics_port = str(_free_port())
+    one_thread = {"OMP_NUM_THREADS": "1"}
     return [
-        ServerProcess("service", service_argv(), workdir),
-        ServerProcess("unbatched", service_argv("--max-batch-rows", "1"), workdir),
-        ServerProcess("one_thread", service_argv(), workdir, env={"OMP_NUM_THREADS": "1"}),
-        ServerProcess("echo", [sys.executable, str(HERE / "echo_server.py")], workdir),
-        ServerProcess("plain", [sys.executable, str(HERE / "plain_server.py")], workdir),
+        ServerProcess(service_argv(), workdir, name="service"),
+        ServerProcess(service_argv("--max-batch-rows", "1"), workdir, name="unbatched"),
+        ServerProcess(service_argv(), workdir, name="one_thread", env=one_thread),
+        ServerProcess([sys.executable, str(HERE / "echo_server.py")], workdir, name="echo"),
+        ServerProcess([sys.executable, str(HERE / "plain_server.py")], workdir, name="plain"),
         # Compared with one_thread: two intra-op threads make 2-core timings too noisy
         # for an effect this small.
         ServerProcess(
-            "metrics_on",
             service_argv("--metrics-host", "127.0.0.1", "--metrics-port", metrics_port),
             workdir,
-            env={"OMP_NUM_THREADS": "1"},
+            name="metrics_on",
+            env=one_thread,
         ),
     ]
 
