@@ -45,7 +45,7 @@ def write_containers_conf(path: Path) -> Path:
     """Writes the containers.conf the check runs podman with: limits, runc, no systemd."""
     nofile, nproc = container_limits()
     path.write_text(
-        "# Written by tests/deploy/podman_engine.py for `make image-check`.\n"
+        "# Written by tests/helpers/podman.py for `make image-check`.\n"
         "[containers]\n"
         f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
         "\n"
