@@ -43,7 +43,7 @@ test: $(STAMP) lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(PY) tests/bench/run.py --output bench-results.json $(BENCH_ARGS)
+	$(PY) tests/tools/bench/run.py --output bench-results.json $(BENCH_ARGS)
 
 gpu-check: $(STAMP)
 	bash tests/gpu/gpu_check.sh
@@ -53,20 +53,20 @@ deploy-check: $(STAMP)
 
 # The long versions of test_soak.py (10 s) and of the overload test (3 s).
 soak: $(STAMP)
-	$(PY) tests/soak.py --seconds 60
-	HINGELOSS_OVERLOAD_SECONDS=20 $(BIN)/pytest -q tests/test_overload.py -k ten_times
+	$(PY) tests/tools/soak.py --seconds 60
+	HINGELOSS_OVERLOAD_SECONDS=20 $(BIN)/pytest -q tests/integration/test_overload.py -k ten_times
 
 # Small-call p99 beside a 512 MiB request, and RSS growth under a flood of 4 MB
 # requests, each as a ratio to the echo floor's in the same run (about 4 GiB, minutes).
 pressure: $(STAMP)
-	$(PY) tests/bench/pressure.py --output pressure-results.json
+	$(PY) tests/tools/bench/pressure.py --output pressure-results.json
 
 # atheris is installed here only: `make test` does not need it (its test skips without it).
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(BIN)/pip install --quiet "atheris>=2.3"
-	$(PY) tests/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS)
-	HINGELOSS_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/test_fuzz.py
+	$(PY) tests/tools/fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS)
+	HINGELOSS_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/integration/test_fuzz.py
 
 # Both images, where a Docker engine runs. DOCKER_BUILD_ARGS passes e.g.
 # --build-arg WHEELHOUSE=wheelhouse/cpu (after `make wheelhouse`); docs/deployment.md.

@@ -1,14 +1,30 @@
-"""Shared fixtures: servers started per test or once per session."""
+"""Markers by folder (unit, integration, gpu, deploy) and the shared server fixtures."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ServerThread, server_config
+from helpers.servers import ServerThread, server_config
 
 from hingeloss_server.config import ServerConfig
+
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "integration", "gpu", "deploy")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks each test with the kind its folder names, so that `pytest -m unit` picks the fast ones.
+
+    A test outside those folders is an error: it would escape every selection by kind.
+    """
+    for item in items:
+        kind = item.path.resolve().relative_to(TESTS).parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/")
+        item.add_marker(kind)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# The module of each public name (tests/test_client.py checks this against the
+# The module of each public name (tests/unit/test_sdk.py checks this against the
 # imports above and against __all__).
 _HOMES = {
     "AsyncLossClient": "_aio",

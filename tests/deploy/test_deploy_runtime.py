@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DOCKERFILES, exec_form, parse_dockerfile, parse_env
+from helpers.deploy_files import DOCKERFILES, exec_form, parse_dockerfile, parse_env
 
 from hingeloss import LossClient, RetryPolicy
 

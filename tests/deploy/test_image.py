@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import DOCKERFILE, load_yaml, parse_dockerfile
-from podman_engine import REPO_ROOT, Podman
-from references import reference
+from helpers.deploy_files import DOCKERFILE, load_yaml, parse_dockerfile
+from helpers.podman import REPO_ROOT, Podman
+from helpers.references import reference
 
 from hingeloss import LossClient, UnavailableError
 

@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +61,11 @@ from hingeloss_server.engine.losses import weston_watkins
 from hingeloss_server.engine.staging import DeviceStaging
 from hingeloss_server.engine.validation import prepare
 from hingeloss_server.transport.request_codec import decode_request
+
+# tests/, for the helpers package: this runs as a script (gpu_check.sh) and is imported by
+# test_gpu_check_script.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.servers import ServerProcess, server_argv  # noqa: E402
 
 SCHEMA = "hingeloss-gpu-check/1"
 TARGET_FRACTION = 0.6
@@ -403,64 +407,6 @@ def engine_cell(device: torch.device, shape: tuple[int, int], plan: Plan) -> dic
 # -------------------------------- the service: a real server process, a closed-loop driver
 
 
-class ServerProcess:
-    """`python -m hingeloss_server` on 127.0.0.1, a free port, until stopped."""
-
-    def __init__(self, device: str, workdir: Path) -> None:
-        self.device = device
-        self._port_file = workdir / f"server-{device.replace(':', '')}.port"
-        self._log = workdir / f"server-{device.replace(':', '')}.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self.target = ""
-
-    def __enter__(self) -> ServerProcess:
-        argv = [
-            sys.executable,
-            "-m",
-            "hingeloss_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(self._port_file),
-            "--metrics-port",
-            "0",
-            "--devices",
-            self.device,
-            "--reflection",
-            "false",
-            "--drain-seconds",
-            "2",
-            "--log-level",
-            "WARNING",
-        ]
-        with self._log.open("wb") as out:
-            self._process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        # The port file appears once every worker is warm and the server is serving.
-        while not self._port_file.exists():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"server on {self.device} did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{int(self._port_file.read_text())}"
-        return self
-
-    def log_tail(self) -> str:
-        return self._log.read_text(errors="replace")[-3000:] if self._log.exists() else ""
-
-    def __exit__(self, *exc: object) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-
 @dataclass
 class LoopResult:
     completed: int
@@ -552,6 +498,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def service_cell(
     server: ServerProcess,
+    device: str,
     shape: tuple[int, int],
     concurrency: int,
     payload: bytes,
@@ -569,7 +516,7 @@ def service_cell(
     rps = result.completed / result.window_s if result.window_s else 0.0
     latencies_ms = [s * 1e3 for s in result.latencies_s]
     return {
-        "device": server.device,
+        "device": device,
         "shape": shape_text(shape),
         "dtype": "float32",
         "loss": "multiclass_hinge",
@@ -618,20 +565,22 @@ def service_section(device: str, plan: Plan, workdir: Path) -> dict[str, Any]:
     }
     section: dict[str, Any] = {"throughput": [], "latency": [], "verification": []}
     started = time.monotonic()
-    with ServerProcess(device, workdir) as server:
+    flags = ("--reflection", "false", "--drain-seconds", "2", "--log-level", "WARNING")
+    name = f"server-{device.replace(':', '')}"
+    with ServerProcess(server_argv(*flags, device=device), workdir, name=name) as server:
         section["start_s"] = time.monotonic() - started
         for shape in sorted(payloads):
             section["verification"].append(verify_service(server, shape))
         for shape in plan.throughput_shapes:
             for concurrency in plan.concurrencies:
-                cell = service_cell(server, shape, concurrency, payloads[shape], plan)
+                cell = service_cell(server, device, shape, concurrency, payloads[shape], plan)
                 log(
                     f"  {device} {shape_text(shape)} x{concurrency}: "
                     f"{cell['requests_per_s']:.1f} req/s, p50 {_ms(cell['p50_ms'])} ms"
                 )
                 section["throughput"].append(cell)
         for shape in plan.latency_shapes:
-            cell = service_cell(server, shape, 1, payloads[shape], plan, latency_only=True)
+            cell = service_cell(server, device, shape, 1, payloads[shape], plan, latency_only=True)
             log(f"  {device} {shape_text(shape)} x1: p50 {_ms(cell['p50_ms'])} ms")
             section["latency"].append(cell)
     return section

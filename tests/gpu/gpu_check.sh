@@ -61,8 +61,8 @@ core = [
 ]
 optional = {
     "tests/deploy": ["yaml", "jsonschema", "kubernetes_validate", "yamllint"],
-    "tests/test_lifecycle.py": ["grpc_tools"],
-    "tests/test_security.py": ["trustme"],
+    "tests/integration/test_lifecycle.py": ["grpc_tools"],
+    "tests/integration/test_security.py": ["trustme"],
 }
 
 
@@ -145,9 +145,12 @@ else
   echo "== no CUDA device: the GPU tests skip and the benchmark runs its CPU cells only"
 fi
 
+# Every test of tests/gpu is marked gpu by its folder; test_gpu_check_script.py checks this
+# script itself on the CPU (`make test` runs it), so it is left out here.
 echo "== pytest -m gpu tests"
 timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT:-140}" "$py" -m pytest -m gpu tests \
   -p no:cacheprovider --timeout 90 --continue-on-collection-errors \
+  --ignore=tests/gpu/test_gpu_check_script.py \
   --junitxml "$work/gpu-pytest.xml" "${ignores[@]}"
 pytest_rc=$?
 case $pytest_rc in

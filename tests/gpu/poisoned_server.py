@@ -3,13 +3,13 @@
 Run as a separate process: a device-side assert leaves the CUDA context unusable
 for the rest of the process, which must not be the test runner's.
 
-    python tests/gpu/poisoned_server.py PORT_FILE
+    python tests/gpu/poisoned_server.py --port-file PORT_FILE
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,4 +42,6 @@ async def main(port_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port-file", type=Path, required=True)
+    asyncio.run(main(parser.parse_args().port_file))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import os
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cases import random_inputs
+from helpers.cases import random_inputs
+from helpers.servers import ServerProcess, server_config
 from prometheus_client import CollectorRegistry
-from support import server_config
 
 from hingeloss import NO_RETRY, LossClient, UnavailableError
 from hingeloss._health import check
@@ -166,24 +165,15 @@ def test_a_sticky_device_fault_turns_health_not_serving(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:
     """After a device-side assert the worker fails every call UNAVAILABLE and health says so."""
-    port_file = tmp_path / "port"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "gpu" / "poisoned_server.py"), str(port_file)],
-        env=env,
-    )
+    pythonpath = [str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]
+    server = ServerProcess(
+        [sys.executable, str(ROOT / "tests" / "gpu" / "poisoned_server.py")],
+        tmp_path,
+        env={"PYTHONPATH": os.pathsep.join(pythonpath)},
+    ).start()
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            assert process.poll() is None, "the server exited during start-up"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
-        target = f"127.0.0.1:{int(port_file.read_text())}"
+        server.wait_ready(60)
+        target = server.target
         inputs = random_inputs("binary_hinge", rng, 8)
         with LossClient(target, retry=NO_RETRY) as client:
             client.binary_hinge(inputs["scores"], inputs["labels"])  # serving
@@ -197,14 +187,13 @@ def test_a_sticky_device_fault_turns_health_not_serving(
             assert time.monotonic() < deadline, "health still SERVING after the device failed"
             time.sleep(0.1)
     finally:
-        process.kill()
-        process.wait(30)
+        server.kill()
 
 
 @pytest.mark.timeout(240)  # compiles about 64 variants of the kernel
 def test_the_fused_kernel_matches_eager_bit_for_bit_on_cuda() -> None:
     """Compiled, every dtype and option: the gradient equals eager's bit for bit."""
-    fused_interpreted = pytest.importorskip("fused_interpreted")
+    fused_interpreted = pytest.importorskip("helpers.fused_interpreted")
     pytest.importorskip("triton")
     try:
         assert fused_interpreted.main(secrets.randbits(32), "cuda") == 0

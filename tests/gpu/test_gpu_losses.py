@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cases import positional, random_inputs, sample_count
-from references import reference
-from support import ServerThread, server_config
+from helpers.cases import positional, random_inputs, sample_count
+from helpers.references import reference
+from helpers.servers import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult
 from hingeloss._requests import SCORE_FIELDS, build_request

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cases import random_inputs
+from helpers.cases import random_inputs
 
 from hingeloss._requests import build_request
 from hingeloss_server.config import LimitsConfig

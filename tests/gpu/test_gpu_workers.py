@@ -15,17 +15,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from cases import positional, random_inputs
-from hooks import BLOCKER, FaultHook, wait_until
+from helpers.cases import positional, random_inputs
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
+from helpers.references import reference
+from helpers.servers import ServerThread, server_config
 from prometheus_client import CollectorRegistry
-from references import reference
-from support import ServerThread, server_config
 
 from hingeloss import NO_RETRY, LossClient, LossResult, OverloadedError
 from hingeloss._requests import build_request
@@ -344,26 +345,22 @@ def behind_blocker(
 ) -> dict[str, Future[LossResult]]:
     """Queues `requests` while the worker is held, so that they go as one batch."""
     blocker_inputs = random_inputs("binary_hinge", np.random.default_rng(0), 8)
-    client = LossClient(server.target, retry=NO_RETRY, timeout=120)
-    pool = ThreadPoolExecutor(len(requests) + 1)
-    futures = {
-        BLOCKER: pool.submit(
-            client.binary_hinge, *positional("binary_hinge", blocker_inputs), request_id=BLOCKER
-        )
-    }
-    try:
-        hook.wait_blocked()
-        for request_id, (loss, inputs, options) in requests.items():
-            futures[request_id] = pool.submit(
-                client.compute, loss, *positional(loss, inputs), request_id=request_id, **options
+    futures: dict[str, Future[LossResult]] = {}
+    with (
+        LossClient(server.target, retry=NO_RETRY, timeout=120) as client,
+        ThreadPoolExecutor(len(requests)) as pool,
+    ):
+        blocker = positional("binary_hinge", blocker_inputs)
+        with HeldWorker(hook, partial(client.binary_hinge, *blocker, request_id=BLOCKER)) as held:
+            for request_id, (loss, inputs, options) in requests.items():
+                call = partial(client.compute, loss, request_id=request_id, **options)
+                futures[request_id] = pool.submit(call, *positional(loss, inputs))
+            wait_until(
+                lambda: server.server.batcher.stats.requests == len(requests), 60, what="queued"
             )
-        wait_until(lambda: server.server.batcher.stats.requests == len(requests), 60, what="queued")
-    finally:
-        hook.release()
-    for future in futures.values():
-        future.exception(120)
-    pool.shutdown()
-    client.close()
+        futures[BLOCKER] = held.blocker
+        for future in futures.values():
+            future.exception(120)
     return futures
 
 

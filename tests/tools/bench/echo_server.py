@@ -1,0 +1,240 @@
+"""Servers that stand in for hingeloss in benchmarks and tests: no math at all.
+
+- `Echo`: the transport floor. Same service and methods, raw-bytes handlers; each
+  request is answered with a ComputeResponse whose dense gradients have the byte
+  size of the request's score tensors. Only the tags and lengths of the request
+  are read (never its data), and the answer for a given shape is serialized once.
+  Optionally it stalls once (`stall_after_s`, `stall_s`), for open-loop tests.
+- `PerturbingProxy`: forwards to a real server and adds 1 to one element of
+  every gradient, so that verification must catch it.
+
+`python tests/tools/bench/echo_server.py --port-file F` serves an Echo until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hingeloss import _tensors as tensors
+from hingeloss._requests import SCORE_FIELDS
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_bench.wire import fields, tensor_header
+
+SERVICE = "hingeloss.v1.LossService"
+_LOSS_FIELDS = {name: pb.ComputeRequest.DESCRIPTOR.fields_by_name[name] for name in SCORE_FIELDS}
+_LOSS_BY_NUMBER = {field.number: name for name, field in _LOSS_FIELDS.items()}
+_SCORE_NUMBERS = {
+    name: tuple(field.message_type.fields_by_name[f].number for f in SCORE_FIELDS[name])
+    for name, field in _LOSS_FIELDS.items()
+}
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 1 << 30),
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class Echo:
+    """Answers with zero gradients of the right sizes; optionally stalls once."""
+
+    def __init__(self, stall_after_s: float | None = None, stall_s: float = 0.0) -> None:
+        self._cache: dict[tuple[Any, ...], bytes] = {}
+        self._stall_after_s = stall_after_s
+        self._stall_s = stall_s
+        self._first: float | None = None
+        self._stall_until: float | None = None
+        self.requests = 0
+
+    def answer(self, request: bytes) -> bytes:
+        """The serialized response for a serialized request."""
+        loss, headers = "", []
+        for number, wire_type, start, end in fields(request):
+            name = _LOSS_BY_NUMBER.get(number)
+            if name is None or wire_type != 2:
+                continue
+            loss = name
+            inner = {n: (s, e) for n, _, s, e in fields(request, start, end)}
+            for field_number in _SCORE_NUMBERS[name]:
+                span = inner.get(field_number)
+                headers.append(tensor_header(request, *span) if span else (0, ()))
+        key = (loss, tuple(headers))
+        cached = self._cache.get(key)
+        if cached is None:
+            response = pb.ComputeResponse()
+            for field_name, (dtype, shape) in zip(SCORE_FIELDS.get(loss, ()), headers, strict=True):
+                size = tensors.expected_nbytes(pb.Tensor(dtype=dtype, shape=shape)) if dtype else 0
+                response.gradients.add(
+                    input=field_name, dense=pb.Tensor(dtype=dtype, shape=shape, data=bytes(size))
+                )
+            cached = response.SerializeToString()
+            if len(self._cache) < 64:
+                self._cache[key] = cached
+        return cached
+
+    async def _maybe_stall(self) -> None:
+        if self._stall_after_s is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._first is None:
+            self._first = now
+        if self._stall_until is None and now - self._first >= self._stall_after_s:
+            self._stall_until = now + self._stall_s
+        if self._stall_until is not None and now < self._stall_until:
+            await asyncio.sleep(self._stall_until - now)
+
+    async def compute(self, request: bytes, context: Any) -> bytes:
+        self.requests += 1
+        await self._maybe_stall()
+        return self.answer(request)
+
+    async def compute_stream(
+        self, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            self.requests += 1
+            await self._maybe_stall()
+            yield self.answer(request)
+
+
+def _handler(
+    compute: Callable[[bytes, Any], Awaitable[bytes]],
+    compute_stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]],
+) -> grpc.GenericRpcHandler:
+    # No (de)serializers: the handlers see and return raw bytes.
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Compute": grpc.unary_unary_rpc_method_handler(compute),
+            "ComputeStream": grpc.stream_stream_rpc_method_handler(compute_stream),
+        },
+    )
+
+
+class PerturbingProxy:
+    """Forwards to `upstream` and adds 1.0 to element 0 of every gradient it returns.
+
+    Element 0 of what travels: of a factored gradient, the value of row 0.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self._upstream = upstream
+        self._call: Any = None
+
+    def _perturb(self, payload: bytes) -> bytes:
+        response = pb.ComputeResponse.FromString(payload)
+        for gradient in response.gradients:
+            tensor = {
+                "row_sparse": gradient.row_sparse.values,
+                "factored": gradient.factored.row_values,
+            }.get(str(gradient.WhichOneof("value")), gradient.dense)
+            values = np.array(tensors.to_numpy(tensor))
+            if values.size:
+                values.reshape(-1)[0] += 1.0
+                tensor.data = values.astype(values.dtype.newbyteorder("<")).tobytes()
+        return response.SerializeToString()
+
+    async def compute(self, request: bytes, context: Any) -> bytes:
+        if self._call is None:
+            channel = grpc.aio.insecure_channel(self._upstream, options=_SERVER_OPTIONS[:2])
+            self._call = channel.unary_unary(f"/{SERVICE}/Compute")
+        return self._perturb(await self._call(request))
+
+    async def compute_stream(
+        self, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield await self.compute(request, context)
+
+
+async def start(
+    service: Echo | PerturbingProxy, host: str = "127.0.0.1", port: int = 0
+) -> tuple[Any, int]:
+    """Starts a grpc.aio server for `service`; returns (server, bound port)."""
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((_handler(service.compute, service.compute_stream),))
+    # Clients that health-check their channels (the SDK's do) need the standard service.
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound
+
+
+class BackgroundServer:
+    """Runs one of these servers on a private event loop in a thread (for tests)."""
+
+    def __init__(self, service: Echo | PerturbingProxy) -> None:
+        self.service = service
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-test-server", daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server, self.port = await start(self.service)
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(0)
+
+    def _run(self) -> None:
+        # asyncio.run also finishes gRPC's own tasks before it closes the loop.
+        asyncio.run(self._main())
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the test server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+async def serve_until_signalled(server: grpc.aio.Server, port: int, port_file: Path) -> None:
+    """Publishes the bound port (atomically: readers never see half a file), serves until
+    SIGTERM or SIGINT. Shared by the benchmark's stand-in servers."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(0)))
+    tmp = port_file.with_name(port_file.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(port_file)
+    await server.wait_for_termination()
+
+
+async def _serve(port_file: Path, port: int) -> None:
+    server, bound = await start(Echo(), port=port)
+    await serve_until_signalled(server, bound, port_file)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The transport floor: an echo LossService.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port-file", type=Path, required=True)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.port_file, args.port))
+
+
+if __name__ == "__main__":
+    main()
