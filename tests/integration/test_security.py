@@ -187,6 +187,30 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
     assert rejected >= 7
 
 
+def test_refused_calls_to_made_up_methods_add_no_metric_series(
+    make_server: Callable[..., Any], token_file: Path
+) -> None:
+    """A caller without the token cannot grow /metrics with paths of its own making."""
+    registry = CollectorRegistry()
+    server = make_server(
+        server_config(security=SecurityConfig(auth_token_file=token_file)), registry=registry
+    )
+    made_up = [f"/made.up.Service{i}/Method{i}" for i in range(20)]
+    with grpc.insecure_channel(server.target) as channel:
+        for path in made_up:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(path)(b"", timeout=5)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    labels = {
+        (sample.labels.get("grpc_service"), sample.labels.get("grpc_method"))
+        for metric in registry.collect()
+        if metric.name.startswith("hingeloss_grpc_server_handled")
+        for sample in metric.samples
+    }
+    assert ("unknown", "unknown") in labels
+    assert not any(service and service.startswith("made.up") for service, _ in labels)
+
+
 async def test_the_sdk_sends_a_token_only_over_tls_or_to_this_machine_when_asked(
     make_server: Callable[..., Any], token_file: Path
 ) -> None:

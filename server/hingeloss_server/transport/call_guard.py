@@ -43,6 +43,8 @@ OPEN_SERVICES = (
 )
 
 _DENIED = "missing or invalid bearer token"
+# The metric labels of a refused call to a method that does not exist.
+UNKNOWN_METHOD = "/unknown/unknown"
 
 Record = Callable[[grpc.aio.ServicerContext, float, "BaseException | None"], None]
 
@@ -90,7 +92,10 @@ class CallGuard(grpc.GenericRpcHandler):
             self._metrics.request_rejected("unauthenticated")
             streaming = handler is not None and handler.response_streaming
             denial = grpc.stream_stream_rpc_method_handler(_deny_stream) if streaming else None
-            return self._guarded(method, denial or grpc.stream_unary_rpc_method_handler(_deny))
+            # Only methods that exist become metric labels: a caller without the token
+            # must not grow the metrics with made-up paths.
+            label = method if handler is not None else UNKNOWN_METHOD
+            return self._guarded(label, denial or grpc.stream_unary_rpc_method_handler(_deny))
         return handler
 
     def _resolve(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
