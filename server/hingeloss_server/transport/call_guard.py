@@ -130,8 +130,11 @@ class CallGuard(grpc.GenericRpcHandler):
                 _unary_response(handler.unary_unary, record, check=True), **options
             )
         if handler.stream_unary is not None:
+            behaviour = handler.stream_unary
+            if deserializer is not None:  # its messages may be UNPARSABLE: refuse the call
+                behaviour = _refusing_unparsable(behaviour)
             return grpc.stream_unary_rpc_method_handler(
-                _unary_response(handler.stream_unary, record, check=False), **options
+                _unary_response(behaviour, record, check=False), **options
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -206,6 +209,22 @@ def _unary_response(behaviour: Any, record: Record, *, check: bool) -> Any:
             if check and request is UNPARSABLE:
                 await _refuse_unparsable(context)
             return await behaviour(request, context)
+
+    return handle
+
+
+def _refusing_unparsable(behaviour: Any) -> Any:
+    """A client-streaming behaviour whose request stream refuses the call at an unparsable
+    message: with one response, an answer from the messages before it would be wrong."""
+
+    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def parsed() -> AsyncIterator[Any]:
+            async for message in requests:
+                if message is UNPARSABLE:
+                    await _refuse_unparsable(context)
+                yield message
+
+        return await behaviour(parsed(), context)
 
     return handle
 
