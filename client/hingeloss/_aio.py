@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc._cython import cygrpc
@@ -19,11 +19,7 @@ from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_r
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
-T = TypeVar("T")
-
-# What grpc.aio says when a write fails because the call already ended in Core.
-_LOCAL_WRITE_FAILURE = "Internal error from Core"
-# Core delivers the server's status right after such a failure; this only bounds a bug.
+# Core delivers the server's status right after a send fails; this only bounds a bug.
 _SERVER_STATUS_WAIT_S = 5.0
 
 
@@ -117,9 +113,6 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
             timeout=timeout,
         )
         self._call = stub.ComputeStream(timeout=settings.stream_timeout)
-        self._final: grpc.RpcError | None = None
-        self._final_known = asyncio.Event()
-        self._call.add_done_callback(self._on_call_done)
         self._writer = asyncio.create_task(self._write_all())
         self._reader = asyncio.create_task(self._read_all())
 
@@ -130,31 +123,6 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         future: asyncio.Future[LossResult] = self._loop.create_future()
         self._state.submit(future, kind, request, deadline=self._state.deadline())
         return future
-
-    def _on_call_done(self, call: grpc.aio.Call) -> None:
-        """Keeps the status the call ended with; gRPC calls this once per status it sets.
-
-        A write that races the server's end of the call fails first and sets a
-        local INTERNAL ("Internal error from Core"); the server's status arrives
-        after it, and is the one every caller must see.
-        """
-        status = _status_error(call)
-        if _is_local_write_failure(status):
-            if not self._final_known.is_set():
-                self._final = status
-            return
-        self._final = status
-        self._final_known.set()
-
-    async def _error(self, rpc_error: grpc.RpcError) -> HingelossError:
-        """The error to report for a failed read or write: the call's own status first.
-
-        After a local write failure, waits (briefly) for the status the server sent.
-        """
-        if not self._final_known.is_set() and _is_local_write_failure(self._final or rpc_error):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._final_known.wait(), _SERVER_STATUS_WAIT_S)
-        return from_rpc_error(self._final or rpc_error)
 
     def _changed(self) -> None:
         self._wake.set()
@@ -196,7 +164,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                 self._loop.call_later(_SERVER_STATUS_WAIT_S, self._cancel_if_silent)
                 return False
         except grpc.RpcError as rpc_error:
-            self._state.finish(await self._error(rpc_error))
+            self._state.finish(from_rpc_error(rpc_error))
             return False
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
@@ -225,7 +193,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                     return
                 self._state.answer(response)
         except grpc.RpcError as rpc_error:
-            self._state.finish(await self._error(rpc_error))
+            self._state.finish(from_rpc_error(rpc_error))
         except asyncio.CancelledError:
             self._state.finish(CancelledError("the stream was cancelled"))
             if not self._call.cancelled():
@@ -266,29 +234,6 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         await self.close()
 
 
-def _now(status: Coroutine[Any, Any, T]) -> T:
-    """The value of a call's status accessor once the call is done (it does not wait then)."""
-    try:
-        status.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    status.close()
-    raise RuntimeError("the call is not done")
-
-
-def _status_error(call: grpc.aio.Call) -> grpc.RpcError | None:
-    """The status a done call ended with, as an RpcError; None when it is OK."""
-    code = _now(call.code())
-    if code is grpc.StatusCode.OK:
-        return None
-    return grpc.aio.AioRpcError(
-        code,
-        _now(call.initial_metadata()),
-        _now(call.trailing_metadata()),
-        _now(call.details()),
-    )
-
-
 async def _send(call: Any, request: pb.ComputeRequest) -> bool:
     """Writes one request on a stream; False when the server has already ended the call.
 
@@ -305,9 +250,9 @@ async def _send(call: Any, request: pb.ComputeRequest) -> bool:
     if cython_call is None or serializer is None or not isinstance(sent, asyncio.Event):
         await call.write(request)
         return True
-    if not sent.is_set() or call.done():
-        await call.write(request)  # the first write waits for the call to start
-        return True
+    await sent.wait()  # the call has started (the first write waits for this)
+    if call.done():
+        return False  # the reader reports its status
     try:
         await cython_call.send_serialized_message(serializer(request))
     except cygrpc.InternalError:
@@ -317,12 +262,3 @@ async def _send(call: Any, request: pb.ComputeRequest) -> bool:
             call.cancel()
         raise
     return True
-
-
-def _is_local_write_failure(error: grpc.RpcError | None) -> bool:
-    """True for the INTERNAL status grpc.aio sets itself when a write meets an ended call."""
-    return (
-        isinstance(error, grpc.aio.AioRpcError)
-        and error.code() is grpc.StatusCode.INTERNAL
-        and error.details() == _LOCAL_WRITE_FAILURE
-    )
