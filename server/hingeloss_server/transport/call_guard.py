@@ -73,6 +73,7 @@ class CallGuard(grpc.GenericRpcHandler):
         self._expected = None if token is None else f"Bearer {token}".encode()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
+        self._denials: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -90,13 +91,23 @@ class CallGuard(grpc.GenericRpcHandler):
         handler = self._handlers.get(method) or self._resolve(handler_call_details)
         if self._expected is not None and not self._may_call(method, handler_call_details):
             self._metrics.request_rejected("unauthenticated")
-            streaming = handler is not None and handler.response_streaming
-            denial = grpc.stream_stream_rpc_method_handler(_deny_stream) if streaming else None
-            # Only methods that exist become metric labels: a caller without the token
-            # must not grow the metrics with made-up paths.
-            label = method if handler is not None else UNKNOWN_METHOD
-            return self._guarded(label, denial or grpc.stream_unary_rpc_method_handler(_deny))
+            return self._denial(method if handler is not None else UNKNOWN_METHOD, handler)
         return handler
+
+    def _denial(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+        """The refusal of a call without the token, built once per method.
+
+        Only methods that exist are keys (and metric labels): a caller without the
+        token must not grow either with made-up paths.
+        """
+        denial = self._denials.get(method)
+        if denial is None:
+            if handler is not None and handler.response_streaming:
+                refusal = grpc.stream_stream_rpc_method_handler(_deny_stream)
+            else:
+                refusal = grpc.stream_unary_rpc_method_handler(_deny)
+            denial = self._denials[method] = self._guarded(method, refusal)
+        return denial
 
     def _resolve(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """A method registered only through a generic handler: guarded once, then kept."""
