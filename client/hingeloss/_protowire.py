@@ -44,6 +44,40 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint")
 
 
+def walk(
+    buf: bytes | memoryview, start: int = 0, end: int | None = None
+) -> list[tuple[int, int, int, int, int]]:
+    """The fields of one message level, in wire order.
+
+    Each is (number, wire type, key start, payload start, end); a varint's payload is
+    its encoded bytes. Raises ValueError where protobuf would refuse the level: field
+    number 0, a group or unknown wire type, or a field that runs past the level's end.
+    """
+    stop = len(buf) if end is None else end
+    found = []
+    pos = start
+    while pos < stop:
+        key_start = pos
+        key, pos = read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        payload = pos
+        if wire_type == VARINT:
+            _, pos = read_varint(buf, pos)
+        elif wire_type == LEN:
+            length, payload = read_varint(buf, pos)
+            pos = payload + length
+        elif wire_type in (I64, I32):
+            pos += 8 if wire_type == I64 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > stop:
+            raise ValueError("truncated field")
+        found.append((number, wire_type, key_start, payload, pos))
+    return found
+
+
 def field_number(message: type[Message], name: str) -> int:
     """The number of a message's field, by name (KeyError for a field it lacks)."""
     return int(message.DESCRIPTOR.fields_by_name[name].number)

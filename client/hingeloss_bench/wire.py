@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hingeloss._protowire import I32, I64, LEN, VARINT, field_number, read_varint
+from hingeloss._protowire import LEN, VARINT, field_number, read_varint, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 
 _TIMING_FIELD = field_number(pb.ComputeResponse, "timing")
@@ -25,30 +25,10 @@ def fields(
     For length-delimited fields, [start, end) is the payload; for varints, `start`
     holds the value and `end` the position after it; fixed-size fields give their span.
     """
-    stop = len(buf) if end is None else end
-    pos = start
-    found: list[tuple[int, int, int, int]] = []
-    while pos < stop:
-        key, pos = read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == VARINT:
-            value, pos = read_varint(buf, pos)
-            found.append((number, wire_type, value, pos))
-        elif wire_type == LEN:
-            length, pos = read_varint(buf, pos)
-            found.append((number, wire_type, pos, pos + length))
-            pos += length
-        elif wire_type == I64:
-            found.append((number, wire_type, pos, pos + 8))
-            pos += 8
-        elif wire_type == I32:
-            found.append((number, wire_type, pos, pos + 4))
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-    if pos != stop:
-        raise ValueError("truncated message")
-    return found
+    return [
+        (number, wire_type, read_varint(buf, payload)[0] if wire_type == VARINT else payload, stop)
+        for number, wire_type, _, payload, stop in walk(buf, start, end)
+    ]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 from helpers.cases import random_inputs
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hingeloss._requests import SCORE_FIELDS, build_request
@@ -121,6 +121,8 @@ def test_truncated_and_corrupt_messages_are_refused() -> None:
     seed=st.integers(0, 2**16),
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
 )
+# A corruption that once passed the walk: a varint ran past the end of its Tensor.
+@example(loss="margin_ranking", seed=35, edits=[(145, 242), (987, 18)])
 def test_corrupted_requests_agree_with_protobuf(
     loss: str, seed: int, edits: list[tuple[int, int]]
 ) -> None:

@@ -20,13 +20,12 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from hingeloss._protowire import read_varint, varint
+from hingeloss._protowire import LEN, varint, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 
 # Smaller messages are parsed by protobuf directly: the walk would cost more than the copy.
 WIRE_PARSE_MIN_BYTES = 1 << 20
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 _SAMPLE_WEIGHTS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["sample_weights"].number
 _LOSS_FIELDS = pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields
@@ -134,36 +133,11 @@ def _rewrite(
     or None to keep it as it is; other wire types are kept as they are.
     """
     parts = []
-    for number, wire_type, key_start, payload, stop in _fields(view, start, end):
-        new = rewrite(number, payload, stop) if wire_type == _LEN else None
+    for number, wire_type, key_start, payload, stop in walk(view, start, end):
+        new = rewrite(number, payload, stop) if wire_type == LEN else None
         parts.append(bytes(view[key_start:stop]) if new is None else new)
     return b"".join(parts)
 
 
-def _fields(view: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
-    """(number, wire type, key start, payload start, end) of each field of one level."""
-    found = []
-    pos = start
-    while pos < end:
-        key_start = pos
-        key, pos = read_varint(view, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            _, pos = read_varint(view, pos)
-            found.append((number, wire_type, key_start, key_start, pos))
-            continue
-        if wire_type == _LEN:
-            length, pos = read_varint(view, pos)
-            payload, pos = pos, pos + length
-        elif wire_type in (_I64, _I32):
-            payload, pos = pos, pos + (8 if wire_type == _I64 else 4)
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        if pos > end:
-            raise ValueError("truncated field")
-        found.append((number, wire_type, key_start, payload, pos))
-    return found
-
-
 def _length_delimited(number: int, body: bytes) -> bytes:
-    return varint(number << 3 | _LEN) + varint(len(body)) + body
+    return varint(number << 3 | LEN) + varint(len(body)) + body
