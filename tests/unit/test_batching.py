@@ -187,6 +187,25 @@ async def test_requests_over_the_shared_limit_run_alone() -> None:
     assert await _next_jobs(batcher) == small[1:]
 
 
+async def test_a_batch_of_several_requests_stays_within_the_shared_byte_limit() -> None:
+    """Requests share a batch only while it stays cache-sized, with a delay or without."""
+    jobs = [_job(rows=4) for _ in range(5)]
+    config = BatchingConfig(max_shared_batch_bytes=2 * jobs[0].nbytes, max_batch_delay_us=0)
+    batcher = Batcher(config)
+    for job in jobs:
+        batcher.submit(job)
+    assert await _next_jobs(batcher) == jobs[:2]
+    assert await _next_jobs(batcher) == jobs[2:4]
+    assert await _next_jobs(batcher) == jobs[4:]
+    delayed = Batcher(replace(config, max_batch_delay_us=20_000))
+    delayed.submit(jobs[0])
+    taking = asyncio.create_task(_next_jobs(delayed))
+    await asyncio.sleep(0)
+    for job in jobs[1:]:
+        delayed.submit(job)
+    assert await taking == jobs[:2]
+
+
 def _batch_case(loss: str, rng: np.random.Generator, **options: Any) -> dict[str, np.ndarray]:
     inputs = random_inputs(loss, rng, 6, classes=4)
     if options.get("ignore_index") is not None:

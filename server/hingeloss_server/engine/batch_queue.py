@@ -4,7 +4,8 @@ Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
 batch's row and byte limits; it adds no delay unless `max_batch_delay_us` asks for one.
-A request larger than `max_shared_request_bytes` is a batch of its own (batch by cost).
+A request larger than `max_shared_request_bytes` is a batch of its own, and a batch of
+several requests holds at most `max_shared_batch_bytes` (batch by cost).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class Batcher:
         never returned.
         """
         max_rows, max_bytes = self._config.max_batch_rows, self._config.max_batch_bytes
+        shared_bytes = min(max_bytes, self._config.max_shared_batch_bytes)
         while True:
             key = self._most_urgent_key()
             if key is None:
@@ -169,9 +171,10 @@ class Batcher:
             if batch and self._config.max_batch_delay_us > 0 and not self._alone(batch[0]):
                 rows = sum(queued.job.rows for queued in batch)
                 nbytes = sum(queued.job.nbytes for queued in batch)
-                if rows < max_rows and nbytes < max_bytes:
+                if rows < max_rows and nbytes < shared_bytes:
                     await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
-                    batch.extend(self._take(key, max_rows - rows, max_bytes - nbytes, joining=True))
+                    joined = self._take(key, max_rows - rows, shared_bytes - nbytes, joining=True)
+                    batch.extend(joined)
             batch = [queued for queued in batch if not queued.future.done()]
             if batch:
                 return batch
@@ -192,7 +195,9 @@ class Batcher:
 
         A request above `max_shared_request_bytes` is a batch of its own: it would gain
         nothing from sharing and would cost every job beside it a copy into the batch.
+        A second request joins only while the batch stays within `max_shared_batch_bytes`.
         """
+        shared_bytes = min(max_bytes, self._config.max_shared_batch_bytes)
         taken: list[QueuedJob] = []
         rows = nbytes = 0
         alone = False
@@ -207,7 +212,7 @@ class Batcher:
                 alone
                 or self._alone(entry)
                 or rows + entry.job.rows > max_rows
-                or nbytes + entry.job.nbytes > max_bytes
+                or nbytes + entry.job.nbytes > shared_bytes
             ):
                 break
             heapq.heappop(heap)
