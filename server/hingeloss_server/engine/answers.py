@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,21 +46,25 @@ def split(
 
     Each job's loss is the correctly rounded sum (math.fsum) of its own scaled
     per-sample terms: the same bits whatever else shares the batch and in whatever
-    order a device would have added them.
+    order a device would have added them. What can be done for the whole batch at
+    once (scaling, counting, the byte views of the answers) is: a job costs a few
+    slices, not a dozen tensor operations.
     """
     input_sets = SPECS[jobs[0].job.key.params.kind].input_sets
+    rows = _BatchRows(jobs, figures, downloads)
     results: list[JobResult | InvalidInputError] = []
     offsets = [0] * len(figures.per_sample)
     for prepared in jobs:
         spans = []
-        for s, rows in enumerate(prepared.set_rows):
-            spans.append(slice(offsets[s], offsets[s] + rows))
-            offsets[s] += rows
-        loss = job_loss(prepared, figures, spans)
-        error = job_error(prepared, figures, spans, input_sets, loss)
-        if error is not None:
-            results.append(error)
-            continue
+        for s, set_rows in enumerate(prepared.set_rows):
+            spans.append(slice(offsets[s], offsets[s] + set_rows))
+            offsets[s] += set_rows
+        loss = rows.loss(spans)
+        if rows.flagged or not math.isfinite(loss):
+            error = job_error(prepared, figures, spans, input_sets, loss)
+            if error is not None:
+                results.append(error)
+                continue
         job = prepared.job
         options = job.options
         grads: tuple[WireArray | SparseRows | FactoredRows, ...] = ()
@@ -68,15 +73,17 @@ def split(
                 _factored_rows(bits[spans[input_sets[k]]], values[spans[input_sets[k]]], job)
                 for k, (bits, values) in enumerate(downloads.factors)
             )
-        elif options.gradient_format.dense:
+        elif options.gradient_format is GradientFormat.DENSE:
+            grads = tuple(g.wire(spans[input_sets[k]]) for k, g in enumerate(rows.grads))
+        elif options.gradient_format is GradientFormat.ROW_SPARSE:
             grads = tuple(
-                encode_grad(downloads.grads[k][spans[input_sets[k]]], options.gradient_format)
+                _row_sparse(downloads.grads[k][spans[input_sets[k]]])
                 for k in range(len(downloads.grads))
             )
         per_sample_arrays: tuple[WireArray, ...] = ()
         if options.return_per_sample:
             per_sample_arrays = tuple(
-                _wire(downloads.per_sample[s][span]) for s, span in enumerate(spans)
+                p.wire(span) for p, span in zip(rows.per_sample, spans, strict=True)
             )
         results.append(
             JobResult(
@@ -84,7 +91,7 @@ def split(
                 grads=grads,
                 per_sample=per_sample_arrays,
                 samples=prepared.samples,
-                active=sum(int(figures.active[s][span].sum()) for s, span in enumerate(spans)),
+                active=rows.active(spans),
                 batch=batch,
                 compute_dtype=dtype,
                 host_lease=downloads.lease,
@@ -93,17 +100,72 @@ def split(
     return results
 
 
-def job_loss(prepared: PreparedJob, figures: Figures, spans: list[slice]) -> float:
-    """sum(r_i * l_i) over the job's rows, in float64 and correctly rounded (inf past range)."""
-    terms = []
-    for s, span in enumerate(spans):
-        scale = prepared.scales[s]
-        values = figures.per_sample[s][span].astype(np.float64)
-        terms.append(values * (scale if isinstance(scale, float) else scale.numpy()))
-    try:
-        return math.fsum(itertools.chain.from_iterable(t.tolist() for t in terms))
-    except OverflowError:
-        return math.inf
+class _RowBytes:
+    """A host tensor's bytes row by row: a job's rows are a numpy view, cut without torch."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.dtype = tensor.dtype
+        self.trailing = tuple(int(d) for d in tensor.shape[1:])
+        row_bytes = tensor.element_size() * math.prod(self.trailing)
+        # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
+        flat = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._rows = flat.reshape(int(tensor.shape[0]), row_bytes)
+
+    def wire(self, span: slice) -> WireArray:
+        part = self._rows[span]
+        return WireArray(self.dtype, (int(part.shape[0]), *self.trailing), part.reshape(-1).data)
+
+
+class _BatchRows:
+    """The batch-wide arrays each job's answer is cut from, made once per batch."""
+
+    def __init__(self, jobs: Sequence[PreparedJob], figures: Figures, downloads: Downloads):
+        # r_i * l_i in float64 for every row of each sample set (the job's sum follows).
+        self._scaled = [
+            figures.per_sample[s].astype(np.float64) * _row_scales(jobs, s)
+            for s in range(len(figures.per_sample))
+        ]
+        # Running counts of active rows: a job's count is one subtraction.
+        self._active = [np.concatenate(([0], np.cumsum(a, dtype=np.int64))) for a in figures.active]
+        # Whether any row of the batch carries a flag: if none, no job has an error to find.
+        self.flagged = any(bool(f.any()) for f in figures.flags)
+        wants = {p.job.options.gradient_format for p in jobs}
+        dense = GradientFormat.DENSE in wants
+        self.grads = tuple(_RowBytes(g) for g in downloads.grads) if dense else ()
+        self.per_sample = tuple(_RowBytes(p) for p in downloads.per_sample)
+
+    def loss(self, spans: list[slice]) -> float:
+        """sum(r_i * l_i) over a job's rows, correctly rounded (inf past float64's range)."""
+        try:
+            return math.fsum(
+                itertools.chain.from_iterable(
+                    self._scaled[s][span].tolist() for s, span in enumerate(spans)
+                )
+            )
+        except OverflowError:
+            return math.inf
+
+    def active(self, spans: list[slice]) -> int:
+        return sum(
+            int(self._active[s][span.stop] - self._active[s][span.start])
+            for s, span in enumerate(spans)
+        )
+
+
+def _row_scales(jobs: Sequence[PreparedJob], set_index: int) -> np.ndarray[Any, Any]:
+    """Each row's scale r_i of one sample set, in float64, for the whole batch."""
+    scales = [p.scales[set_index] for p in jobs]
+    if all(isinstance(scale, float) for scale in scales):
+        counts = [p.set_rows[set_index] for p in jobs]
+        return np.repeat(np.array(scales, dtype=np.float64), counts)
+    return np.concatenate(
+        [
+            np.full(p.set_rows[set_index], scale, dtype=np.float64)
+            if isinstance(scale, float)
+            else scale.numpy().astype(np.float64, copy=False)
+            for p, scale in zip(jobs, scales, strict=True)
+        ]
+    )
 
 
 def job_error(
@@ -169,9 +231,8 @@ def _factored_rows(bits: torch.Tensor, values: torch.Tensor, job: LossJob) -> Fa
     )
 
 
-def encode_grad(grad: torch.Tensor, gradient_format: GradientFormat) -> WireArray | SparseRows:
-    if gradient_format is GradientFormat.DENSE:
-        return _wire(grad)
+def _row_sparse(grad: torch.Tensor) -> SparseRows:
+    """The non-zero rows of one job's gradient, with their indices."""
     nonzero = grad != 0
     if nonzero.dim() == 2:
         nonzero = nonzero.any(dim=1)
