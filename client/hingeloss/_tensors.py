@@ -166,14 +166,38 @@ def to_torch(tensor: pb.Tensor) -> torch.Tensor:
 
 
 def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> torch.Tensor:
-    """A CPU torch tensor viewing `data` (no copy), of wire dtype `wire` and `shape`."""
+    """A CPU torch tensor viewing `data` (no copy), of wire dtype `wire` and `shape`.
+
+    Made through numpy where numpy has the dtype: neither numpy's view nor
+    `torch.from_numpy` releases the GIL, where torch's `view` would, so a server's
+    event loop decoding a request does not hand the GIL to another thread midway.
+    """
     import torch
 
-    dtype = torch_dtype(wire)
+    info = dtype_info(wire)
     if not data:
-        return torch.empty(tuple(shape), dtype=dtype)
-    with warnings.catch_warnings():
-        # torch warns that the buffer is not writable; nothing writes into it.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=dtype)
+        return torch.empty(tuple(shape), dtype=torch_dtype(wire))
+    if info.numpy is not None:
+        array = np.frombuffer(data, dtype=np.dtype(info.numpy).newbyteorder("<"))
+        return _from_readonly(torch.from_numpy, array.reshape(tuple(shape)))
+    flat = _from_readonly(torch.frombuffer, data, dtype=torch_dtype(wire))
     return flat.view(tuple(shape))
+
+
+# The makers (torch.from_numpy, torch.frombuffer) whose one warning has been silenced.
+_readonly_warned: set[Any] = set()
+
+
+def _from_readonly(make: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`make(*args)` over read-only memory, without torch's warning that it is not writable.
+
+    Torch gives that warning once per process and maker, so only the first call of each
+    needs it silenced (a `catch_warnings` on every call would cost more than the tensor).
+    """
+    if make in _readonly_warned:
+        return make(*args, **kwargs)  # type: ignore[no-any-return]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = make(*args, **kwargs)
+    _readonly_warned.add(make)
+    return tensor  # type: ignore[no-any-return]

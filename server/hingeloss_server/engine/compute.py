@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from hingeloss_server.config import MARGIN_SAMPLE_ROWS
@@ -38,7 +40,8 @@ class BatchOutput:
     """Per-job results of a batch, plus batch-level facts for metrics."""
 
     results: list[JobResult | InvalidInputError]
-    margins: torch.Tensor
+    # float64, made on the worker's thread: the event loop runs no tensor operation for them.
+    margins: np.ndarray[Any, Any]
     kind: LossKind
 
 
@@ -96,7 +99,8 @@ def compute_batch(
     )
     figures = downloads.read_figures()
     results = split(jobs, figures, downloads, dtype, info)
-    return BatchOutput(results=results, margins=figures.margins, kind=spec.kind)
+    sampled = figures.margins.to(torch.float64).numpy()
+    return BatchOutput(results=results, margins=sampled, kind=spec.kind)
 
 
 @dataclass

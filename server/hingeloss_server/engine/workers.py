@@ -161,9 +161,8 @@ class WorkerPool:
         if info is None:
             return
         self._batcher.record_compute(info.rows, info.compute_s)
-        margins = output.margins.to(torch.float64).numpy()
         self._metrics.batch_done(
-            info.device, info.rows, info.requests, info.compute_s, output.kind.value, margins
+            info.device, info.rows, info.requests, info.compute_s, output.kind.value, output.margins
         )
 
     def _deliver(
