@@ -32,12 +32,8 @@ from hingeloss_server.prometheus import PrometheusMetrics, default_registry, ser
 from hingeloss_server.transport.budget import ByteBudget
 from hingeloss_server.transport.call_guard import CallGuard
 from hingeloss_server.transport.request_codec import decode_request
-from hingeloss_server.transport.servicer import (
-    SERVICE_NAME,
-    LossServicer,
-    add_to_server,
-    server_info,
-)
+from hingeloss_server.transport.server_info import server_info
+from hingeloss_server.transport.servicer import SERVICE_NAME, LossServicer, add_to_server
 from hingeloss_server.warmup import gpu_warm_up_requests, warm_up_requests
 
 logger = logging.getLogger(__name__)

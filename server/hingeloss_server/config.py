@@ -16,6 +16,7 @@ from pathlib import Path
 from hingeloss_server.settings import settable
 
 MIB = 1 << 20
+KIB = 1 << 10
 # Rows of each batch whose signed margins feed the hingeloss_margin histogram.
 MARGIN_SAMPLE_ROWS = 256
 
@@ -87,6 +88,14 @@ class BatchingConfig:
     max_batch_delay_us: int = settable(
         0, "wait this long for more requests when a batch is not full (0: never wait)"
     )
+    # Measured on 2 cores, 32x10 requests computed on the event loop, 8 in flight: a
+    # wait of 200, 500, 1000 and 2000 us gave 1.27, 1.61, 1.76 and 1.53 times the
+    # requests/s of computing each request as it came (docs/benchmarks.md).
+    max_gather_wait_us: int = settable(
+        1000,
+        "when a batch is not full, wait up to this long for more requests, as long as "
+        "such waits keep gathering some (0: never wait)",
+    )
     # Four times the largest request in rows and bytes (max_request_rows, and
     # max_request_bytes against max_queue_bytes): a request that does not fit beside
     # the queue waits for it to drain, so a largest request still gets in whenever the
@@ -118,6 +127,12 @@ class BatchingConfig:
             self.max_shared_batch_bytes,
         )
         _require(
+            self.max_gather_wait_us >= 0,
+            "max_gather_wait_us",
+            ">= 0",
+            self.max_gather_wait_us,
+        )
+        _require(
             self.max_batch_delay_us >= 0, "max_batch_delay_us", ">= 0", self.max_batch_delay_us
         )
         _require(self.max_queue_rows >= 1, "max_queue_rows", ">= 1", self.max_queue_rows)
@@ -145,6 +160,14 @@ class WorkerConfig:
         "(0: none; none either while metrics are off)",
     )
 
+    # A small CPU batch costs less than the hand-off to a thread and back, where the two
+    # threads would trade the GIL at every tensor operation (docs/benchmarks.md).
+    inline_batch_bytes: int = settable(
+        64 * KIB,
+        "CPU batches of at most this many tensor bytes are computed on the event loop "
+        "instead of the worker's thread (0: never)",
+    )
+
     def __post_init__(self) -> None:
         _require(len(self.devices) >= 1, "devices", "non-empty", self.devices)
         for device in self.devices:
@@ -166,6 +189,9 @@ class WorkerConfig:
         _require(self.watchdog_seconds > 0, "watchdog_seconds", "> 0", self.watchdog_seconds)
         _require(
             self.margin_sample_rows >= 0, "margin_sample_rows", ">= 0", self.margin_sample_rows
+        )
+        _require(
+            self.inline_batch_bytes >= 0, "inline_batch_bytes", ">= 0", self.inline_batch_bytes
         )
 
 

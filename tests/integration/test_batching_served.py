@@ -102,3 +102,29 @@ def test_bad_request_in_a_batch_fails_alone(make_server: Any) -> None:
     for i in range(6):
         assert not isinstance(results[i], Exception), results[i]
     assert max(results[i].timing.batch_requests for i in range(6)) > 1
+
+
+def test_small_cpu_batches_run_on_the_event_loop_and_large_ones_on_the_worker_thread(
+    make_server: Any,
+) -> None:
+    """Where a batch runs: below `inline_batch_bytes` on the loop (no thread hand-off)."""
+    server = make_server()
+    worker = server.server.pool.workers[0]
+    limit = server.config.workers.inline_batch_bytes
+    ran: list[tuple[int, str]] = []
+    run = worker.run
+
+    def observed(jobs: Any) -> Any:
+        ran.append((sum(job.nbytes for job in jobs), threading.current_thread().name))
+        return run(jobs)
+
+    worker.run = observed  # type: ignore[method-assign]
+    rng = np.random.default_rng(secrets.randbits(32))
+    with LossClient(server.target) as client:
+        for rows in (4, limit // (4 * 50) + 1):  # float32, 50 classes: under, then over
+            scores = rng.standard_normal((rows, 50)).astype(np.float32)
+            client.multiclass_hinge(scores, rng.integers(0, 50, rows))
+    (small, small_thread), (large, large_thread) = ran
+    assert small <= limit < large
+    assert small_thread == "hingeloss-test-server"  # the server's event loop
+    assert large_thread.startswith(worker.name)

@@ -206,6 +206,56 @@ async def test_a_batch_of_several_requests_stays_within_the_shared_byte_limit() 
     assert await taking == jobs[:2]
 
 
+GATHER = BatchingConfig(max_gather_wait_us=50_000)
+
+
+async def _join_soon(batcher: Batcher, job: LossJob) -> None:
+    """Submits `job` a turn of the event loop after a batch has begun forming."""
+    await asyncio.sleep(0)
+    batcher.submit(job)
+
+
+async def test_a_batch_waits_for_a_request_whose_call_has_started() -> None:
+    first, second = _job(), _job()
+    batcher = Batcher(GATHER)
+    batcher._gather_skip = 10**6  # noqa: SLF001 - no recent wait paid: only the arrival counts
+    arrival = batcher.expect()
+    batcher.submit(first)
+    joining = asyncio.create_task(_join_soon(batcher, second))
+    assert await _next_jobs(batcher) == [first, second]
+    await joining
+    arrival.done()
+
+
+async def test_gathering_backs_off_while_waits_gather_nothing_and_resumes_once_one_pays() -> None:
+    jobs = [_job() for _ in range(6)]
+    batcher = Batcher(GATHER)
+    batcher.submit(jobs[0])
+    assert await _next_jobs(batcher) == [jobs[0]]  # waited 50 ms for nothing
+    batcher.submit(jobs[1])
+    joining = asyncio.create_task(_join_soon(batcher, jobs[2]))
+    assert await _next_jobs(batcher) == [jobs[1]]  # so this batch did not wait
+    await joining
+    joining = asyncio.create_task(_join_soon(batcher, jobs[3]))
+    assert await _next_jobs(batcher) == jobs[2:4]  # the back-off is spent: this one waited
+    await joining
+    batcher.submit(jobs[4])
+    joining = asyncio.create_task(_join_soon(batcher, jobs[5]))
+    assert await _next_jobs(batcher) == jobs[4:6]  # that wait paid: the next one waits too
+    await joining
+
+
+async def test_no_gathering_wait_when_it_is_off() -> None:
+    first, second = _job(), _job()
+    batcher = Batcher(BatchingConfig(max_gather_wait_us=0))
+    arrival = batcher.expect()
+    batcher.submit(first)
+    joining = asyncio.create_task(_join_soon(batcher, second))
+    assert await _next_jobs(batcher) == [first]
+    await joining
+    arrival.done()
+
+
 def _batch_case(loss: str, rng: np.random.Generator, **options: Any) -> dict[str, np.ndarray]:
     inputs = random_inputs(loss, rng, 6, classes=4)
     if options.get("ignore_index") is not None:

@@ -3,7 +3,9 @@
 Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
-batch's row and byte limits; it adds no delay unless `max_batch_delay_us` asks for one.
+batch's row and byte limits. It waits for more, up to `max_gather_wait_us`, only
+when that has paid lately or a call's request is being read (`expect`), and for
+`max_batch_delay_us` where that is set.
 A request larger than `max_shared_request_bytes` is a batch of its own, and a batch of
 several requests holds at most `max_shared_batch_bytes` (batch by cost).
 """
@@ -25,6 +27,9 @@ from hingeloss_server.engine.jobs import BatchKey, JobResult, LossJob
 
 logger = logging.getLogger(__name__)
 
+# A fruitless gathering wait skips at most this many batches before the next try.
+MAX_GATHER_BACKOFF = 1023
+
 # gRPC's deadline timer and the loop clock differ by a little; a cancel this close to
 # the deadline is the deadline's doing.
 DEADLINE_SLACK_S = 0.005
@@ -42,6 +47,21 @@ class QueuedJob:
     enqueued_at: float = field(compare=False)
     # False once taken, cancelled or failed: the heaps drop such entries lazily.
     live: bool = field(default=True, compare=False)
+
+
+class Arrival:
+    """A call whose request is on its way to the queue; `done()` once it is queued or gone."""
+
+    __slots__ = ("_batcher", "_pending")
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._pending = True
+
+    def done(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._batcher._arrived()  # noqa: SLF001 - the batcher's own bookkeeping
 
 
 @dataclass
@@ -80,6 +100,12 @@ class Batcher:
         self._urgent: list[QueuedJob] = []
         self._seq = itertools.count()
         self._work = asyncio.Event()
+        # Calls whose request is still arriving, and requests submitted so far.
+        self._arriving = 0
+        self._submitted = 0
+        # Batches to take without waiting, and how many the next fruitless wait earns.
+        self._gather_skip = 0
+        self._gather_backoff = 0
         self._closed = False
         self.stats = QueueStats()
         # Smoothed seconds of compute per row, for the retry delay we suggest when full.
@@ -125,8 +151,17 @@ class Batcher:
         stats.bytes += job.nbytes
         # A caller that gives up (cancellation) frees its place at once.
         future.add_done_callback(functools.partial(self._on_done, entry))
+        self._submitted += 1
         self._work.set()
         return future
+
+    def expect(self) -> Arrival:
+        """A call has started and its request will follow: a batch may wait for it."""
+        self._arriving += 1
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        self._arriving -= 1
 
     def _on_done(self, entry: QueuedJob, future: asyncio.Future[JobResult]) -> None:
         if future.cancelled() and entry.live:
@@ -168,16 +203,51 @@ class Batcher:
                 await self._work.wait()
                 continue
             batch = self._take(key, max_rows, max_bytes)
-            if batch and self._config.max_batch_delay_us > 0 and not self._alone(batch[0]):
+            if batch and not self._alone(batch[0]):
                 rows = sum(queued.job.rows for queued in batch)
                 nbytes = sum(queued.job.nbytes for queued in batch)
-                if rows < max_rows and nbytes < shared_bytes:
-                    await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
+                if rows < max_rows and nbytes < shared_bytes and await self._waited_for_more():
                     joined = self._take(key, max_rows - rows, shared_bytes - nbytes, joining=True)
                     batch.extend(joined)
             batch = [queued for queued in batch if not queued.future.done()]
             if batch:
                 return batch
+
+    async def _waited_for_more(self) -> bool:
+        """Waits for requests that may join a batch that is not full; False: none waited for.
+
+        Under load the event loop reads other calls' requests meanwhile, so the batch
+        grows at little cost. Whether a wait will pay is not known beforehand (gRPC does
+        not say what it holds unread), so the batcher goes by what its waits gathered:
+        a wait that gathered nothing is not tried again for a number of batches that
+        doubles with each such wait (a lone caller pays one wait in ~1000 batches), and
+        one that gathered something is tried at once. A call whose request is already
+        being read is always worth waiting for.
+        """
+        waited = False
+        if self._config.max_batch_delay_us > 0:
+            await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
+            waited = True
+        wait_s = self._config.max_gather_wait_us / 1e6
+        if wait_s <= 0 or not (self._arriving or self._gather_due()):
+            return waited
+        submitted = self._submitted
+        await asyncio.sleep(wait_s)
+        self._learn(gathered=self._submitted > submitted)
+        return True
+
+    def _gather_due(self) -> bool:
+        if self._gather_skip:
+            self._gather_skip -= 1
+            return False
+        return True
+
+    def _learn(self, *, gathered: bool) -> None:
+        if gathered:
+            self._gather_backoff = 0
+        else:
+            self._gather_backoff = min(2 * self._gather_backoff + 1, MAX_GATHER_BACKOFF)
+        self._gather_skip = self._gather_backoff
 
     def _most_urgent_key(self) -> BatchKey | None:
         while self._urgent and not self._urgent[0].live:

@@ -1,7 +1,9 @@
 """The device worker pool: one or more workers per device, fed by the batch queue.
 
 Each worker is an event-loop task that takes batches from the Batcher and runs them on
-its worker's single-thread executor (torch releases the GIL while it computes).
+its worker's single-thread executor (torch releases the GIL while it computes), or,
+for a CPU batch of at most `inline_batch_bytes`, on the event loop itself: the hand-off
+to a thread and back costs more than such a batch.
 Futures are created and resolved on the event loop only; every job taken is resolved,
 whatever fails.
 """
@@ -80,6 +82,7 @@ class WorkerPool:
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
+        self._fault_hook = fault_hook
         self.devices = resolve_devices(config)
         pinned = staging_bytes(batching or BatchingConfig())
         self.workers = []
@@ -142,7 +145,10 @@ class WorkerPool:
             taken_at = loop.time()
             try:
                 jobs = [queued.job for queued in batch]
-                outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
+                if self._inline(worker, jobs):
+                    outcomes, output = worker.run(jobs)
+                else:
+                    outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
                 self._deliver(batch, outcomes, taken_at)
                 if output is not None:
                     self._record(outcomes, output)
@@ -155,6 +161,17 @@ class WorkerPool:
                 logger.exception("worker %s failed outside compute", worker.name)
             _fail_unresolved(batch, ComputeFailedError("internal error while serving this request"))
             del batch, jobs
+
+    def _inline(self, worker: Worker, jobs: list[LossJob]) -> bool:
+        """Whether a batch is small enough to compute on the event loop (CPU only).
+
+        Never with a fault hook: a hook that holds its worker would hold the loop.
+        """
+        return (
+            worker.device.type == "cpu"
+            and self._fault_hook is None
+            and sum(job.nbytes for job in jobs) <= self._config.inline_batch_bytes
+        )
 
     def _record(self, outcomes: list[Outcome], output: BatchOutput) -> None:
         info = next((o.result.batch for o in outcomes if o.result is not None), None)

@@ -13,15 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 from google.protobuf.message import DecodeError
 
-from hingeloss import __version__
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
-from hingeloss_server.config import BatchingConfig, LimitsConfig
+from hingeloss_server.config import LimitsConfig
 from hingeloss_server.drain import CallTracker
-from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.batch_queue import Arrival, Batcher
 from hingeloss_server.engine.errors import (
     ArrivalTimeoutError,
     ComputeFailedError,
@@ -30,11 +28,11 @@ from hingeloss_server.engine.errors import (
     InvalidInputError,
     OverloadedError,
 )
-from hingeloss_server.engine.jobs import FactoredRows, JobResult, LossKind, SparseRows
+from hingeloss_server.engine.jobs import FactoredRows, JobResult, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes
 from hingeloss_server.transport.call_guard import CallGuard, unparsable_error
-from hingeloss_server.transport.request_codec import FLOAT_WIRE_DTYPES, MAX_DIMS, decode_request
+from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response
 from hingeloss_server.transport.status import error_status, status_mapping
@@ -125,8 +123,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except DecodeError:
             raise unparsable_error() from None
 
-    async def _compute_one(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> bytes:
-        """Decodes, queues and encodes one request; raises HingelossError on failure."""
+    async def _compute_one(
+        self,
+        parsed: ParsedRequest,
+        context: grpc.aio.ServicerContext,
+        arrival: Arrival | None = None,
+    ) -> bytes:
+        """Decodes, queues and encodes one request; raises HingelossError on failure.
+
+        `arrival` is marked done once the request is queued, so that a batch waiting
+        for it goes at once.
+        """
         started = time.perf_counter()
         request = parsed.message
         loss = request.WhichOneof("loss") or "none"
@@ -146,7 +153,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             charge = cost
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-            result = await self._batcher.submit(job, deadline)
+            queued = self._batcher.submit(job, deadline)
+            if arrival is not None:
+                arrival.done()
+            result = await queued
             payload = _payload_bytes(result)
             if payload < ENCODE_OFF_LOOP_BYTES:
                 response = encode_response(job, result)
@@ -190,22 +200,31 @@ class LossServicer(pb_grpc.LossServiceServicer):
         arrive, and a message that never arrives is refused after the arrival limit.
         """
         with self.calls.track():
+            # Batches not yet full may wait for this request while it arrives.
+            arrival = self._batcher.expect()
             try:
-                if self._draining:
-                    raise DrainingError("the server is shutting down")
-                request = await self._receive(context)
-            except HingelossError as error:
-                if not isinstance(error, InvalidInputError):
-                    self._refuse(error)
-                await _abort(context, error, {})
-                raise  # unreachable: abort raises
-            try:
-                return await self._compute_one(request, context)
-            except HingelossError as error:
-                metadata = {"requestId": _short(request.message.request_id)}
-                del request  # gRPC keeps the abort, whose traceback holds this frame
-                await _abort(context, error, metadata)
-                raise  # unreachable: abort raises
+                return await self._answer(context, arrival)
+            finally:
+                arrival.done()
+
+    async def _answer(self, context: grpc.aio.ServicerContext, arrival: Arrival) -> bytes:
+        try:
+            if self._draining:
+                raise DrainingError("the server is shutting down")
+            request = await self._receive(context)
+        except HingelossError as error:
+            if not isinstance(error, InvalidInputError):
+                self._refuse(error)
+            arrival.done()
+            await _abort(context, error, {})
+            raise  # unreachable: abort raises
+        try:
+            return await self._compute_one(request, context, arrival)
+        except HingelossError as error:
+            metadata = {"requestId": _short(request.message.request_id)}
+            del request  # gRPC keeps the abort, whose traceback holds this frame
+            await _abort(context, error, metadata)
+            raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
@@ -321,32 +340,6 @@ def _forget_frames(error: BaseException) -> None:
         current = current.__cause__ or current.__context__
 
 
-def server_info(
-    devices: list[str], workers: int, limits: LimitsConfig, batching: BatchingConfig
-) -> pb.ServerInfo:
-    """Describes the server for GetServerInfo."""
-    return pb.ServerInfo(
-        version=__version__,
-        losses=[kind.value for kind in LossKind],
-        score_dtypes=list(FLOAT_WIRE_DTYPES),
-        devices=devices,
-        workers=workers,
-        limits=pb.ServerLimits(
-            max_message_bytes=limits.max_message_bytes,
-            max_request_rows=limits.max_request_rows,
-            max_request_elements=limits.max_request_elements,
-            max_batch_rows=batching.max_batch_rows,
-            max_queue_rows=batching.max_queue_rows,
-            max_queue_bytes=batching.max_queue_bytes,
-            max_dims=MAX_DIMS,
-            max_request_bytes=limits.max_request_bytes,
-            max_batch_bytes=batching.max_batch_bytes,
-        ),
-        torch_version=torch.__version__,
-        grpc_version=grpc.__version__,
-    )
-
-
 def _serialize(response: bytes | Any) -> bytes:
     """Compute answers come serialized already (wire.py); other messages do not."""
     if isinstance(response, bytes):
@@ -381,4 +374,4 @@ def add_to_server(servicer: LossServicer, guard: CallGuard) -> None:
     guard.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-__all__ = ["SERVICE_NAME", "LossServicer", "add_to_server", "error_status", "server_info"]
+__all__ = ["SERVICE_NAME", "LossServicer", "add_to_server", "error_status"]
