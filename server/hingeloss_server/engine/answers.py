@@ -107,8 +107,12 @@ class _RowBytes:
         self.dtype = tensor.dtype
         self.trailing = tuple(int(d) for d in tensor.shape[1:])
         row_bytes = tensor.element_size() * math.prod(self.trailing)
-        # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
-        flat = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+        # Bytes as uint8, viewed, not copied: through numpy where it has the dtype (one
+        # call into torch), through torch's own view for bfloat16.
+        if tensor.dtype != torch.bfloat16 and tensor.is_contiguous():
+            flat = tensor.numpy().reshape(-1).view(np.uint8)
+        else:
+            flat = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
         self._rows = flat.reshape(int(tensor.shape[0]), row_bytes)
 
     def wire(self, span: slice) -> WireArray:

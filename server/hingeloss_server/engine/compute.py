@@ -99,7 +99,8 @@ def compute_batch(
     )
     figures = downloads.read_figures()
     results = split(jobs, figures, downloads, dtype, info)
-    sampled = figures.margins.to(torch.float64).numpy()
+    margins = figures.margins
+    sampled = margins.to(torch.float64).numpy() if margins.numel() else np.empty(0)
     return BatchOutput(results=results, margins=sampled, kind=spec.kind)
 
 
@@ -146,6 +147,11 @@ def _upload(jobs: Sequence[PreparedJob], dtype: torch.dtype, staging: DeviceStag
         need_factors=any(p.job.options.gradient_format is GradientFormat.FACTORED for p in jobs),
         host_reads_free=staging.host_reads_free,
     )
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, without a call into torch where it would change nothing."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _fusable(batch: DeviceBatch, spec: LossSpec) -> bool:
@@ -197,12 +203,12 @@ def _compute_eager(
 ) -> _Computed:
     """The loss's closed-form kernel (every loss, any device), then the flag passes."""
     input_sets = spec.input_sets
-    inputs = tuple(x.to(batch.dtype) for x in batch.inputs)
+    inputs = tuple(_as(x, batch.dtype) for x in batch.inputs)
     # Before ignored rows are masked: a NaN is refused there too, as on the host.
     flags = scores_flags(inputs, input_sets, check_scores)
     kernel_batch = _kernel_batch(batch, _masked(batch, inputs))
     output = spec.kernel(kernel_batch)
-    grads_wire = tuple(g.to(batch.wire) for g in output.grads)
+    grads_wire = tuple(_as(g, batch.wire) for g in output.grads)
     for k, grad in enumerate(grads_wire):
         flag_not_finite(flags[input_sets[k]], grad, GRAD_OVERFLOW, reads_free=batch.host_reads_free)
     if not grads_wire:

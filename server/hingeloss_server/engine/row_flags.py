@@ -7,6 +7,8 @@ with "overflow" only for what it receives (answers.py decides from the bits).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hingeloss_server.engine import losses
@@ -49,8 +51,8 @@ def flag_not_finite(
     Where reading a value costs nothing (the CPU), one sum over all the values settles
     the usual case: a finite sum proves every row clean, and no flag is touched.
     """
-    if reads_free and (values.numel() == 0 or bool(torch.isfinite(values.sum()))):
-        return
+    if reads_free and math.isfinite(values.sum().item()):
+        return  # an empty tensor sums to 0
     flags |= not_finite_rows(values, reads_free=reads_free).to(torch.uint8) * bit
 
 

@@ -8,6 +8,7 @@ error it would get on its own, and never reaches a batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -211,11 +212,11 @@ def _weights_and_scores_pass(jobs: Sequence[LossJob], check_scores: bool) -> boo
     first = jobs[0]
     if check_scores:
         for k in range(len(first.inputs)):
-            sums = [job.inputs[k].sum() for job in jobs if job.inputs[k].numel()]
-            # A finite sum proves every element finite (as in _check_finite).
-            if sums and not bool(
-                torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums)).all()
-            ):
+            sums = [job.inputs[k].sum() for job in jobs]
+            # A finite sum proves every element finite (as in _check_finite); one that
+            # overflows sends the batch through the exact checks, job by job.
+            total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+            if not math.isfinite(total.item()):
                 return False
     if first.class_weights is not None and not _non_negative(first.class_weights):
         return False  # the weights are part of the BatchKey: every job has the same ones
@@ -247,7 +248,9 @@ def _batch_targets_split(jobs: Sequence[LossJob]) -> _Targets | None:
     if first.targets is None:
         return none, list(none), [0] * len(jobs)
     joined = _joined([job.targets for job in jobs if job.targets is not None])
-    found = _batch_targets(joined.to(torch.int64), first.key.trailing_shape[0], first.options)
+    if joined.dtype != torch.int64:
+        joined = joined.to(torch.int64)
+    found = _batch_targets(joined, first.key.trailing_shape[0], first.options)
     if found is None:
         return None
     all_targets, ignore_mask = found
@@ -280,9 +283,11 @@ def _batch_targets(
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A batch's int64 targets (ignored ones 0) and ignore mask, or None if one is out of range."""
     ignore_index = options.ignore_index
+    if ignore_index is None:  # two numpy reductions: no tensor operation
+        values = targets.numpy()
+        in_range = values.size == 0 or (values.min() >= 0 and values.max() < classes)
+        return (targets, None) if in_range else None
     out_of_range = (targets < 0) | (targets >= classes)
-    if ignore_index is None:
-        return None if bool(out_of_range.any()) else (targets, None)
     ignore_mask = targets == ignore_index
     if bool((out_of_range & ~ignore_mask).any()):
         return None
