@@ -24,7 +24,9 @@ from hingeloss._protowire import LEN, varint, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 
 # Smaller messages are parsed by protobuf directly: the walk would cost more than the copy.
-WIRE_PARSE_MIN_BYTES = 1 << 20
+# Measured in-process (parse and decode of 1000-class float32 requests): 35 against 37 us
+# at 64 KB, 63 against 39 us at 256 KB, 159 against 37 us at 1 MB.
+WIRE_PARSE_MIN_BYTES = 64 << 10
 
 _TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 _SAMPLE_WEIGHTS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["sample_weights"].number
