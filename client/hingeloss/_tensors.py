@@ -177,10 +177,11 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
     info = dtype_info(wire)
     if not data:
         return torch.empty(tuple(shape), dtype=torch_dtype(wire))
+    readonly = memoryview(data).readonly
     if info.numpy is not None:
         array = np.frombuffer(data, dtype=np.dtype(info.numpy).newbyteorder("<"))
-        return _from_readonly(torch.from_numpy, array.reshape(tuple(shape)))
-    flat = _from_readonly(torch.frombuffer, data, dtype=torch_dtype(wire))
+        return _from_readonly(readonly, torch.from_numpy, array.reshape(tuple(shape)))
+    flat = _from_readonly(readonly, torch.frombuffer, data, dtype=torch_dtype(wire))
     return flat.view(tuple(shape))
 
 
@@ -188,13 +189,14 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
 _readonly_warned: set[Any] = set()
 
 
-def _from_readonly(make: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """`make(*args)` over read-only memory, without torch's warning that it is not writable.
+def _from_readonly(readonly: bool, make: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`make(*args)` without torch's warning that the memory is not writable.
 
-    Torch gives that warning once per process and maker, so only the first call of each
-    needs it silenced (a `catch_warnings` on every call would cost more than the tensor).
+    Torch gives that warning once per process and maker, on the first read-only call, so
+    only that call needs it silenced (a `catch_warnings` on every call would cost more
+    than the tensor).
     """
-    if make in _readonly_warned:
+    if not readonly or make in _readonly_warned:
         return make(*args, **kwargs)  # type: ignore[no-any-return]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

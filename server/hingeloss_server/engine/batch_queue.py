@@ -4,8 +4,7 @@ Lives on the event loop and knows no gRPC and no devices. Jobs with equal
 BatchKeys share a batch. A free worker takes the key whose oldest-deadline job is
 most urgent (earliest deadline first), and everything queued under it up to the
 batch's row and byte limits. It waits for more, up to `max_gather_wait_us`, only
-when that has paid lately or a call's request is being read (`expect`), and for
-`max_batch_delay_us` where that is set.
+while such waits have paid lately, and for `max_batch_delay_us` where that is set.
 A request larger than `max_shared_request_bytes` is a batch of its own, and a batch of
 several requests holds at most `max_shared_batch_bytes` (batch by cost).
 """
@@ -49,21 +48,6 @@ class QueuedJob:
     live: bool = field(default=True, compare=False)
 
 
-class Arrival:
-    """A call whose request is on its way to the queue; `done()` once it is queued or gone."""
-
-    __slots__ = ("_batcher", "_pending")
-
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher = batcher
-        self._pending = True
-
-    def done(self) -> None:
-        if self._pending:
-            self._pending = False
-            self._batcher._arrived()  # noqa: SLF001 - the batcher's own bookkeeping
-
-
 @dataclass
 class QueueStats:
     """What is queued now."""
@@ -100,8 +84,7 @@ class Batcher:
         self._urgent: list[QueuedJob] = []
         self._seq = itertools.count()
         self._work = asyncio.Event()
-        # Calls whose request is still arriving, and requests submitted so far.
-        self._arriving = 0
+        # Requests submitted so far: whether a gathering wait gathered any.
         self._submitted = 0
         # Batches to take without waiting, and how many the next fruitless wait earns.
         self._gather_skip = 0
@@ -155,14 +138,6 @@ class Batcher:
         self._work.set()
         return future
 
-    def expect(self) -> Arrival:
-        """A call has started and its request will follow: a batch may wait for it."""
-        self._arriving += 1
-        return Arrival(self)
-
-    def _arrived(self) -> None:
-        self._arriving -= 1
-
     def _on_done(self, entry: QueuedJob, future: asyncio.Future[JobResult]) -> None:
         if future.cancelled() and entry.live:
             self._remove(entry)
@@ -206,12 +181,24 @@ class Batcher:
             if batch and not self._alone(batch[0]):
                 rows = sum(queued.job.rows for queued in batch)
                 nbytes = sum(queued.job.nbytes for queued in batch)
-                if rows < max_rows and nbytes < shared_bytes and await self._waited_for_more():
+                if rows < max_rows and nbytes < shared_bytes and await self._wait(batch):
                     joined = self._take(key, max_rows - rows, shared_bytes - nbytes, joining=True)
                     batch.extend(joined)
             batch = [queued for queued in batch if not queued.future.done()]
             if batch:
                 return batch
+
+    async def _wait(self, taken: list[QueuedJob]) -> bool:
+        """`_waited_for_more`; jobs taken already are failed if the wait is cancelled."""
+        try:
+            return await self._waited_for_more()
+        except asyncio.CancelledError:
+            for queued in taken:
+                if not queued.future.done():
+                    queued.future.set_exception(
+                        DrainingError("the server stopped during this request")
+                    )
+            raise
 
     async def _waited_for_more(self) -> bool:
         """Waits for requests that may join a batch that is not full; False: none waited for.
@@ -221,15 +208,16 @@ class Batcher:
         not say what it holds unread), so the batcher goes by what its waits gathered:
         a wait that gathered nothing is not tried again for a number of batches that
         doubles with each such wait (a lone caller pays one wait in ~1000 batches), and
-        one that gathered something is tried at once. A call whose request is already
-        being read is always worth waiting for.
+        one that gathered something is tried at once. (A call whose request is still
+        arriving is no reason to wait: a caller that never sends one would make every
+        batch wait.)
         """
         waited = False
         if self._config.max_batch_delay_us > 0:
             await asyncio.sleep(self._config.max_batch_delay_us / 1e6)
             waited = True
         wait_s = self._config.max_gather_wait_us / 1e6
-        if wait_s <= 0 or not (self._arriving or self._gather_due()):
+        if wait_s <= 0 or not self._gather_due():
             return waited
         submitted = self._submitted
         await asyncio.sleep(wait_s)

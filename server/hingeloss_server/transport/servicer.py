@@ -19,7 +19,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.drain import CallTracker
-from hingeloss_server.engine.batch_queue import Arrival, Batcher
+from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.errors import (
     ArrivalTimeoutError,
     ComputeFailedError,
@@ -123,17 +123,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except DecodeError:
             raise unparsable_error() from None
 
-    async def _compute_one(
-        self,
-        parsed: ParsedRequest,
-        context: grpc.aio.ServicerContext,
-        arrival: Arrival | None = None,
-    ) -> bytes:
-        """Decodes, queues and encodes one request; raises HingelossError on failure.
-
-        `arrival` is marked done once the request is queued, so that a batch waiting
-        for it goes at once.
-        """
+    async def _compute_one(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Decodes, queues and encodes one request; raises HingelossError on failure."""
         started = time.perf_counter()
         request = parsed.message
         loss = request.WhichOneof("loss") or "none"
@@ -153,10 +144,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             charge = cost
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-            queued = self._batcher.submit(job, deadline)
-            if arrival is not None:
-                arrival.done()
-            result = await queued
+            result = await self._batcher.submit(job, deadline)
             payload = _payload_bytes(result)
             if payload < ENCODE_OFF_LOOP_BYTES:
                 response = encode_response(job, result)
@@ -200,31 +188,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
         arrive, and a message that never arrives is refused after the arrival limit.
         """
         with self.calls.track():
-            # Batches not yet full may wait for this request while it arrives.
-            arrival = self._batcher.expect()
             try:
-                return await self._answer(context, arrival)
-            finally:
-                arrival.done()
-
-    async def _answer(self, context: grpc.aio.ServicerContext, arrival: Arrival) -> bytes:
-        try:
-            if self._draining:
-                raise DrainingError("the server is shutting down")
-            request = await self._receive(context)
-        except HingelossError as error:
-            if not isinstance(error, InvalidInputError):
-                self._refuse(error)
-            arrival.done()
-            await _abort(context, error, {})
-            raise  # unreachable: abort raises
-        try:
-            return await self._compute_one(request, context, arrival)
-        except HingelossError as error:
-            metadata = {"requestId": _short(request.message.request_id)}
-            del request  # gRPC keeps the abort, whose traceback holds this frame
-            await _abort(context, error, metadata)
-            raise  # unreachable: abort raises
+                if self._draining:
+                    raise DrainingError("the server is shutting down")
+                request = await self._receive(context)
+            except HingelossError as error:
+                if not isinstance(error, InvalidInputError):
+                    self._refuse(error)
+                await _abort(context, error, {})
+                raise  # unreachable: abort raises
+            try:
+                return await self._compute_one(request, context)
+            except HingelossError as error:
+                metadata = {"requestId": _short(request.message.request_id)}
+                del request  # gRPC keeps the abort, whose traceback holds this frame
+                await _abort(context, error, metadata)
+                raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
