@@ -73,7 +73,10 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], in
         *("--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)),
         # Each batch waits 200 ms for company (and never fills up): requests stay in
         # flight long enough for SIGTERM to land among them, however fast the machine.
+        # The requests (8 MB) share batches, or batch by cost would run each one alone,
+        # at once, and without the wait.
         *("--max-batch-delay-us", "200000", "--max-batch-bytes", str(1 << 30)),
+        *("--max-shared-request-bytes", str(1 << 30), "--max-shared-batch-bytes", str(1 << 30)),
         *("--drain-seconds", "30", "--shutdown-delay-seconds", "0.5"),
     )
     with spawn_server(tmp_path, *flags) as (process, port):
