@@ -105,7 +105,14 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     if info.numpy is None:
         raw = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(shape)
-    return np.frombuffer(tensor.data, dtype=np.dtype(info.numpy).newbyteorder("<")).reshape(shape)
+    return _numpy_view(tensor.data, info.numpy, shape)
+
+
+def _numpy_view(
+    data: bytes | memoryview, numpy_dtype: str, shape: Sequence[int]
+) -> np.ndarray[Any, Any]:
+    """A read-only numpy array viewing little-endian `data` (no copy)."""
+    return np.frombuffer(data, dtype=np.dtype(numpy_dtype).newbyteorder("<")).reshape(shape)
 
 
 def round_to_bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -179,8 +186,8 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
         return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     readonly = memoryview(data).readonly
     if info.numpy is not None:
-        array = np.frombuffer(data, dtype=np.dtype(info.numpy).newbyteorder("<"))
-        return _from_readonly(readonly, torch.from_numpy, array.reshape(tuple(shape)))
+        array = _numpy_view(data, info.numpy, tuple(shape))
+        return _from_readonly(readonly, torch.from_numpy, array)
     flat = _from_readonly(readonly, torch.frombuffer, data, dtype=torch_dtype(wire))
     return flat.view(tuple(shape))
 

@@ -219,10 +219,8 @@ def job_error(
 
 
 def _wire(tensor: torch.Tensor) -> WireArray:
-    shape = tuple(int(d) for d in tensor.shape)
-    # Bytes as uint8 (bfloat16 included, which numpy lacks), viewed, not copied.
-    raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
-    return WireArray(dtype=tensor.dtype, shape=shape, data=raw.data)
+    """A whole (N, ...) host tensor as a WireArray, viewed, not copied."""
+    return _RowBytes(tensor).wire(slice(None))
 
 
 def _factored_rows(bits: torch.Tensor, values: torch.Tensor, job: LossJob) -> FactoredRows:
