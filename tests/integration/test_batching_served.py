@@ -114,9 +114,9 @@ def test_small_cpu_batches_run_on_the_event_loop_and_large_ones_on_the_worker_th
     ran: list[tuple[int, str]] = []
     run = worker.run
 
-    def observed(jobs: Any) -> Any:
+    def observed(jobs: Any, **options: Any) -> Any:
         ran.append((sum(job.nbytes for job in jobs), threading.current_thread().name))
-        return run(jobs)
+        return run(jobs, **options)
 
     worker.run = observed  # type: ignore[method-assign]
     rng = np.random.default_rng(secrets.randbits(32))

@@ -1,11 +1,22 @@
-"""The per-device gate: batches side by side, a retry after running out of memory alone."""
+"""The per-device gate: batches side by side, a retry after running out of memory alone,
+and never a wait on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+import numpy as np
+from helpers.cases import random_inputs
+
+from hingeloss._requests import build_request
+from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
+from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.device_worker import DeviceGate
+from hingeloss_server.engine.workers import WorkerPool
+from hingeloss_server.metrics import NoMetrics
+from hingeloss_server.transport.request_codec import decode_request
 
 WAIT_S = 10.0
 
@@ -64,3 +75,39 @@ def test_batches_share_the_device() -> None:
     for thread in threads:
         thread.join(WAIT_S)
     assert not inside.broken
+
+
+async def test_a_batch_on_the_event_loop_never_waits_for_a_retry_holding_the_device() -> None:
+    """Small CPU batches run on the event loop; there, waiting at the gate would hold
+    every call of the server until another worker's retry alone ended."""
+    batcher = Batcher(BatchingConfig(max_gather_wait_us=0))
+    pool = WorkerPool(WorkerConfig(devices=("cpu",), workers_per_device=2), batcher, NoMetrics())
+    await pool.start()
+    gate = pool.workers[0]._gate  # the device's, shared by both workers
+    holding, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def retry_alone() -> None:
+        with gate.alone():
+            holding.set()
+            release.wait(WAIT_S)
+            order.append("device released")
+
+    thread = threading.Thread(target=retry_alone)
+    thread.start()
+    try:
+        assert holding.wait(WAIT_S)
+        inputs = random_inputs("multiclass_hinge", np.random.default_rng(), 4, classes=3)
+        request, _ = build_request("multiclass_hinge", inputs, {})
+        future = batcher.submit(decode_request(request, LimitsConfig()))
+        await asyncio.sleep(0.05)  # over at once unless the loop is held at the gate
+        order.append("loop ran")
+        assert not future.done()  # its batch waits for the device on a worker's thread
+        release.set()
+        result = await asyncio.wait_for(future, WAIT_S)
+        assert result.samples == 4
+        assert order == ["loop ran", "device released"]
+    finally:
+        release.set()
+        thread.join(WAIT_S)
+        await pool.stop()

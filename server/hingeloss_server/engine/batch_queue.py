@@ -141,10 +141,14 @@ class Batcher:
     def _on_done(self, entry: QueuedJob, future: asyncio.Future[JobResult]) -> None:
         if future.cancelled() and entry.live:
             self._remove(entry)
-            # gRPC cancels a call whose deadline passes: count that as an expiry, not a cancel.
-            now = asyncio.get_running_loop().time()
-            expired = entry.deadline - DEADLINE_SLACK_S <= now
-            self._on_drop(entry.job, "deadline_exceeded" if expired else "cancelled")
+            self._dropped(entry)
+
+    def _dropped(self, entry: QueuedJob) -> None:
+        """Counts a job whose caller gave up before its batch was computed."""
+        # gRPC cancels a call whose deadline passes: count that as an expiry, not a cancel.
+        now = asyncio.get_running_loop().time()
+        expired = entry.deadline - DEADLINE_SLACK_S <= now
+        self._on_drop(entry.job, "deadline_exceeded" if expired else "cancelled")
 
     def _remove(self, entry: QueuedJob) -> None:
         entry.live = False
@@ -184,9 +188,19 @@ class Batcher:
                 if rows < max_rows and nbytes < shared_bytes and await self._wait(batch):
                     joined = self._take(key, max_rows - rows, shared_bytes - nbytes, joining=True)
                     batch.extend(joined)
-            batch = [queued for queued in batch if not queued.future.done()]
+            batch = self._still_awaited(batch)
             if batch:
                 return batch
+
+    def _still_awaited(self, batch: list[QueuedJob]) -> list[QueuedJob]:
+        """The batch without the jobs whose callers gave up while it gathered (counted)."""
+        kept = []
+        for queued in batch:
+            if queued.future.cancelled():
+                self._dropped(queued)
+            elif not queued.future.done():
+                kept.append(queued)
+        return kept
 
     async def _wait(self, taken: list[QueuedJob]) -> bool:
         """`_waited_for_more`; jobs taken already are failed if the wait is cancelled."""

@@ -47,11 +47,17 @@ class Outcome:
     error: HingelossError | None = None
 
 
+class GateBusyError(Exception):
+    """A batch that may not wait (it runs on the event loop) found the device held alone."""
+
+
 class DeviceGate:
     """Batches on one device run side by side; a retry after running out of memory runs alone.
 
     With several workers on a device, a request retried alone after its batch ran out
     of memory would otherwise race the other workers' batches for the memory it needs.
+    A batch on the event loop never waits here (`wait=False`): it would hold every
+    call the server has until another worker's retry ended.
     """
 
     def __init__(self) -> None:
@@ -61,9 +67,12 @@ class DeviceGate:
         self._waiting_alone = 0
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, *, wait: bool = True) -> Iterator[None]:
+        """Runs beside other batches; `wait=False`: raises GateBusyError instead of waiting."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+            if not wait and not self._open_to_shared():
+                raise GateBusyError
+            self._cond.wait_for(self._open_to_shared)
             self._running += 1
         try:
             yield
@@ -71,6 +80,9 @@ class DeviceGate:
             with self._cond:
                 self._running -= 1
                 self._cond.notify_all()
+
+    def _open_to_shared(self) -> bool:
+        return not self._alone and not self._waiting_alone
 
     @contextmanager
     def alone(self) -> Iterator[None]:
@@ -143,8 +155,14 @@ class Worker:
             return nullcontext()
         return torch.cuda.stream(self._stream)
 
-    def run(self, jobs: Sequence[LossJob]) -> tuple[list[Outcome], BatchOutput | None]:
-        """Validates, computes and encodes a batch. Runs on this worker's thread."""
+    def run(
+        self, jobs: Sequence[LossJob], *, on_loop: bool = False
+    ) -> tuple[list[Outcome], BatchOutput | None]:
+        """Validates, computes and encodes a batch, on this worker's thread or the event loop.
+
+        `on_loop`: it may not wait for the device gate; it raises GateBusyError instead
+        (nothing is computed or answered then), and the caller runs it on the thread.
+        """
         if self.broken is not None:
             error = DeviceFailedError(f"device {self.device} failed: {self.broken}")
             return [Outcome(job, error=error) for job in jobs], None
@@ -162,7 +180,7 @@ class Worker:
             if not prepared:
                 return outcomes, None
             with self._stream_context():
-                output = self._compute_isolated(prepared, outcomes, alone=False)
+                output = self._compute_isolated(prepared, outcomes, alone=False, wait=not on_loop)
             return outcomes, output
         finally:
             self.busy_since = None
@@ -176,12 +194,14 @@ class Worker:
             return [_prepare_alone(job, on_host) for job in jobs]
 
     def _compute_isolated(
-        self, prepared: list[PreparedJob], outcomes: list[Outcome], *, alone: bool
+        self, prepared: list[PreparedJob], outcomes: list[Outcome], *, alone: bool, wait: bool
     ) -> BatchOutput | None:
         output: BatchOutput | None
         out_of_memory = False
         try:
-            output = self._compute(prepared, alone=alone)
+            output = self._compute(prepared, alone=alone, wait=wait)
+        except GateBusyError:
+            raise
         except Exception as error:
             if self._device_failed(error):
                 failed = DeviceFailedError(f"device {self.device} failed: {self.broken}")
@@ -199,13 +219,16 @@ class Worker:
                 str(error),
             )
             out_of_memory = _out_of_memory(error)
+            if out_of_memory and not wait:
+                # The retries run alone, so they may wait: on the worker's thread.
+                raise GateBusyError from None
             output = None
         if output is None:
             # Retried outside the except clause: until it ends, the traceback keeps the
             # failed batch's device tensors alive, and a retry after a CUDA OOM needs them freed.
             last = None
             for one in prepared:
-                retry = self._compute_isolated([one], outcomes, alone=out_of_memory)
+                retry = self._compute_isolated([one], outcomes, alone=out_of_memory, wait=wait)
                 last = retry or last
             return last
         for one, result in zip(prepared, output.results, strict=True):
@@ -215,10 +238,11 @@ class Worker:
                 outcomes.append(Outcome(one.job, result=result))
         return output
 
-    def _compute(self, prepared: list[PreparedJob], *, alone: bool) -> BatchOutput:
+    def _compute(self, prepared: list[PreparedJob], *, alone: bool, wait: bool) -> BatchOutput:
         if self._fault_hook is not None:
             self._fault_hook([p.job for p in prepared])
-        with self._gate.alone() if alone else self._gate.shared(), torch.inference_mode():
+        gate = self._gate.alone() if alone else self._gate.shared(wait=wait)
+        with gate, torch.inference_mode():
             return compute_batch(
                 prepared,
                 self.device,

@@ -25,6 +25,7 @@ from hingeloss_server.engine.compute import BatchOutput
 from hingeloss_server.engine.device_worker import (
     DeviceGate,
     FaultHook,
+    GateBusyError,
     Outcome,
     Worker,
     staging_bytes,
@@ -145,10 +146,7 @@ class WorkerPool:
             taken_at = loop.time()
             try:
                 jobs = [queued.job for queued in batch]
-                if self._inline(worker, jobs):
-                    outcomes, output = worker.run(jobs)
-                else:
-                    outcomes, output = await loop.run_in_executor(worker.executor, worker.run, jobs)
+                outcomes, output = await self._run(worker, jobs)
                 self._deliver(batch, outcomes, taken_at)
                 if output is not None:
                     self._record(outcomes, output)
@@ -161,6 +159,17 @@ class WorkerPool:
                 logger.exception("worker %s failed outside compute", worker.name)
             _fail_unresolved(batch, ComputeFailedError("internal error while serving this request"))
             del batch, jobs
+
+    async def _run(
+        self, worker: Worker, jobs: list[LossJob]
+    ) -> tuple[list[Outcome], BatchOutput | None]:
+        """Runs a batch on the event loop where it is small, else on the worker's thread."""
+        if self._inline(worker, jobs):
+            try:
+                return worker.run(jobs, on_loop=True)
+            except GateBusyError:  # another worker holds the device alone: wait on the thread
+                pass
+        return await asyncio.get_running_loop().run_in_executor(worker.executor, worker.run, jobs)
 
     def _inline(self, worker: Worker, jobs: list[LossJob]) -> bool:
         """Whether a batch is small enough to compute on the event loop (CPU only).
