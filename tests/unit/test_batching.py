@@ -249,14 +249,16 @@ async def test_a_batch_cancelled_while_it_gathers_fails_its_jobs() -> None:
 
 async def test_a_call_cancelled_while_its_batch_gathers_is_counted_as_dropped() -> None:
     dropped: list[str] = []
-    batcher = Batcher(GATHER, on_drop=lambda job, reason: dropped.append(reason))
+    gather = BatchingConfig(max_gather_wait_us=200_000)
+    batcher = Batcher(gather, on_drop=lambda job, reason: dropped.append(reason))
     loop = asyncio.get_running_loop()
     leaving, expiring, staying = _job(), _job(), _job()
-    leaving_future = batcher.submit(leaving)
-    expiring_future = batcher.submit(expiring, deadline=loop.time() + 0.01)
+    # Its deadline passes while the batch still gathers, but after its caller left.
+    leaving_future = batcher.submit(leaving, deadline=loop.time() + 0.15)
+    expiring_future = batcher.submit(expiring, deadline=loop.time() + 0.03)
     batcher.submit(staying)
     taking = asyncio.create_task(_next_jobs(batcher))
-    await asyncio.sleep(0.02)  # the three are taken and the batch waits to gather
+    await asyncio.sleep(0.05)  # the three are taken and the batch waits to gather
     leaving_future.cancel()
     expiring_future.cancel()  # as gRPC cancels a call whose deadline passed
     assert await taking == [staying]

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
+import pytest
 from helpers.cases import random_inputs
 
 from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
+from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.device_worker import DeviceGate
 from hingeloss_server.engine.workers import WorkerPool
@@ -110,4 +113,43 @@ async def test_a_batch_on_the_event_loop_never_waits_for_a_retry_holding_the_dev
     finally:
         release.set()
         thread.join(WAIT_S)
+        await pool.stop()
+
+
+async def test_a_batch_on_the_loop_short_of_memory_is_retried_alone_on_its_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retries alone may wait at the gate, so they never run on the loop.
+
+    Running out of memory cannot be caused on purpose on a CPU: the allocator's
+    error is raised in its place, for batches of more than one request.
+    """
+    batcher = Batcher(BatchingConfig(max_gather_wait_us=0))
+    pool = WorkerPool(WorkerConfig(devices=("cpu",)), batcher, NoMetrics())
+    await pool.start()
+    ran: list[tuple[int, str]] = []
+    compute = device_worker.compute_batch
+
+    def short_of_memory(prepared: list[Any], *args: Any, **kwargs: Any) -> Any:
+        ran.append((len(prepared), threading.current_thread().name))
+        if len(prepared) > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        return compute(prepared, *args, **kwargs)
+
+    monkeypatch.setattr(device_worker, "compute_batch", short_of_memory)
+    try:
+        rng = np.random.default_rng()
+        jobs = []
+        for _ in range(2):
+            inputs = random_inputs("multiclass_hinge", rng, 4, classes=3)
+            request, _ = build_request("multiclass_hinge", inputs, {})
+            jobs.append(decode_request(request, LimitsConfig()))
+        futures = [batcher.submit(job) for job in jobs]  # one batch: taken together
+        results = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+        assert [result.samples for result in results] == [4, 4]
+        worker = pool.workers[0].name
+        assert ran[0] == (2, threading.current_thread().name)  # on the event loop
+        assert [rows for rows, _ in ran] == [2, 2, 1, 1]  # then the thread: together, alone
+        assert all(thread.startswith(worker) for _, thread in ran[1:])
+    finally:
         await pool.stop()

@@ -46,6 +46,8 @@ class QueuedJob:
     enqueued_at: float = field(compare=False)
     # False once taken, cancelled or failed: the heaps drop such entries lazily.
     live: bool = field(default=True, compare=False)
+    # Event-loop time its caller gave up, once it has.
+    cancelled_at: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -139,15 +141,19 @@ class Batcher:
         return future
 
     def _on_done(self, entry: QueuedJob, future: asyncio.Future[JobResult]) -> None:
-        if future.cancelled() and entry.live:
-            self._remove(entry)
-            self._dropped(entry)
+        if future.cancelled():
+            entry.cancelled_at = asyncio.get_running_loop().time()
+            if entry.live:
+                self._remove(entry)
+                self._dropped(entry)
 
     def _dropped(self, entry: QueuedJob) -> None:
         """Counts a job whose caller gave up before its batch was computed."""
         # gRPC cancels a call whose deadline passes: count that as an expiry, not a cancel.
-        now = asyncio.get_running_loop().time()
-        expired = entry.deadline - DEADLINE_SLACK_S <= now
+        when = entry.cancelled_at
+        if when is None:
+            when = asyncio.get_running_loop().time()
+        expired = entry.deadline - DEADLINE_SLACK_S <= when
         self._on_drop(entry.job, "deadline_exceeded" if expired else "cancelled")
 
     def _remove(self, entry: QueuedJob) -> None:

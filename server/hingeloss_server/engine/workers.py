@@ -167,7 +167,9 @@ class WorkerPool:
         if self._inline(worker, jobs):
             try:
                 return worker.run(jobs, on_loop=True)
-            except GateBusyError:  # another worker holds the device alone: wait on the thread
+            except GateBusyError:
+                # The device is held alone, or the batch ran out of memory and its retries
+                # must run alone: the thread runs it again from the start, and may wait.
                 pass
         return await asyncio.get_running_loop().run_in_executor(worker.executor, worker.run, jobs)
 

@@ -59,7 +59,7 @@ FLOOD_CALLERS, FLOOD_ROWS, FLOOD_CLASSES = 64, 4096, 256
 FLOOD_QUEUE_ROWS = 16384
 STALL_BOUND, FLOOD_BOUND = 1.5, 1.25
 # How long the large request's sender may take, start-up and both requests included.
-SENDER_TIMEOUT_S = 600
+SENDER_TIMEOUT_S = 600.0
 T = TypeVar("T")
 
 
@@ -110,7 +110,7 @@ def _send_large(target: str, times: int, out: multiprocessing.Queue[tuple[float,
         call = channel.unary_unary(COMPUTE)
         for _ in range(times):
             started = time.monotonic()
-            call(raw, timeout=600)
+            call(raw, timeout=SENDER_TIMEOUT_S)
             out.put((started, time.monotonic()))
 
 
@@ -124,18 +124,22 @@ def small_calls_beside_a_large_one(target: str) -> tuple[list[float], float]:
     with LossClient(target, retry=NO_RETRY, timeout=600) as client:
         client.binary_hinge(scores, labels)
         sender.start()
-        while sender.is_alive():
+        give_up = time.monotonic() + SENDER_TIMEOUT_S
+        while sender.is_alive() and time.monotonic() < give_up:
             started = time.monotonic()
             client.binary_hinge(scores, labels)
             timed.append((started, time.monotonic() - started))
             time.sleep(0.002)
+        if sender.is_alive():
+            sender.terminate()
+            raise RuntimeError(f"the large requests took over {SENDER_TIMEOUT_S:g} s")
         sender.join()
     if sender.exitcode != 0:
         raise RuntimeError(f"the large request's sender failed (exit status {sender.exitcode})")
     # The first large request warms caches up (the echo's answer, the allocator); the
-    # second is measured.
-    spans.get(timeout=SENDER_TIMEOUT_S)
-    begin, end = spans.get(timeout=SENDER_TIMEOUT_S)
+    # second is measured. The sender put both before it exited.
+    spans.get()
+    begin, end = spans.get()
     return [latency for started, latency in timed if begin <= started <= end], end - begin
 
 
@@ -229,6 +233,8 @@ def main() -> int:
     parser.add_argument("--flood-seconds", type=float, default=10.0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    if args.stall_rounds < 1:
+        parser.error("--stall-rounds must be at least 1")
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         stalls = stall_rounds(workdir, args.stall_rounds)
