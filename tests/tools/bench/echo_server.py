@@ -156,17 +156,22 @@ class PerturbingProxy:
             yield await self.compute(request, context)
 
 
+async def add_health(server: grpc.aio.Server) -> None:
+    """The standard health service, SERVING: clients that health-check their channels
+    (the SDK's do) need it, and log an error for a channel without it."""
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+
 async def start(
     service: Echo | PerturbingProxy, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[Any, int]:
     """Starts a grpc.aio server for `service`; returns (server, bound port)."""
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     server.add_generic_rpc_handlers((_handler(service.compute, service.compute_stream),))
-    # Clients that health-check their channels (the SDK's do) need the standard service.
-    health_servicer = health.aio.HealthServicer()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await add_health(server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from echo_server import serve_until_signalled
+from echo_server import add_health, serve_until_signalled
 
 from hingeloss import _tensors as tensors
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -50,6 +50,7 @@ async def serve(port_file: Path) -> None:
     options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=[*options, ("grpc.max_send_message_length", 1 << 30)])
     pb_grpc.add_LossServiceServicer_to_server(Plain(), server)
+    await add_health(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await serve_until_signalled(server, port, port_file)
