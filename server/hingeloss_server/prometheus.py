@@ -323,8 +323,8 @@ class PrometheusMetrics:
     def batch_done(
         self, device: str, rows: int, requests: int, seconds: float, loss: str, margins: np.ndarray
     ) -> None:
-        self._compute.labels(device).observe(seconds)
-        self._worker_busy.labels(device).inc(seconds)
+        self.child(self._compute, device).observe(seconds)
+        self.child(self._worker_busy, device).inc(seconds)
         self._batch_rows.observe(rows)
         self._batch_requests.observe(requests)
         self._margins.observe_many(loss, margins)
