@@ -56,7 +56,7 @@ soak: $(STAMP)
 	$(PY) tests/tools/soak.py --seconds 60
 	HINGELOSS_OVERLOAD_SECONDS=20 $(BIN)/pytest -q tests/integration/test_overload.py -k ten_times
 
-# Small-call p99 beside a 512 MiB request (median of three rotating rounds), and RSS
+# Small-call p99 beside a 512 MiB request (median of five rotating rounds), and RSS
 # growth under a flood of 4 MB requests, each as a ratio to the echo floor's in the same
 # run (about 4 GiB, minutes).
 pressure: $(STAMP)

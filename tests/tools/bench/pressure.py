@@ -1,6 +1,6 @@
 """The service under memory and size pressure, each figure a ratio to the echo floor's.
 
-    python tests/tools/bench/pressure.py [--stall-rounds 3] [--flood-seconds 10]
+    python tests/tools/bench/pressure.py [--stall-rounds 5] [--flood-seconds 10]
         [--output pressure.json]
 
 Two measurements, each run against the service and against the echo floor
@@ -229,7 +229,7 @@ def _echo(workdir: Path, name: str) -> ServerProcess:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stall-rounds", type=int, default=3)
+    parser.add_argument("--stall-rounds", type=int, default=5)
     parser.add_argument("--flood-seconds", type=float, default=10.0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
