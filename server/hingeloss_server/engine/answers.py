@@ -133,10 +133,12 @@ class _BatchRows:
         self._active = [np.concatenate(([0], np.cumsum(a, dtype=np.int64))) for a in figures.active]
         # Whether any row of the batch carries a flag: if none, no job has an error to find.
         self.flagged = any(bool(f.any()) for f in figures.flags)
-        wants = {p.job.options.gradient_format for p in jobs}
-        dense = GradientFormat.DENSE in wants
+        # Byte views only of what some job sends back.
+        options = [p.job.options for p in jobs]
+        dense = any(o.gradient_format is GradientFormat.DENSE for o in options)
         self.grads = tuple(_RowBytes(g) for g in downloads.grads) if dense else ()
-        self.per_sample = tuple(_RowBytes(p) for p in downloads.per_sample)
+        per_sample = any(o.return_per_sample for o in options)
+        self.per_sample = tuple(_RowBytes(p) for p in downloads.per_sample) if per_sample else ()
 
     def loss(self, spans: list[slice]) -> float:
         """sum(r_i * l_i) over a job's rows, correctly rounded (inf past float64's range)."""

@@ -79,6 +79,8 @@ class Batcher:
         on_drop: Callable[[LossJob, str], None] | None = None,
     ) -> None:
         self._config = config
+        # The bytes a batch of several requests may hold.
+        self._shared_bytes = min(config.max_batch_bytes, config.max_shared_batch_bytes)
         self._on_drop = on_drop or (lambda job, reason: None)
         self._queues: dict[BatchKey, list[QueuedJob]] = {}
         # Live entries per key: a key whose count drops to 0 is forgotten at once.
@@ -180,7 +182,7 @@ class Batcher:
         never returned.
         """
         max_rows, max_bytes = self._config.max_batch_rows, self._config.max_batch_bytes
-        shared_bytes = min(max_bytes, self._config.max_shared_batch_bytes)
+        shared_bytes = self._shared_bytes
         while True:
             key = self._most_urgent_key()
             if key is None:
@@ -275,7 +277,7 @@ class Batcher:
         nothing from sharing and would cost every job beside it a copy into the batch.
         A second request joins only while the batch stays within `max_shared_batch_bytes`.
         """
-        shared_bytes = min(max_bytes, self._config.max_shared_batch_bytes)
+        shared_bytes = min(max_bytes, self._shared_bytes)
         taken: list[QueuedJob] = []
         rows = nbytes = 0
         alone = False
