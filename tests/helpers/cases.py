@@ -1,4 +1,5 @@
-"""Random inputs for every loss, shaped as the SDK and the references take them."""
+"""Random inputs for every loss, shaped as the SDK and the references take them, or
+decoded into the engine's job."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def random_inputs(
     if loss == "margin_ranking":
         return {"scores_a": scores((rows,)), "scores_b": scores((rows,)), "labels": signs}
     raise ValueError(loss)
+
+
+def random_job(
+    loss: str, rng: np.random.Generator, rows: int, classes: int = 5, **options: Any
+) -> Any:
+    """`random_inputs` as the server's engine takes them: a decoded LossJob."""
+    from hingeloss._requests import build_request
+    from hingeloss_server.config import LimitsConfig
+    from hingeloss_server.transport.request_codec import decode_request
+
+    request, _ = build_request(loss, random_inputs(loss, rng, rows, classes=classes), options)
+    return decode_request(request, LimitsConfig())
 
 
 def positional(loss: str, inputs: dict[str, Any]) -> list[Any]:

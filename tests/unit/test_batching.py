@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers.cases import random_inputs
+from helpers.cases import random_inputs, random_job
 
 from hingeloss._requests import build_request
 from hingeloss_server.config import BatchingConfig, LimitsConfig
@@ -29,9 +29,8 @@ LIMITS = LimitsConfig()
 
 
 def _job(loss: str = "binary_hinge", rows: int = 4, classes: int = 3, **options: Any) -> LossJob:
-    inputs = random_inputs(loss, np.random.default_rng(), rows, classes=classes)
-    request, _ = build_request(loss, inputs, options)
-    return decode_request(request, LIMITS)
+    job: LossJob = random_job(loss, np.random.default_rng(), rows, classes, **options)
+    return job
 
 
 async def _next_jobs(batcher: Batcher) -> list[LossJob]:

@@ -10,16 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.cases import random_inputs
+from helpers.cases import random_job
 
-from hingeloss._requests import build_request
-from hingeloss_server.config import BatchingConfig, LimitsConfig, WorkerConfig
+from hingeloss_server.config import BatchingConfig, WorkerConfig
 from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.device_worker import DeviceGate
 from hingeloss_server.engine.workers import WorkerPool
 from hingeloss_server.metrics import NoMetrics
-from hingeloss_server.transport.request_codec import decode_request
 
 WAIT_S = 10.0
 
@@ -100,9 +98,8 @@ async def test_a_batch_on_the_event_loop_never_waits_for_a_retry_holding_the_dev
     thread.start()
     try:
         assert holding.wait(WAIT_S)
-        inputs = random_inputs("multiclass_hinge", np.random.default_rng(), 4, classes=3)
-        request, _ = build_request("multiclass_hinge", inputs, {})
-        future = batcher.submit(decode_request(request, LimitsConfig()))
+        job = random_job("multiclass_hinge", np.random.default_rng(), 4, classes=3)
+        future = batcher.submit(job)
         await asyncio.sleep(0.05)  # over at once unless the loop is held at the gate
         order.append("loop ran")
         assert not future.done()  # its batch waits for the device on a worker's thread
@@ -139,11 +136,7 @@ async def test_a_batch_on_the_loop_short_of_memory_is_retried_alone_on_its_threa
     monkeypatch.setattr(device_worker, "compute_batch", short_of_memory)
     try:
         rng = np.random.default_rng()
-        jobs = []
-        for _ in range(2):
-            inputs = random_inputs("multiclass_hinge", rng, 4, classes=3)
-            request, _ = build_request("multiclass_hinge", inputs, {})
-            jobs.append(decode_request(request, LimitsConfig()))
+        jobs = [random_job("multiclass_hinge", rng, 4, classes=3) for _ in range(2)]
         futures = [batcher.submit(job) for job in jobs]  # one batch: taken together
         results = await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
         assert [result.samples for result in results] == [4, 4]
