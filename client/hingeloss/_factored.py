@@ -116,6 +116,23 @@ def unpack_numpy(bits: np.ndarray[Any, Any], num_classes: int) -> np.ndarray[Any
     return np.unpackbits(bits, axis=1, count=num_classes, bitorder="little")
 
 
+# Set bits of each byte value, for numpy releases before np.bitwise_count (2.0).
+_POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+
+
+def row_counts_numpy(bits: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """Set entries per row, counted on the packed bytes, as `dtype`, shape (B,).
+
+    Equal to the sum of the unpacked 0/1 row in `dtype` wherever that sum is exact or
+    correctly rounded, as torch's is (it accumulates half and bfloat16 in float32): the
+    count is an integer, rounded once. An eighth of the reads of a sum over the mask.
+    """
+    bitwise_count = getattr(np, "bitwise_count", None)
+    ones = bitwise_count(bits) if bitwise_count is not None else _POPCOUNT[bits]
+    counts: np.ndarray[Any, Any] = ones.sum(1, dtype=np.int64).astype(dtype)
+    return counts
+
+
 def unpack_torch(bits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, ceil(C/8)) uint8 -> (B, C) uint8 of 0s and 1s, on the bits' device."""
     import torch
@@ -139,11 +156,11 @@ def expand_torch(factored: FactoredGrad, dtype: torch.dtype) -> torch.Tensor:
     true = factored.true_classes.unsqueeze(1)
     column = values.unsqueeze(1)
     if factored.rule is FactoredRule.WESTON_WATKINS:
-        count = mask.sum(1)
+        count = _row_counts_torch(factored.mask_bits, mask)
         grad = mask.mul_(column)
         grad.scatter_(1, true, values.mul(count).neg_().unsqueeze(1))
     elif factored.rule is FactoredRule.SPLIT_EVENLY:
-        grad = mask.mul_(column / mask.sum(1, keepdim=True))
+        grad = mask.mul_(column / _row_counts_torch(factored.mask_bits, mask).unsqueeze(1))
         grad.scatter_(1, true, column.neg())
     else:
         # The kernel scatters v into zeros: +0.0 elsewhere, whatever the sign of v.
@@ -153,20 +170,37 @@ def expand_torch(factored: FactoredGrad, dtype: torch.dtype) -> torch.Tensor:
     return grad.to(dtype)
 
 
+def _row_counts_torch(bits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`mask.sum(1)` in the mask's dtype; on the CPU counted on the packed bytes instead.
+
+    The same values (an integer count, rounded once, as torch's float accumulation
+    rounds it), from an eighth of the reads.
+    """
+    import torch
+
+    if bits.device.type != "cpu":
+        return mask.sum(1)
+    counts = row_counts_numpy(bits.numpy(), np.dtype(np.int64))
+    return torch.from_numpy(counts).to(mask.dtype)
+
+
 def expand_numpy(factored: FactoredGrad, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
     """The dense gradient as a numpy array of `dtype`; the same operations as expand_torch."""
     values = factored.values
     compute = values.dtype
-    mask = unpack_numpy(factored.mask_bits, factored.dense_shape[1]).astype(compute)
+    bits = factored.mask_bits
+    # 0s and 1s as uint8: the products below widen them to `compute` as they go, one
+    # pass, where widening first would write and read back a (B, C) float array.
+    mask = unpack_numpy(bits, factored.dense_shape[1])
     rows = np.arange(mask.shape[0])
     true = factored.true_classes
     column = values[:, None]
     if factored.rule is FactoredRule.WESTON_WATKINS:
-        count = mask.sum(1, dtype=compute)
-        grad = np.multiply(mask, column, out=mask)
-        grad[rows, true] = -(values * count)
+        grad = np.multiply(mask, column, dtype=compute)
+        grad[rows, true] = -(values * row_counts_numpy(bits, compute))
     elif factored.rule is FactoredRule.SPLIT_EVENLY:
-        grad = np.multiply(mask, column / mask.sum(1, keepdims=True, dtype=compute), out=mask)
+        share = column / row_counts_numpy(bits, compute)[:, None]
+        grad = np.multiply(mask, share, dtype=compute)
         grad[rows, true] = -values
     else:
         grad = np.where(mask != 0, column, compute.type(0))

@@ -302,3 +302,18 @@ def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
     response.gradients[0].dense.dtype = 42  # type: ignore[assignment]
     with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
         decode_response(response, InputKind(is_torch=False))
+
+
+def test_row_counts_of_packed_masks_match_the_unpacked_sums() -> None:
+    """Both counters (numpy's bitwise_count and the table older numpy uses) against a sum."""
+    from hingeloss import _factored as factored
+
+    rng = np.random.default_rng()
+    columns = int(rng.integers(1, 70))
+    mask = rng.random((9, columns)) < rng.random((9, 1))
+    mask[0] = False
+    mask[1] = True
+    bits = np.packbits(mask, axis=1, bitorder="little")
+    assert np.array_equal(factored._POPCOUNT, np.bitwise_count(np.arange(256, dtype=np.uint8)))
+    expected = mask.sum(1).astype(np.float32)
+    assert np.array_equal(factored.row_counts_numpy(bits, np.dtype(np.float32)), expected)
