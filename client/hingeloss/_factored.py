@@ -147,7 +147,8 @@ def unpack_torch(bits: torch.Tensor, num_classes: int) -> torch.Tensor:
 def expand_torch(factored: FactoredGrad, dtype: torch.dtype) -> torch.Tensor:
     """The dense gradient in `dtype`, computed on the device of `factored.values`.
 
-    The operations are the eager kernels' (losses.py), in the compute dtype, in order.
+    The operations are the eager kernels' (losses.py), in the compute dtype, in order;
+    only the row counts may come from the packed bits, which give the same values.
     """
     import torch
 
