@@ -22,7 +22,7 @@ import numpy as np
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._requests import InputKind, enum_name
+from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name
 from hingeloss.v1 import loss_service_pb2 as pb
 
 
@@ -50,7 +50,8 @@ class LossResult:
         samples / active_samples: how many samples counted, how many had a
             non-zero loss.
         timing: the server's queue and compute split.
-        resolved: the options the server applied, defaults resolved, by name.
+        resolved: the options the server applied, defaults resolved, by the call's
+            keyword names (`kink`, `combine`, ...).
         sparse_grads: (row indices, rows) of each gradient, with "row_sparse".
         factored_grads: packed mask and row values of each gradient, with "factored".
     """
@@ -69,9 +70,13 @@ class LossResult:
     @property
     def grad(self) -> Any:
         """The gradient of a single-input loss."""
-        if len(self.grads) != 1:
-            raise AttributeError(f"this loss has {len(self.grads)} gradients; use .grads")
-        return self.grads[0]
+        if len(self.grads) == 1:
+            return self.grads[0]
+        if not self.grads:
+            raise AttributeError("no gradient: this call asked for gradient_format='none'")
+        raise AttributeError(
+            f"this loss has a gradient for each of its {len(self.grads)} inputs: use .grads"
+        )
 
     @property
     def grad_factored(self) -> factored.FactoredGrad:
@@ -86,14 +91,16 @@ class LossResult:
         return self.active_samples / self.samples if self.samples else 0.0
 
 
+# ResolvedOptions field -> (the call's keyword, which is the key in LossResult.resolved,
+# and the enum's value prefix).
 _ENUM_FIELDS = {
-    "reduction": "REDUCTION_",
-    "gradient_format": "GRADIENT_FORMAT_",
-    "kink_subgradient": "KINK_SUBGRADIENT_",
-    "label_encoding": "LABEL_ENCODING_",
-    "class_normalization": "CLASS_NORMALIZATION_",
-    "tie_break": "TIE_BREAK_",
-    "gan_combine": "GAN_COMBINE_",
+    "reduction": ("reduction", "REDUCTION_"),
+    "gradient_format": ("gradient_format", "GRADIENT_FORMAT_"),
+    "kink_subgradient": ("kink", "KINK_SUBGRADIENT_"),
+    "label_encoding": ("label_encoding", "LABEL_ENCODING_"),
+    "class_normalization": ("class_normalization", "CLASS_NORMALIZATION_"),
+    "tie_break": ("tie_break", "TIE_BREAK_"),
+    "gan_combine": ("combine", "GAN_COMBINE_"),
 }
 
 
@@ -103,16 +110,19 @@ def _unknown(number: int) -> str:
 
 def _resolved(options: pb.ResolvedOptions) -> dict[str, Any]:
     resolved: dict[str, Any] = {"loss": options.loss}
-    for name, prefix in _ENUM_FIELDS.items():
-        number = getattr(options, name)
+    for field_name, (keyword, prefix) in _ENUM_FIELDS.items():
+        number = getattr(options, field_name)
         if number:
             try:
-                resolved[name] = enum_name(prefix, number)
+                resolved[keyword] = enum_name(prefix, number)
             except ValueError:  # added to the contract after this SDK version
-                resolved[name] = _unknown(number)
-    if options.loss != "gan_generator":
+                resolved[keyword] = _unknown(number)
+    # Only the loss's own options: the GAN hinge's margin is fixed, the ranking loss has
+    # no power. A loss this SDK does not know yet keeps whatever the server sent.
+    takes = LOSS_OPTIONS.get(options.loss)
+    if takes is None or "margin" in takes:
         resolved["margin"] = options.margin
-    if options.power:
+    if options.power and (takes is None or "power" in takes):
         resolved["power"] = options.power
     if options.compute_dtype:
         info = tensors.BY_WIRE.get(options.compute_dtype)

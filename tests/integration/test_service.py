@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cases import positional, random_inputs, sample_count
-from helpers.references import reference
+from helpers.references import LOSS_NAMES, reference
 
 from hingeloss import LossClient
 
@@ -175,18 +175,18 @@ def test_resolved_options_are_echoed(shared_server: Any, rng: np.random.Generato
         "loss": "multiclass_hinge",
         "reduction": "mean",
         "gradient_format": "dense",
-        "kink_subgradient": "zero",
+        "kink": "zero",
         "class_normalization": "sum_over_classes",
         "margin": 1.0,
         "power": 1,
         "compute_dtype": "float64",
     }
     assert torch_like.resolved["class_normalization"] == "divide_by_num_classes"
-    assert torch_like.resolved["kink_subgradient"] == "one"
+    assert torch_like.resolved["kink"] == "one"
     assert torch_like.resolved["reduction"] == "sum"
     assert torch_like.resolved["margin"] == 0.25
     assert ranking.resolved["margin"] == 1.0
-    assert ranking.resolved["kink_subgradient"] == "zero"
+    assert ranking.resolved["kink"] == "zero"
 
 
 def test_gan_discriminator_uneven_sets(shared_server: Any) -> None:
@@ -361,3 +361,15 @@ def test_server_info_reports_every_limit(shared_server: Any) -> None:
     assert limits.max_request_bytes == LimitsConfig().max_request_bytes
     assert limits.max_batch_bytes == BatchingConfig().max_batch_bytes
     assert limits.max_request_rows == LimitsConfig().max_request_rows
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_resolved_options_pass_back_as_the_calls_keywords(shared_server: Any, loss: str) -> None:
+    """`result.resolved` names each option as the call does: fed back, it resolves the same."""
+    inputs = positional(loss, random_inputs(loss, np.random.default_rng(), 6))
+    with LossClient(shared_server.target) as client:
+        first = client.compute(loss, *inputs)
+        options = {k: v for k, v in first.resolved.items() if k not in ("loss", "compute_dtype")}
+        again = client.compute(loss, *inputs, **options)
+    assert again.resolved == first.resolved
+    assert again.loss == first.loss
