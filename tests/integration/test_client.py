@@ -322,3 +322,35 @@ def test_unary_errors_name_their_request(shared_server: ServerThread) -> None:
         client.binary_hinge(np.ones(2), np.array([3, 1]), request_id="bad-1")
     # Servers that name the failing request in ErrorInfo say which (older ones do not).
     assert info.value.metadata.get("requestId", "bad-1") == "bad-1"
+
+
+def test_sdk_guide_asyncio_example_runs_as_written(shared_server: ServerThread) -> None:
+    """docs/sdk.md's asyncio and streaming example, pasted into a file, gives right answers."""
+    guide = (ROOT / "docs" / "sdk.md").read_text()
+    section = guide.split("## asyncio and streaming", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "localhost:50051" in code
+    names: dict[str, Any] = {}
+    runnable = compile(code.replace("localhost:50051", shared_server.target), "sdk.md", "exec")
+    exec(runnable, names)  # noqa: S102 - our own guide
+    expected = reference("binary_hinge", {"scores": names["scores"], "labels": names["labels"]})
+    assert names["result"].loss == pytest.approx(expected.loss, rel=1e-12)
+    assert len(names["results"]) == len(names["batches"])
+    for (scores, targets), answer in zip(names["batches"], names["results"], strict=True):
+        local = reference("crammer_singer", {"scores": scores, "targets": targets})
+        assert answer.loss == pytest.approx(local.loss, rel=1e-12)
+        np.testing.assert_allclose(answer.grad, local.grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_grad_says_why_a_result_has_not_exactly_one_gradient(shared_server: ServerThread) -> None:
+    rng = np.random.default_rng()
+    with LossClient(shared_server.target) as client:
+        scores, targets = rng.normal(size=(4, 3)), rng.integers(0, 3, size=4)
+        none = client.multiclass_hinge(scores, targets, gradient_format="none")
+        pair = client.gan_discriminator(rng.normal(size=5), rng.normal(size=6))
+    assert none.grads == ()
+    with pytest.raises(AttributeError, match="gradient_format='none'"):
+        _ = none.grad
+    assert len(pair.grads) == 2
+    with pytest.raises(AttributeError, match="each of its 2 inputs: use .grads"):
+        _ = pair.grad
