@@ -234,6 +234,24 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         await self.close()
 
 
+async def _started(call: Any, sent: asyncio.Event) -> bool:
+    """Waits until the call has started (its headers sent) or ended; whether it is live.
+
+    A call cancelled before it started never sets `sent`: waiting on it alone (as the
+    first write does) would hang the writer, and with it the stream's close, for ever.
+    """
+    if not sent.is_set() and not call.done():
+        ended = asyncio.Event()
+        call.add_done_callback(lambda _: ended.set())
+        waits = {asyncio.ensure_future(sent.wait()), asyncio.ensure_future(ended.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+    return sent.is_set() and not call.done()
+
+
 async def _send(call: Any, request: pb.ComputeRequest) -> bool:
     """Writes one request on a stream; False when the server has already ended the call.
 
@@ -250,8 +268,7 @@ async def _send(call: Any, request: pb.ComputeRequest) -> bool:
     if cython_call is None or serializer is None or not isinstance(sent, asyncio.Event):
         await call.write(request)
         return True
-    await sent.wait()  # the call has started (the first write waits for this)
-    if call.done():
+    if not await _started(call, sent):
         return False  # the reader reports its status
     try:
         await cython_call.send_serialized_message(serializer(request))

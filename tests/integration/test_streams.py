@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from hingeloss import (
     AsyncLossClient,
+    CancelledError,
     DeadlineExceededError,
     HingelossError,
     InvalidArgumentError,
@@ -161,6 +162,70 @@ def test_sync_close_right_after_submitting_answers_everything(
         _check_answers([f.result() for f in futures], cases)
         with pytest.raises(RuntimeError, match="closed"):
             stream.binary_hinge(cases[0]["scores"], cases[0]["labels"]).result(timeout=1)
+
+
+# -- leaving a stream early ---------------------------------------------------------------
+
+
+class _LeavingError(Exception):
+    """Raised inside a stream block by the test."""
+
+
+async def test_async_error_leaving_the_block_right_after_a_submit_fails_it(
+    shared_server: ServerThread,
+) -> None:
+    """The stream's call is cancelled before it started: nothing may wait for it to start."""
+    case = _cases(1)[0]
+    async with AsyncLossClient(shared_server.target) as client:
+
+        async def leave() -> Any:
+            async with client.stream() as stream:
+                submitted = stream.binary_hinge(case["scores"], case["labels"])
+                raise _LeavingError(submitted)
+
+        with pytest.raises(_LeavingError) as left:
+            await asyncio.wait_for(leave(), PATIENCE_S)
+        submitted = left.value.args[0]
+        assert submitted.done()
+        with pytest.raises(CancelledError):
+            await submitted
+        # The client goes on serving.
+        result = await client.binary_hinge(case["scores"], case["labels"])
+    _check_answers([result], [case])
+
+
+async def test_async_client_closed_under_an_open_stream_fails_its_calls(
+    shared_server: ServerThread,
+) -> None:
+    case = _cases(1)[0]
+    client = AsyncLossClient(shared_server.target)
+    stream = client.stream()
+    submitted = stream.binary_hinge(case["scores"], case["labels"])
+    await asyncio.wait_for(client.close(), PATIENCE_S)
+    await asyncio.wait_for(stream.close(), PATIENCE_S)
+    outcomes = await _outcomes([submitted])
+    assert isinstance(outcomes[0], CancelledError), outcomes
+
+
+def test_sync_error_leaving_the_block_right_after_a_submit_fails_it(
+    shared_server: ServerThread,
+) -> None:
+    case = _cases(1)[0]
+    with LossClient(shared_server.target) as client:
+
+        def leave() -> None:
+            with client.stream() as stream:
+                submitted = stream.binary_hinge(case["scores"], case["labels"])
+                raise _LeavingError(submitted)
+
+        started = time.monotonic()
+        with pytest.raises(_LeavingError) as left:
+            leave()
+        assert time.monotonic() - started < PATIENCE_S
+        submitted = left.value.args[0]
+        assert submitted.done()
+        result = client.binary_hinge(case["scores"], case["labels"])
+    _check_answers([result], [case])
 
 
 # -- a response that fails to decode ----------------------------------------------------
