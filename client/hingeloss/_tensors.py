@@ -79,7 +79,9 @@ def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
     info = BY_NAME.get(array.dtype.name)
     if info is None:
         raise TypeError(f"unsupported numpy dtype {array.dtype}; use one of {sorted(BY_NAME)}")
-    contiguous = np.ascontiguousarray(array)
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one, which the server
+    # would then take for a batch of one instead of refusing its shape.
+    contiguous = array if array.flags.c_contiguous else np.array(array, order="C")
     if contiguous.dtype.byteorder == ">":
         contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
     message.dtype = info.wire  # type: ignore[assignment]
@@ -151,8 +153,10 @@ def fill_from_torch(message: pb.Tensor, tensor: torch.Tensor) -> None:
     message.dtype = wire  # type: ignore[assignment]
     del message.shape[:]
     message.shape.extend(host.shape)
-    # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it).
-    message.data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
+    # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it),
+    # once flattened: a 0-d tensor has no dimension to reinterpret.
+    flat = host.reshape(-1)
+    message.data = flat.view(torch.uint8).numpy().tobytes() if host.numel() else b""
 
 
 def from_torch(tensor: torch.Tensor) -> pb.Tensor:

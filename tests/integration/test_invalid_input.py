@@ -182,6 +182,16 @@ SDK_CASES: dict[str, tuple[Callable[[LossClient], Any], str, str]] = {
         "multiclass_hinge.scores.shape",
         "2 dimension",
     ),
+    "0-d numpy scores": (
+        lambda c: c.binary_hinge(np.float64(0.3), np.float64(1.0)),
+        "binary_hinge.scores.shape",
+        "1 dimension",
+    ),
+    "0-d torch scores": (
+        lambda c: c.gan_generator(torch.tensor(0.3)),
+        "gan_generator.fake_scores.shape",
+        "1 dimension",
+    ),
     "class weights of the wrong length": (
         lambda c: c.multiclass_hinge(MATRIX, TARGETS, class_weights=np.ones(4)),
         "multiclass_hinge.target_class_weights.shape",
