@@ -32,15 +32,14 @@ class _RemoteLoss(torch.autograd.Function):
     """Autograd node whose gradient was computed by the server in the forward call."""
 
     @staticmethod
-    def forward(
-        ctx: Any, call: Callable[..., LossResult], none: bool, *scores: torch.Tensor
-    ) -> Any:
+    def forward(ctx: Any, call: Callable[..., LossResult], *scores: torch.Tensor) -> Any:
         result = call(*scores)
         if not result.grads:
             raise ValueError("the remote loss returned no gradient (gradient_format='none')")
         ctx.save_for_backward(*result.grads)
-        ctx.none = none
-        if none:
+        # As the server resolved it: the option may be spelled any way the SDK takes.
+        ctx.none = result.resolved.get("reduction") == "none"
+        if ctx.none:
             per_sample = result.per_sample
             # One tensor per sample set (GAN discriminator: real, then fake).
             ctx.set_rows = [int(p.shape[0]) for p in per_sample]
@@ -54,7 +53,7 @@ class _RemoteLoss(torch.autograd.Function):
             scaled = tuple(g * grad_output for g in grads)
         else:
             scaled = _scale_rows(grads, grad_output, ctx.set_rows)
-        return (None, None, *scaled)
+        return (None, *scaled)
 
 
 def _scale_rows(
@@ -99,8 +98,6 @@ def _remote_loss_and_result(
         raise TypeError(f"{loss} takes {expected} inputs, got {len(inputs)}")
     scores, others = inputs[:n_scores], inputs[n_scores:]
     method = getattr(client, loss)
-    none = str(options.get("reduction", "mean")).lower() == "none"
-
     answers: list[LossResult] = []
 
     def call(*detached: torch.Tensor) -> LossResult:
@@ -108,7 +105,7 @@ def _remote_loss_and_result(
         answers.append(result)
         return result
 
-    output: torch.Tensor = _RemoteLoss.apply(call, none, *scores)  # type: ignore[no-untyped-call]
+    output: torch.Tensor = _RemoteLoss.apply(call, *scores)  # type: ignore[no-untyped-call]
     return output, answers[0]
 
 

@@ -13,6 +13,7 @@ from helpers.servers import ServerThread
 
 from hingeloss import LossClient
 from hingeloss.torch import RemoteHingeLoss, remote_loss
+from hingeloss.v1 import loss_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,11 +74,13 @@ def test_module_keeps_the_servers_answer(client: LossClient) -> None:
     assert criterion.last_result.samples == 2
 
 
-def test_reduction_none_scales_rows(client: LossClient) -> None:
+@pytest.mark.parametrize("none", ["none", " NONE ", pb.REDUCTION_NONE])
+def test_reduction_none_scales_rows(client: LossClient, none: str | int) -> None:
+    """Every spelling the SDK takes for reduction "none" gives the per-sample vector."""
     a = torch.randn(8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1, -1] * 4)
-    per_sample = remote_loss(client, "margin_ranking", a, b, y, reduction="none", margin=0.5)
+    per_sample = remote_loss(client, "margin_ranking", a, b, y, reduction=none, margin=0.5)
     upstream = torch.rand(8, dtype=torch.float64)
     per_sample.backward(upstream)
     a_local = a.detach().clone().requires_grad_()
