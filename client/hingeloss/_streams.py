@@ -133,13 +133,14 @@ def settle(
 def _names_a_request(error: BaseException) -> bool:
     """Whether the server attributed the error to one request of the stream.
 
-    Errors of a request carry an ErrorInfo (newer servers add `streamIndex` and
-    `requestId`); errors of the call itself (connection lost, the call's own
-    deadline, cancellation, authentication) carry none, and concern every request.
+    A request's error names it in its ErrorInfo (`streamIndex`, `requestId`). Errors
+    of the stream itself concern every request: those of the call (connection lost,
+    its deadline, cancellation, authentication) and the server's own end of the
+    stream (shutting down, the request stream broken), whose ErrorInfo names none.
     """
     if not isinstance(error, HingelossError) or isinstance(error, StreamAbortedError):
         return False
-    return bool(error.reason) or "streamIndex" in error.metadata or "requestId" in error.metadata
+    return "streamIndex" in error.metadata or "requestId" in error.metadata
 
 
 def _culprit(error: HingelossError, pending: list[StreamItem[F]]) -> StreamItem[F] | None:

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers.cases import random_inputs
-from helpers.faults import BLOCKER, FaultHook, HeldWorker
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
 from helpers.references import reference
 from helpers.servers import ServerThread
 from prometheus_client import CollectorRegistry
@@ -32,8 +32,10 @@ from hingeloss import (
     LossClient,
     LossResult,
     StreamAbortedError,
+    UnavailableError,
 )
 from hingeloss import _streams as sdk_streams
+from hingeloss._health import check
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -478,6 +480,31 @@ def test_close_gives_up_on_a_stuck_server_after_the_deadline(held: _Held, flavou
     error = sync_run() if flavour == "sync" else asyncio.run(async_run())
     assert isinstance(error, DeadlineExceededError)
     assert time.monotonic() - started < 5
+
+
+# -- a server that shuts down under an open stream -------------------------------------
+
+
+def test_a_draining_server_fails_every_unread_request_with_its_own_status(held: _Held) -> None:
+    """The stream's end on shutdown (UNAVAILABLE, DRAINING) is no single request's error.
+
+    What the server had read is answered; each request written after the drain began
+    (never read) gets the server's UNAVAILABLE, retryable elsewhere, and none is told
+    that another request ended the stream.
+    """
+    with LossClient(held.server.target, timeout=PATIENCE_S) as client, client.stream() as stream:
+        read = [stream.gan_generator(np.full(2, float(i))) for i in range(3)]
+        wait_until(lambda: held.inflight() >= 4, what="the blocker and these three read")
+        held.server.begin_stop()
+        wait_until(lambda: check(held.server.target) == "NOT_SERVING", what="draining")
+        time.sleep(0.2)  # the stream's reader, cancelled by the drain, has stopped
+        unread = [stream.gan_generator(np.full(2, float(i))) for i in range(3)]
+        held.release()
+        outcomes = _sync_outcomes(read + unread)
+    assert [r.loss for r in outcomes[:3]] == [-0.0, -1.0, -2.0]
+    for error in outcomes[3:]:
+        assert isinstance(error, UnavailableError), outcomes
+        assert error.reason == "DRAINING"
 
 
 # -- a server that ends the stream early ---------------------------------------------------
