@@ -42,21 +42,32 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
             try:
                 response = await self._call(self._stub.Compute, request, attempts.start())
             except HingelossError as error:
+                if self._closed:
+                    raise  # close() cut it short: not retried
                 await asyncio.sleep(attempts.retry_after(error))
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
 
-    @staticmethod
     async def _call(
-        method: Callable[..., grpc.aio.UnaryUnaryCall], request: Any, timeout: float | None
+        self, method: Callable[..., grpc.aio.UnaryUnaryCall], request: Any, timeout: float | None
     ) -> Any:
         """One attempt of a unary call; a failure raises its typed error, read from the call."""
+        self._ensure_open()
         call = method(request, timeout=timeout)
         try:
             return await call
         except grpc.RpcError as rpc_error:
+            if self._closed:
+                raise self._closed_under() from rpc_error
             raise await from_aio_call(call, rpc_error) from rpc_error
+        except asyncio.CancelledError:
+            # Closing the channel cancels its calls, and so the tasks awaiting them; a
+            # task nobody cancelled gets the SDK's error instead, as a stream's calls do.
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                raise self._closed_under() from None
+            raise
 
     async def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
@@ -75,6 +86,9 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         return AsyncLossStream(self._stub, settings)
 
     async def close(self) -> None:
+        """Closes the channel: calls in flight fail with CancelledError, later ones raise
+        RuntimeError."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncLossClient:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hingeloss._errors import CancelledError
 from hingeloss._requests import InputKind, build_request
 from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
 from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
@@ -128,11 +129,23 @@ class ClientBase(Generic[Stream]):
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
         self._retrier = Retrier(retry or RetryPolicy())
+        self._closed = False
+
+    def _ensure_open(self) -> None:
+        """A closed client takes no new call (RuntimeError, as a closed stream does)."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
+
+    @staticmethod
+    def _closed_under() -> CancelledError:
+        """The error of a call that closing the client cut short (never retried)."""
+        return CancelledError("the client was closed while the call was in flight")
 
     def _prepare(
         self, loss: str, inputs: Mapping[str, Any], options: dict[str, Any]
     ) -> tuple[pb.ComputeRequest, InputKind, float | None]:
         """The request of a unary call, what its answer decodes into, and its timeout."""
+        self._ensure_open()
         timeout = options.pop("timeout", self._timeout)
         request, kind = build_request(loss, inputs, options)
         return request, kind, timeout
@@ -162,6 +175,7 @@ class ClientBase(Generic[Stream]):
             stream_timeout: deadline of the whole call (default: none, so a
                 stream may live as long as the training run).
         """
+        self._ensure_open()
         per_request = self._timeout if timeout is CLIENT_TIMEOUT else timeout
         return self._open_stream(StreamSettings(max_in_flight, per_request, stream_timeout))
 

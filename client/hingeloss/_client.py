@@ -55,18 +55,28 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
             try:
                 response = self._call(self._stub.Compute, request, attempts.start())
             except HingelossError as error:
+                if self._closed:
+                    raise  # close() cut it short: not retried
                 time.sleep(attempts.retry_after(error))
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
 
-    @staticmethod
-    def _call(method: Callable[..., Response], request: Any, timeout: float | None) -> Response:
+    def _call(
+        self, method: Callable[..., Response], request: Any, timeout: float | None
+    ) -> Response:
         """One attempt of a unary call; a failure raises its typed error."""
+        self._ensure_open()
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as rpc_error:
+            if self._closed:
+                raise self._closed_under() from rpc_error
             raise from_rpc_error(rpc_error) from rpc_error
+        except ValueError as error:  # grpc's "Cannot invoke RPC on closed channel!"
+            if self._closed:
+                raise self._closed_under() from error
+            raise
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
@@ -85,6 +95,9 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         return LossStream(self._stub, settings)
 
     def close(self) -> None:
+        """Closes the channel: calls in flight fail with CancelledError, later ones raise
+        RuntimeError."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> LossClient:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures as cf
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cases import random_inputs
-from helpers.faults import BLOCKER, FaultHook, HeldWorker
+from helpers.faults import BLOCKER, PATIENCE_S, FaultHook, HeldWorker, wait_until
 from helpers.references import reference
 from helpers.servers import ServerThread, server_config
 from helpers.system import requires_cuda
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from hingeloss import (
     AsyncLossClient,
+    CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
     LossClient,
@@ -354,3 +356,48 @@ def test_grad_says_why_a_result_has_not_exactly_one_gradient(shared_server: Serv
     assert len(pair.grads) == 2
     with pytest.raises(AttributeError, match="each of its 2 inputs: use .grads"):
         _ = pair.grad
+
+
+def _in_flight(server: ServerThread, count: int) -> None:
+    """Waits until the server holds `count` requests besides the held blocker."""
+    wait_until(lambda: server.server.batcher.stats.requests >= count, what=f"{count} queued")
+
+
+def test_closing_the_client_fails_its_calls_in_flight_and_later_ones(make_server: Any) -> None:
+    """In flight: CancelledError, not retried; afterwards: RuntimeError, as for a stream."""
+    hook = FaultHook()
+    server = make_server(fault_hook=hook)
+    with _hold_worker(server, hook):
+        client = LossClient(server.target, timeout=PATIENCE_S)
+        with cf.ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(client.gan_generator, np.ones(2)) for _ in range(2)]
+            _in_flight(server, 2)
+            client.close()
+            for call in calls:
+                assert isinstance(call.exception(PATIENCE_S), CancelledError)
+        with pytest.raises(RuntimeError, match="closed"):
+            client.gan_generator(np.ones(2))
+        with pytest.raises(RuntimeError, match="closed"):
+            client.health()
+        with pytest.raises(RuntimeError, match="closed"):
+            client.stream()
+
+
+async def test_closing_the_async_client_fails_its_calls_in_flight_and_later_ones(
+    make_server: Any,
+) -> None:
+    hook = FaultHook()
+    server = make_server(fault_hook=hook)
+    with _hold_worker(server, hook):
+        client = AsyncLossClient(server.target, timeout=PATIENCE_S)
+        calls = [asyncio.ensure_future(client.gan_generator(np.ones(2))) for _ in range(2)]
+        await asyncio.to_thread(_in_flight, server, 2)
+        await asyncio.wait_for(client.close(), PATIENCE_S)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*calls, return_exceptions=True), PATIENCE_S
+        )
+        assert all(isinstance(o, CancelledError) for o in outcomes), outcomes
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.gan_generator(np.ones(2))
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.server_info()
