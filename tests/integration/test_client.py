@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import socket
 import subprocess
 import sys
 import threading
@@ -25,15 +27,18 @@ from helpers.system import requires_cuda
 from prometheus_client import CollectorRegistry
 
 from hingeloss import (
+    NO_RETRY,
     AsyncLossClient,
     CancelledError,
     DeadlineExceededError,
+    HingelossError,
     InvalidArgumentError,
     LossClient,
     LossResult,
     OverloadedError,
     RetryPolicy,
 )
+from hingeloss._channel import RECONNECT_BACKOFF_MAX_MS
 from hingeloss_server.config import BatchingConfig
 from hingeloss_server.engine.jobs import LossJob
 
@@ -401,3 +406,41 @@ async def test_closing_the_async_client_fails_its_calls_in_flight_and_later_ones
             await client.gan_generator(np.ones(2))
         with pytest.raises(RuntimeError, match="closed"):
             await client.server_info()
+
+
+def test_a_client_retries_a_dead_server_at_least_every_two_seconds() -> None:
+    """Reconnection attempts stay at most RECONNECT_BACKOFF_MAX_MS apart (plus jitter).
+
+    gRPC's own backoff grows 1, 1.6, 2.6, 4.1 s...: its fourth gap is above 3 s
+    whatever the jitter. A listener that takes every connection and closes it at
+    once stands in for a server that is down; calls keep the client wanting one.
+    """
+    attempts: list[float] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.1)
+        port = listener.getsockname()[1]
+        with LossClient(f"127.0.0.1:{port}", timeout=0.5, retry=NO_RETRY) as client:
+            calling = threading.Event()
+            calling.set()
+
+            def call_until_stopped() -> None:
+                while calling.is_set():
+                    with contextlib.suppress(HingelossError):
+                        client.health()
+                    time.sleep(0.05)
+
+            caller = threading.Thread(target=call_until_stopped)
+            caller.start()
+            try:
+                started = time.monotonic()
+                while time.monotonic() - started < 11.0:
+                    with contextlib.suppress(TimeoutError):
+                        connection, _ = listener.accept()
+                        attempts.append(time.monotonic())
+                        connection.close()
+            finally:
+                calling.clear()
+                caller.join()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert len(attempts) >= 5, attempts
+    assert max(gaps) < RECONNECT_BACKOFF_MAX_MS / 1000 * 1.2 + 0.5, gaps
