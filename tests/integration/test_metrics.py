@@ -7,6 +7,7 @@ the server's own arithmetic.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,10 +16,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from helpers.faults import BLOCKER, FaultHook, HeldWorker, wait_until
 from helpers.servers import ServerThread, server_config
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from hingeloss import InvalidArgumentError, LossClient, __version__
+from hingeloss import (
+    NO_RETRY,
+    AsyncLossClient,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    LossClient,
+    __version__,
+)
 from hingeloss_server.config import MARGIN_SAMPLE_ROWS, WorkerConfig
 from hingeloss_server.metrics import NoMetrics
 from hingeloss_server.prometheus import (
@@ -397,3 +406,58 @@ def test_margin_sampling_follows_its_setting(
     assert ok == 1
     sampled = registry.get_sample_value("hingeloss_margin_count", {"loss": "binary_hinge"})
     assert (sampled or 0) == rows
+
+
+# ---------------------------------------------------------------- calls that end unanswered
+
+
+async def test_an_expired_deadline_and_a_cancel_are_told_apart(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """gRPC reports both to the handler as a cancellation; the labels must not."""
+    hook, registry = FaultHook(), CollectorRegistry()
+    server = make_server(fault_hook=hook, registry=registry)
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    def handled(code: str) -> float:
+        return value(
+            "hingeloss_grpc_server_handled_total",
+            grpc_service=LOSS_SERVICE,
+            grpc_method="Compute",
+            grpc_code=code,
+        )
+
+    def blocker() -> None:
+        with LossClient(server.target) as client:
+            client.gan_generator(np.ones(2), request_id=BLOCKER)
+
+    with HeldWorker(hook, blocker):
+        async with AsyncLossClient(server.target, retry=NO_RETRY) as client:
+            with pytest.raises(DeadlineExceededError):
+                await client.gan_generator(np.ones(2), timeout=0.3)
+            queue = server.server.batcher.stats
+            await asyncio.to_thread(
+                wait_until,
+                lambda: handled("DEADLINE_EXCEEDED") == 1 and queue.requests == 0,
+                what="the expiry recorded and its job dropped",
+            )
+            waiting = asyncio.ensure_future(client.gan_generator(np.ones(2), timeout=60))
+            await asyncio.to_thread(
+                wait_until, lambda: queue.requests == 1, what="queued"
+            )
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await asyncio.to_thread(
+                wait_until, lambda: handled("CANCELLED") == 1, what="the cancel recorded"
+            )
+    requests = "hingeloss_requests_total"
+    assert value(requests, loss="gan_generator", code="DEADLINE_EXCEEDED") == 1
+    assert value(requests, loss="gan_generator", code="CANCELLED") == 1
+    assert handled("DEADLINE_EXCEEDED") == 1
+    assert handled("CANCELLED") == 1
+    rejected = "hingeloss_requests_rejected_total"
+    assert value(rejected, reason="deadline_exceeded") == 1
+    assert value(rejected, reason="cancelled") == 1

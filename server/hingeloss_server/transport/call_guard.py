@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.metrics import Metrics
-from hingeloss_server.transport.status import error_status
+from hingeloss_server.transport.status import error_status, gave_up_code
 
 # Probes must work without credentials (Kubernetes and Docker health checks carry none).
 OPEN_SERVICES = (
@@ -175,7 +175,7 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
     if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
+        return str(gave_up_code(context).name)
     if error is not None:
         return "UNKNOWN"
     return "OK"

@@ -35,7 +35,7 @@ from hingeloss_server.transport.call_guard import CallGuard, unparsable_error
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response
-from hingeloss_server.transport.status import error_status, status_mapping
+from hingeloss_server.transport.status import error_status, gave_up_code, status_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 self._metrics.request_rejected(mapping.rejected)
             raise
         except asyncio.CancelledError:
-            self._metrics.request_done(loss, grpc.StatusCode.CANCELLED, None)
+            self._metrics.request_done(loss, gave_up_code(context), None)
             raise
         except Exception as error:
             # A bug, never the caller's fault: INTERNAL, logged here with the request id.

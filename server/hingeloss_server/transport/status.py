@@ -27,6 +27,22 @@ from hingeloss_server.engine.errors import (
 )
 
 ERROR_DOMAIN = "hingeloss.v1"
+# A call cut short this close to its deadline ran out of time rather than being
+# cancelled: the caller's clock starts before the server's, so the caller's own
+# deadline can end the call a little before the server's timer would.
+DEADLINE_SLACK_S = 0.1
+
+
+def gave_up_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call ended without its answer when the server did not end it.
+
+    gRPC tells a handler only that its call was cancelled, whether its caller gave
+    up or its deadline passed; the time left says which.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 @dataclass(frozen=True)
