@@ -28,6 +28,8 @@ from hingeloss import (
     LossClient,
     __version__,
 )
+from hingeloss._errors import from_rpc_error
+from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import MARGIN_SAMPLE_ROWS, WorkerConfig
 from hingeloss_server.metrics import NoMetrics
 from hingeloss_server.prometheus import (
@@ -461,3 +463,38 @@ async def test_an_expired_deadline_and_a_cancel_are_told_apart(
     rejected = "hingeloss_requests_rejected_total"
     assert value(rejected, reason="deadline_exceeded") == 1
     assert value(rejected, reason="cancelled") == 1
+
+
+def test_requests_that_do_not_parse_or_never_come_are_counted_as_refused(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """Counted as invalid requests of no loss, as one with no loss set is."""
+    registry = CollectorRegistry()
+    server = make_server(registry=registry)
+    garbage = b"\xff\xff\xff\x07"
+    good = pb.ComputeRequest(
+        gan_generator=pb.GanGenerator(
+            fake_scores=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[1], data=bytes(8))
+        )
+    ).SerializeToString()
+    with grpc.insecure_channel(server.target) as channel:
+        compute = channel.unary_unary(f"/{LOSS_SERVICE}/Compute")
+        with pytest.raises(grpc.RpcError) as unparsable:
+            compute(garbage, timeout=30)
+        no_message = channel.stream_unary(f"/{LOSS_SERVICE}/Compute")
+        with pytest.raises(grpc.RpcError) as empty:
+            no_message(iter(()), timeout=30)
+        stream = channel.stream_stream(f"/{LOSS_SERVICE}/ComputeStream")
+        answers = stream(iter([good, good, garbage, good]), timeout=30)
+        answered: list[bytes] = []
+        with pytest.raises(grpc.RpcError) as ended:
+            answered.extend(answers)
+    for error in (unparsable.value, empty.value, ended.value):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(answered) == 2
+    assert from_rpc_error(ended.value).metadata["streamIndex"] == "2"
+    refused = {"loss": "none", "code": "INVALID_ARGUMENT"}
+    assert registry.get_sample_value("hingeloss_requests_total", refused) == 3
+    rejected = {"reason": "invalid_argument"}
+    assert registry.get_sample_value("hingeloss_requests_rejected_total", rejected) == 3
+    assert registry.get_sample_value("hingeloss_inflight_requests") == 0

@@ -193,8 +193,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     raise DrainingError("the server is shutting down")
                 request = await self._receive(context)
             except HingelossError as error:
-                if not isinstance(error, InvalidInputError):
-                    self._refuse(error)
+                self._refuse(error)
                 await _abort(context, error, {})
                 raise  # unreachable: abort raises
             try:
@@ -207,7 +206,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,
-        request_iterator: AsyncIterator[ParsedRequest],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         """Submits requests as they arrive and answers them in order.
@@ -222,7 +221,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _stream(
         self,
-        request_iterator: AsyncIterator[ParsedRequest],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
@@ -232,8 +231,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async def read() -> None:
             try:
                 index = 0
-                async for request in request_iterator:
+                async for raw in request_iterator:
                     await window.acquire()  # before the task exists: nothing is orphaned
+                    try:
+                        request = parse_request(raw)
+                    except DecodeError:
+                        # It ends the stream, as a bad request does: nothing after it is read.
+                        task = asyncio.create_task(self._unparsable())
+                        pending.put_nowait(_StreamItem(index, "", task))
+                        return
                     task = asyncio.create_task(self._compute_one(request, context))
                     pending.put_nowait(_StreamItem(index, request.message.request_id, task))
                     index += 1
@@ -271,6 +277,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 leftover = pending.get_nowait()
                 if leftover is not None:
                     leftover.task.cancel()
+
+    async def _unparsable(self) -> bytes:
+        """The refusal of a stream message that is not a ComputeRequest, counted as one."""
+        error = unparsable_error()
+        self._refuse(error)
+        raise error
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -339,10 +351,10 @@ def add_to_server(servicer: LossServicer, guard: CallGuard) -> None:
         "Compute": grpc.stream_unary_rpc_method_handler(
             servicer.Compute, response_serializer=_serialize
         ),
+        # Raw bytes too, parsed by the stream itself: an unparsable message is then
+        # refused as its request, named by its index, and counted.
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ComputeStream,
-            request_deserializer=parse_request,
-            response_serializer=_serialize,
+            servicer.ComputeStream, response_serializer=_serialize
         ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetServerInfo,
