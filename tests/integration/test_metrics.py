@@ -26,6 +26,7 @@ from hingeloss import (
     DeadlineExceededError,
     InvalidArgumentError,
     LossClient,
+    StreamAbortedError,
     __version__,
 )
 from hingeloss._errors import from_rpc_error
@@ -498,3 +499,48 @@ def test_requests_that_do_not_parse_or_never_come_are_counted_as_refused(
     rejected = {"reason": "invalid_argument"}
     assert registry.get_sample_value("hingeloss_requests_rejected_total", rejected) == 3
     assert registry.get_sample_value("hingeloss_inflight_requests") == 0
+
+
+def test_a_stream_ended_by_a_bad_request_counts_only_what_it_sent(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """Requests after the failing one are computed but never answered: ABORTED, not OK.
+
+    All of them wait behind a held worker and are computed in one batch, so every
+    later request has its answer ready when the stream ends at the bad one.
+    """
+    hook, registry = FaultHook(), CollectorRegistry()
+    server = make_server(fault_hook=hook, registry=registry)
+    scores, labels = np.array([0.5, 2.0, -1.0, 0.0]), np.ones(4, dtype=np.int64)
+
+    def blocker() -> None:
+        with LossClient(server.target) as client:
+            client.gan_generator(np.ones(2), request_id=BLOCKER)
+
+    with (
+        HeldWorker(hook, blocker) as held,
+        LossClient(server.target) as client,
+        client.stream(max_in_flight=8) as stream,
+    ):
+        first = stream.binary_hinge(scores, labels)
+        bad = stream.binary_hinge(scores, np.full(4, 0.5))
+        after = [stream.binary_hinge(scores, labels) for _ in range(4)]
+        queue = server.server.batcher.stats
+        wait_until(lambda: queue.requests == 6, what="the stream's six requests queued")
+        held.release()
+        assert first.result(timeout=30).samples == 4
+        assert isinstance(bad.exception(timeout=30), InvalidArgumentError)
+        for future in after:
+            assert isinstance(future.exception(timeout=30), StreamAbortedError)
+
+    def count(code: str) -> float:
+        labels = {"loss": "binary_hinge", "code": code}
+        return registry.get_sample_value("hingeloss_requests_total", labels) or 0.0
+
+    wait_until(lambda: registry.get_sample_value("hingeloss_inflight_requests") == 0)
+    assert (count("OK"), count("INVALID_ARGUMENT"), count("ABORTED")) == (1, 1, len(after))
+    blocker_answer = np.ones(2).nbytes
+    assert registry.get_sample_value("hingeloss_sent_bytes_total") == scores.nbytes + blocker_answer
+    active = {"loss": "binary_hinge", "state": "active"}
+    expected_active = np.count_nonzero(1.0 - labels * scores > 0)
+    assert registry.get_sample_value("hingeloss_samples_total", active) == expected_active

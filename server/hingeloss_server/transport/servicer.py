@@ -35,7 +35,12 @@ from hingeloss_server.transport.call_guard import CallGuard, unparsable_error
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response
-from hingeloss_server.transport.status import error_status, gave_up_code, status_mapping
+from hingeloss_server.transport.status import (
+    abort_call,
+    error_status,
+    gave_up_code,
+    status_mapping,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +128,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except DecodeError:
             raise unparsable_error() from None
 
-    async def _compute_one(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> bytes:
-        """Decodes, queues and encodes one request; raises HingelossError on failure."""
+    async def _compute_one(
+        self,
+        parsed: ParsedRequest,
+        context: grpc.aio.ServicerContext,
+        stream_failed: asyncio.Event | None = None,
+    ) -> _Answer:
+        """Decodes, queues and encodes one request; raises HingelossError on failure.
+
+        The answer is counted once it goes out (`_answered`), or as ABORTED when the
+        stream it belongs to ends before it, at an earlier request's failure
+        (`stream_failed`): computed and dropped (`_drop_unsent`), or cut short.
+        """
         started = time.perf_counter()
         request = parsed.message
         loss = request.WhichOneof("loss") or "none"
@@ -153,10 +168,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 # event loop, other callers' calls go on meanwhile.
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(None, encode_response, job, result)
-            self._metrics.bytes_sent(payload)
-            self._metrics.request_sparsity(loss, result.samples, result.active, result.queue_s)
-            self._metrics.request_done(loss, grpc.StatusCode.OK, time.perf_counter() - started)
-            return response
+            return _Answer(
+                response, loss, payload, result.samples, result.active, result.queue_s, started
+            )
         except HingelossError as error:
             mapping = status_mapping(error)
             self._metrics.request_done(loss, mapping.code, None)
@@ -165,7 +179,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 self._metrics.request_rejected(mapping.rejected)
             raise
         except asyncio.CancelledError:
-            self._metrics.request_done(loss, gave_up_code(context), None)
+            aborted = stream_failed is not None and stream_failed.is_set()
+            code = grpc.StatusCode.ABORTED if aborted else gave_up_code(context)
+            self._metrics.request_done(loss, code, None)
             raise
         except Exception as error:
             # A bug, never the caller's fault: INTERNAL, logged here with the request id.
@@ -194,14 +210,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 request = await self._receive(context)
             except HingelossError as error:
                 self._refuse(error)
-                await _abort(context, error, {})
+                await abort_call(context, error, {})
                 raise  # unreachable: abort raises
             try:
-                return await self._compute_one(request, context)
+                answer = await self._compute_one(request, context)
+                self._answered(answer)
+                return answer.response
             except HingelossError as error:
                 metadata = {"requestId": _short(request.message.request_id)}
                 del request  # gRPC keeps the abort, whose traceback holds this frame
-                await _abort(context, error, metadata)
+                await abort_call(context, error, metadata)
                 raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
@@ -227,6 +245,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         read_error: list[BaseException] = []
+        # Set when a request fails: the stream ends there, and what it read after that
+        # request is dropped, answered or not.
+        failed = asyncio.Event()
 
         async def read() -> None:
             try:
@@ -240,7 +261,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         task = asyncio.create_task(self._unparsable())
                         pending.put_nowait(_StreamItem(index, "", task))
                         return
-                    task = asyncio.create_task(self._compute_one(request, context))
+                    task = asyncio.create_task(self._compute_one(request, context, failed))
                     pending.put_nowait(_StreamItem(index, request.message.request_id, task))
                     index += 1
             except Exception as error:  # the request stream itself broke
@@ -255,30 +276,48 @@ class LossServicer(pb_grpc.LossServiceServicer):
         try:
             while (item := await pending.get()) is not None:
                 try:
-                    response = await item.task
+                    answer = await item.task
                 except HingelossError as error:
+                    failed.set()
                     metadata = {
                         "streamIndex": str(item.index),
                         "requestId": _short(item.request_id),
                     }
-                    await _abort(context, error, metadata)
+                    await abort_call(context, error, metadata)
                 finally:
                     window.release()
-                yield response
+                self._answered(answer)
+                yield answer.response
             if read_error:
                 logger.error("request stream failed: %s", read_error[0])
-                await _abort(context, ComputeFailedError("the request stream failed"), {})
+                await abort_call(context, ComputeFailedError("the request stream failed"), {})
             if self._draining:
-                await _abort(context, DrainingError("the server is shutting down"), {})
+                await abort_call(context, DrainingError("the server is shutting down"), {})
         finally:
             draining.cancel()
             reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.task.cancel()
+            self._drop_unsent(pending)
 
-    async def _unparsable(self) -> bytes:
+    def _answered(self, answer: _Answer) -> None:
+        self._metrics.bytes_sent(answer.payload)
+        self._metrics.request_sparsity(answer.loss, answer.samples, answer.active, answer.queue_s)
+        seconds = time.perf_counter() - answer.started
+        self._metrics.request_done(answer.loss, grpc.StatusCode.OK, seconds)
+
+    def _drop_unsent(self, pending: asyncio.Queue[_StreamItem | None]) -> None:
+        """What a stream read and will not answer: computed answers are counted as
+        ABORTED and dropped, the rest cancelled."""
+        while not pending.empty():
+            item = pending.get_nowait()
+            if item is None:
+                continue
+            task = item.task
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._metrics.request_done(task.result().loss, grpc.StatusCode.ABORTED, None)
+            else:
+                task.cancel()
+
+    async def _unparsable(self) -> _Answer:
         """The refusal of a stream message that is not a ComputeRequest, counted as one."""
         error = unparsable_error()
         self._refuse(error)
@@ -291,10 +330,23 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
 
 @dataclass(frozen=True)
+class _Answer:
+    """A computed request's serialized answer, and what it counts for once sent."""
+
+    response: bytes
+    loss: str
+    payload: int
+    samples: int
+    active: int
+    queue_s: float
+    started: float
+
+
+@dataclass(frozen=True)
 class _StreamItem:
     index: int
     request_id: str
-    task: asyncio.Task[bytes]
+    task: asyncio.Task[_Answer]
 
 
 # Request ids are the caller's: at most this much of one goes into a log or a status.
@@ -303,32 +355,6 @@ REQUEST_ID_ECHO_CHARS = 64
 
 def _short(request_id: str) -> str:
     return request_id[:REQUEST_ID_ECHO_CHARS]
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext, error: HingelossError, metadata: dict[str, str]
-) -> None:
-    status = error_status(error, metadata)
-    if status.code is grpc.StatusCode.INTERNAL:
-        logger.error("request %r: %s", metadata.get("requestId", ""), error)
-    _forget_frames(error)
-    await context.abort_with_status(status)
-
-
-def _forget_frames(error: BaseException) -> None:
-    """Drops the tracebacks of an error and of every error it chains to.
-
-    gRPC keeps the exception an abort raises (chained to this error) for as long as
-    it keeps the call's state; the frames in these tracebacks hold the request's
-    bytes and tensors, megabytes a refused request would otherwise keep. The status
-    says all a caller needs (INTERNAL errors are logged with theirs beforehand).
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        current.__traceback__ = None
-        current = current.__cause__ or current.__context__
 
 
 def _serialize(response: bytes | Any) -> bytes:

@@ -7,6 +7,7 @@ lowerCamel metadata such as the failing request of a stream).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from hingeloss_server.engine.errors import (
     InvalidInputError,
     OverloadedError,
 )
+
+logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "hingeloss.v1"
 # A call cut short this close to its deadline ran out of time rather than being
@@ -108,3 +111,30 @@ def error_status(error: HingelossError, metadata: Mapping[str, str] | None = Non
         packed.append(wrapped)
     status = status_pb2.Status(code=mapping.code.value[0], message=str(error), details=packed)
     return rpc_status.to_status(status)
+
+
+async def abort_call(
+    context: grpc.aio.ServicerContext, error: HingelossError, metadata: dict[str, str]
+) -> None:
+    """Ends the call with the error's rich status, keeping none of the request alive."""
+    status = error_status(error, metadata)
+    if status.code is grpc.StatusCode.INTERNAL:
+        logger.error("request %r: %s", metadata.get("requestId", ""), error)
+    _forget_frames(error)
+    await context.abort_with_status(status)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drops the tracebacks of an error and of every error it chains to.
+
+    gRPC keeps the exception an abort raises (chained to this error) for as long as
+    it keeps the call's state; the frames in these tracebacks hold the request's
+    bytes and tensors, megabytes a refused request would otherwise keep. The status
+    says all a caller needs (INTERNAL errors are logged with theirs beforehand).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
