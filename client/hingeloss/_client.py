@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -125,18 +126,51 @@ class LossStream(LossMethods["Future[LossResult]"]):
     """
 
     def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
+        self._core = _StreamCore(stub, settings)
+        # The stream's threads hold only the core: a stream dropped without close() is
+        # collected, and then half-closes its call, so its threads and the call end.
+        self._finalizer = weakref.finalize(self, self._core.state.close)
+
+    def _submit(
+        self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
+    ) -> Future[LossResult]:
+        return self._core.submit(loss, inputs, options)
+
+    def close(self) -> None:
+        """Ends the request stream and waits for every outstanding answer.
+
+        With a timeout, waits at most that long for the server to finish the
+        stream; then every answer still missing fails with DeadlineExceededError
+        and the call is cancelled.
+        """
+        self._finalizer.detach()
+        self._core.close()
+
+    def __enter__(self) -> LossStream:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc is not None:
+            self._core.responses.cancel()
+        self.close()
+
+
+class _StreamCore:
+    """A LossStream's call, state and threads, apart from the object its caller holds."""
+
+    def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
         timeout = settings.timeout
         self._slots = threading.BoundedSemaphore(settings.max_in_flight)
         self._wake = threading.Event()  # the request iterator: something to write
         self._tick = threading.Event()  # the deadline watcher: something changed
-        self._state: StreamState[Future[LossResult]] = StreamState(
+        self.state: StreamState[Future[LossResult]] = StreamState(
             release_slot=self._slots.release,
             on_change=self._changed,
             clock=time.monotonic,
             timeout=timeout,
         )
         self._timeout = timeout
-        self._responses = stub.ComputeStream(self._requests(), timeout=settings.stream_timeout)
+        self.responses = stub.ComputeStream(self._requests(), timeout=settings.stream_timeout)
         self._reader = threading.Thread(target=self._read, name="hingeloss-stream", daemon=True)
         self._reader.start()
         if timeout is not None:
@@ -152,7 +186,7 @@ class LossStream(LossMethods["Future[LossResult]"]):
         # gRPC drains this iterator on its own thread; returning half-closes the call.
         while True:
             self._wake.clear()
-            step = self._state.next_write(slot=False)
+            step = self.state.next_write(slot=False)
             if step is Step.STOP:
                 return
             if step is Step.WAIT:
@@ -160,13 +194,13 @@ class LossStream(LossMethods["Future[LossResult]"]):
                 continue
             yield step.take_request()
 
-    def _submit(
+    def submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
     ) -> Future[LossResult]:
         request, kind = build_stream_request(loss, inputs, options)
         future: Future[LossResult] = Future()
-        deadline = self._state.deadline()
-        refusal = self._state.refusal()
+        deadline = self.state.deadline()
+        refusal = self.state.refusal()
         if refusal is not None:
             future.set_exception(refusal)
             return future
@@ -180,25 +214,25 @@ class LossStream(LossMethods["Future[LossResult]"]):
             )
             return future
         # The stream may have ended while this call waited: submit() checks again.
-        self._state.submit(future, kind, request, deadline=deadline, holds_slot=True)
+        self.state.submit(future, kind, request, deadline=deadline, holds_slot=True)
         return future
 
     def _read(self) -> None:
         try:
-            for response in self._responses:
-                self._state.answer(response)
+            for response in self.responses:
+                self.state.answer(response)
         except grpc.RpcError as rpc_error:
-            self._state.finish(from_rpc_error(rpc_error))
+            self.state.finish(from_rpc_error(rpc_error))
         except Exception as error:  # the stream is unusable; say why to every caller
-            self._state.broken("reading the stream", error)
-            self._responses.cancel()
+            self.state.broken("reading the stream", error)
+            self.responses.cancel()
         else:
-            self._state.finish_eof()
+            self.state.finish_eof()
 
     def _watch_deadlines(self) -> None:
-        while not self._state.ended:
+        while not self.state.ended:
             self._tick.clear()
-            upcoming = self._state.expire()
+            upcoming = self.state.expire()
             self._tick.wait(None if upcoming is None else max(0.0, upcoming - time.monotonic()))
 
     def close(self) -> None:
@@ -208,17 +242,9 @@ class LossStream(LossMethods["Future[LossResult]"]):
         stream; then every answer still missing fails with DeadlineExceededError
         and the call is cancelled.
         """
-        self._state.close()
+        self.state.close()
         self._reader.join(self._timeout)
         if self._reader.is_alive():
-            self._state.expire()
-            self._responses.cancel()
+            self.state.expire()
+            self.responses.cancel()
             self._reader.join()
-
-    def __enter__(self) -> LossStream:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        if exc is not None:
-            self._responses.cancel()
-        self.close()

@@ -8,6 +8,8 @@ needs answers to wait.
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures as cf
@@ -547,3 +549,21 @@ async def test_async_stream_ended_early_fails_later_calls(answers_once: str) -> 
         assert first.loss == 1.0
         outcomes = await _outcomes([stream.gan_generator(np.ones(2)) for _ in range(3)])
         assert all(isinstance(o, HingelossError) for o in outcomes), outcomes
+
+
+# -- a stream dropped without being closed ---------------------------------------------
+
+
+def test_a_sync_stream_dropped_unclosed_ends_its_call_and_threads(
+    shared_server: ServerThread,
+) -> None:
+    """Its threads hold only its core: the stream object is collected and half-closes."""
+    with LossClient(shared_server.target) as client:
+        client.health()
+        baseline = threading.active_count()
+        for _ in range(5):
+            stream = client.stream()
+            assert stream.gan_generator(np.ones(2)).result(timeout=PATIENCE_S).loss == -1.0
+            del stream
+            gc.collect()
+        wait_until(lambda: threading.active_count() <= baseline, what="the streams' threads ended")
