@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,38 +115,79 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     """
 
     def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
+        self._core = _AsyncStreamCore(stub, settings)
+        # The stream's tasks hold only the core: a stream dropped without close() is
+        # collected, and then half-closes its call, so its tasks and the call end.
+        self._finalizer = weakref.finalize(
+            self, _close_soon, asyncio.get_running_loop(), self._core.state
+        )
+
+    def _submit(
+        self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
+    ) -> Awaitable[LossResult]:
+        return self._core.submit(loss, inputs, options)
+
+    async def close(self) -> None:
+        """Writes every queued request, half-closes, and waits for every answer.
+
+        With a timeout, waits at most that long for the server to finish the
+        stream once everything is written; then every answer still missing fails
+        with DeadlineExceededError and the call is cancelled.
+        """
+        self._finalizer.detach()
+        await self._core.close()
+
+    async def __aenter__(self) -> AsyncLossStream:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc is not None:
+            self._core.call.cancel()
+        await self.close()
+
+
+def _close_soon(loop: asyncio.AbstractEventLoop, state: StreamState[Any]) -> None:
+    """Closes a dropped stream's state on its loop, from whichever thread collected it."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(state.close)
+
+
+class _AsyncStreamCore:
+    """An AsyncLossStream's call, state and tasks, apart from the object its caller holds."""
+
+    def __init__(self, stub: pb_grpc.LossServiceStub, settings: StreamSettings) -> None:
         timeout = settings.timeout
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.BoundedSemaphore(settings.max_in_flight)
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = timeout
-        self._state: StreamState[asyncio.Future[LossResult]] = StreamState(
+        self.state: StreamState[asyncio.Future[LossResult]] = StreamState(
             release_slot=self._slots.release,
             on_change=self._changed,
             clock=self._loop.time,
             timeout=timeout,
         )
-        self._call = stub.ComputeStream(timeout=settings.stream_timeout)
+        self.call = stub.ComputeStream(timeout=settings.stream_timeout)
         self._writer = asyncio.create_task(self._write_all())
         self._reader = asyncio.create_task(self._read_all())
 
-    def _submit(
+    def submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
     ) -> Awaitable[LossResult]:
         request, kind = build_stream_request(loss, inputs, options)
         future: asyncio.Future[LossResult] = self._loop.create_future()
-        self._state.submit(future, kind, request, deadline=self._state.deadline())
+        self.state.submit(future, kind, request, deadline=self.state.deadline())
         return future
 
     def _changed(self) -> None:
         self._wake.set()
-        if self._timer is None and not self._state.ended:
+        if self._timer is None and not self.state.ended:
             self._on_timer()
 
     def _on_timer(self) -> None:
         self._timer = None
-        upcoming = self._state.expire()
+        upcoming = self.state.expire()
         if upcoming is not None:
             self._timer = self._loop.call_at(upcoming, self._on_timer)
 
@@ -156,12 +198,17 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
                 if not have_slot:
                     await self._slots.acquire()
                     have_slot = True
-                step = self._state.next_write(slot=True)
+                step = self.state.next_write(slot=True)
                 if step is Step.WAIT:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 if step is Step.STOP:
+                    # All written: half-close, so that the server ends the call once it
+                    # has answered, whoever closed the state (close(), or the finalizer
+                    # of a stream dropped unclosed).
+                    with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                        await self.call.done_writing()
                     return
                 have_slot = False  # the request holds it until its future is done
                 if not await self._write(step.take_request()):
@@ -173,49 +220,49 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
     async def _write(self, request: pb.ComputeRequest) -> bool:
         """Writes one request; on failure ends the stream (unless the reader will) and says so."""
         try:
-            if not await _send(self._call, request):
+            if not await _send(self.call, request):
                 # The server ended the call: the reader reads what it sent, status included.
                 self._loop.call_later(_SERVER_STATUS_WAIT_S, self._cancel_if_silent)
                 return False
         except grpc.RpcError as rpc_error:
-            self._state.finish(from_rpc_error(rpc_error))
+            self.state.finish(from_rpc_error(rpc_error))
             return False
         except asyncio.CancelledError:
-            self._state.finish(CancelledError("the stream was cancelled"))
-            if not self._call.cancelled():
+            self.state.finish(CancelledError("the stream was cancelled"))
+            if not self.call.cancelled():
                 raise  # this task itself was cancelled
             return False
         except Exception as error:
             # asyncio.InvalidStateError: the call is over; the reader reports its status.
-            if not self._call.done():
-                self._state.broken("writing to the stream", error)
-                self._call.cancel()
+            if not self.call.done():
+                self.state.broken("writing to the stream", error)
+                self.call.cancel()
             return False
         return True
 
     def _cancel_if_silent(self) -> None:
         """Bounds the wait for a status Core might never deliver after a failed send."""
-        if not self._call.done():
-            self._call.cancel()
+        if not self.call.done():
+            self.call.cancel()
 
     async def _read_all(self) -> None:
         try:
             while True:
-                response = await self._call.read()
+                response = await self.call.read()
                 if response is grpc.aio.EOF:
-                    self._state.finish_eof()
+                    self.state.finish_eof()
                     return
-                self._state.answer(response)
+                self.state.answer(response)
         except grpc.RpcError as rpc_error:
-            self._state.finish(from_rpc_error(rpc_error))
+            self.state.finish(from_rpc_error(rpc_error))
         except asyncio.CancelledError:
-            self._state.finish(CancelledError("the stream was cancelled"))
-            if not self._call.cancelled():
-                self._call.cancel()
+            self.state.finish(CancelledError("the stream was cancelled"))
+            if not self.call.cancelled():
+                self.call.cancel()
                 raise  # this task itself was cancelled
         except Exception as error:
-            self._state.broken("reading the stream", error)
-            self._call.cancel()
+            self.state.broken("reading the stream", error)
+            self.call.cancel()
         finally:
             if self._timer is not None:
                 self._timer.cancel()
@@ -228,24 +275,17 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
         stream once everything is written; then every answer still missing fails
         with DeadlineExceededError and the call is cancelled.
         """
-        self._state.close()
+        self.state.close()
         # asyncio.wait, unlike await, leaves the tasks running if close() is cancelled.
         await asyncio.wait({self._writer})
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.done_writing()
+            await self.call.done_writing()
         done, _ = await asyncio.wait({self._reader}, timeout=self._timeout)
         if not done:
-            self._state.expire()
-            self._call.cancel()
+            self.state.expire()
+            self.call.cancel()
             await asyncio.wait({self._reader})
 
-    async def __aenter__(self) -> AsyncLossStream:
-        return self
-
-    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        if exc is not None:
-            self._call.cancel()
-        await self.close()
 
 
 async def _started(call: Any, sent: asyncio.Event) -> bool:

@@ -567,3 +567,21 @@ def test_a_sync_stream_dropped_unclosed_ends_its_call_and_threads(
             del stream
             gc.collect()
         wait_until(lambda: threading.active_count() <= baseline, what="the streams' threads ended")
+
+
+async def test_an_async_stream_dropped_unclosed_ends_its_call_and_tasks(
+    shared_server: ServerThread,
+) -> None:
+    async with AsyncLossClient(shared_server.target) as client:
+        await client.health()
+        baseline = len(asyncio.all_tasks())
+        for _ in range(5):
+            stream = client.stream()
+            answer = await asyncio.wait_for(stream.gan_generator(np.ones(2)), PATIENCE_S)
+            assert answer.loss == -1.0
+            del stream
+            gc.collect()
+        deadline = time.monotonic() + PATIENCE_S
+        while len(asyncio.all_tasks()) > baseline and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(asyncio.all_tasks()) <= baseline, asyncio.all_tasks()
