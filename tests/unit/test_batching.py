@@ -248,12 +248,13 @@ async def test_a_batch_cancelled_while_it_gathers_fails_its_jobs() -> None:
 
 async def test_a_call_cancelled_while_its_batch_gathers_is_counted_as_dropped() -> None:
     dropped: list[str] = []
-    gather = BatchingConfig(max_gather_wait_us=200_000)
+    gather = BatchingConfig(max_gather_wait_us=400_000)
     batcher = Batcher(gather, on_drop=lambda job, reason: dropped.append(reason))
     loop = asyncio.get_running_loop()
     leaving, expiring, staying = _job(), _job(), _job()
-    # Its deadline passes while the batch still gathers, but after its caller left.
-    leaving_future = batcher.submit(leaving, deadline=loop.time() + 0.15)
+    # Its deadline passes while the batch still gathers, but its caller left well before
+    # (more than DEADLINE_SLACK_S).
+    leaving_future = batcher.submit(leaving, deadline=loop.time() + 0.25)
     expiring_future = batcher.submit(expiring, deadline=loop.time() + 0.03)
     batcher.submit(staying)
     taking = asyncio.create_task(_next_jobs(batcher))

@@ -39,6 +39,7 @@ from hingeloss_server.transport.status import (
     abort_call,
     error_status,
     gave_up_code,
+    short_request_id,
     status_mapping,
 )
 
@@ -185,10 +186,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise
         except Exception as error:
             # A bug, never the caller's fault: INTERNAL, logged here with the request id.
-            logger.exception("request %r failed", _short(request.request_id))
+            logger.exception("request %r failed", short_request_id(request.request_id))
             self._metrics.request_done(loss, grpc.StatusCode.INTERNAL, None)
             raise ComputeFailedError(
-                f"internal error in request {_short(request.request_id)!r}"
+                f"internal error in request {short_request_id(request.request_id)!r}"
             ) from error
         finally:
             self._budget.release(charge)
@@ -217,7 +218,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 self._answered(answer)
                 return answer.response
             except HingelossError as error:
-                metadata = {"requestId": _short(request.message.request_id)}
+                metadata = {"requestId": short_request_id(request.message.request_id)}
                 del request  # gRPC keeps the abort, whose traceback holds this frame
                 await abort_call(context, error, metadata)
                 raise  # unreachable: abort raises
@@ -258,8 +259,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         request = parse_request(raw)
                     except DecodeError:
                         # It ends the stream, as a bad request does: nothing after it is read.
-                        task = asyncio.create_task(self._unparsable())
-                        pending.put_nowait(_StreamItem(index, "", task))
+                        task = asyncio.create_task(_unparsable())
+                        pending.put_nowait(_StreamItem(index, "", task, unparsable=True))
                         return
                     task = asyncio.create_task(self._compute_one(request, context, failed))
                     pending.put_nowait(_StreamItem(index, request.message.request_id, task))
@@ -279,9 +280,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     answer = await item.task
                 except HingelossError as error:
                     failed.set()
+                    if item.unparsable:  # counted here, where the stream reaches it
+                        self._refuse(error)
                     metadata = {
                         "streamIndex": str(item.index),
-                        "requestId": _short(item.request_id),
+                        "requestId": short_request_id(item.request_id),
                     }
                     await abort_call(context, error, metadata)
                 finally:
@@ -296,7 +299,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             draining.cancel()
             reader.cancel()
-            self._drop_unsent(pending)
+            self._drop_unsent(pending, failed.is_set(), context)
 
     def _answered(self, answer: _Answer) -> None:
         self._metrics.bytes_sent(answer.payload)
@@ -304,24 +307,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
         seconds = time.perf_counter() - answer.started
         self._metrics.request_done(answer.loss, grpc.StatusCode.OK, seconds)
 
-    def _drop_unsent(self, pending: asyncio.Queue[_StreamItem | None]) -> None:
-        """What a stream read and will not answer: computed answers are counted as
-        ABORTED and dropped, the rest cancelled."""
+    def _drop_unsent(
+        self, pending: asyncio.Queue[_StreamItem | None], failed: bool, context: Any
+    ) -> None:
+        """What a stream read and will not answer: computed answers are dropped, counted
+        ABORTED after a failed request (else as their caller left or timed out), and
+        the rest cancelled (counted as they stop)."""
+        code = grpc.StatusCode.ABORTED if failed else gave_up_code(context)
         while not pending.empty():
             item = pending.get_nowait()
             if item is None:
                 continue
             task = item.task
             if task.done() and not task.cancelled() and task.exception() is None:
-                self._metrics.request_done(task.result().loss, grpc.StatusCode.ABORTED, None)
+                self._metrics.request_done(task.result().loss, code, None)
             else:
                 task.cancel()
-
-    async def _unparsable(self) -> _Answer:
-        """The refusal of a stream message that is not a ComputeRequest, counted as one."""
-        error = unparsable_error()
-        self._refuse(error)
-        raise error
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -347,14 +348,13 @@ class _StreamItem:
     index: int
     request_id: str
     task: asyncio.Task[_Answer]
+    # A message that did not parse: refused, and counted, when the stream reaches it.
+    unparsable: bool = False
 
 
-# Request ids are the caller's: at most this much of one goes into a log or a status.
-REQUEST_ID_ECHO_CHARS = 64
-
-
-def _short(request_id: str) -> str:
-    return request_id[:REQUEST_ID_ECHO_CHARS]
+async def _unparsable() -> _Answer:
+    """The refusal of a stream message that is not a ComputeRequest."""
+    raise unparsable_error()
 
 
 def _serialize(response: bytes | Any) -> bytes:

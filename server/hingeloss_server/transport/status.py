@@ -16,6 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from hingeloss_server.engine.batch_queue import DEADLINE_SLACK_S
 from hingeloss_server.engine.errors import (
     ArrivalTimeoutError,
     ComputeFailedError,
@@ -30,10 +31,6 @@ from hingeloss_server.engine.errors import (
 logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "hingeloss.v1"
-# A call cut short this close to its deadline ran out of time rather than being
-# cancelled: the caller's clock starts before the server's, so the caller's own
-# deadline can end the call a little before the server's timer would.
-DEADLINE_SLACK_S = 0.1
 
 
 def gave_up_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -111,6 +108,14 @@ def error_status(error: HingelossError, metadata: Mapping[str, str] | None = Non
         packed.append(wrapped)
     status = status_pb2.Status(code=mapping.code.value[0], message=str(error), details=packed)
     return rpc_status.to_status(status)
+
+
+# Request ids are the caller's: at most this much of one goes into a log or a status.
+REQUEST_ID_ECHO_CHARS = 64
+
+
+def short_request_id(request_id: str) -> str:
+    return request_id[:REQUEST_ID_ECHO_CHARS]
 
 
 async def abort_call(
