@@ -46,6 +46,8 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
                 if self._closed:
                     raise  # close() cut it short: not retried
                 await asyncio.sleep(attempts.retry_after(error))
+                if self._closed:  # closed while waiting to retry
+                    raise self._closed_under() from error
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
@@ -59,7 +61,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         try:
             return await call
         except grpc.RpcError as rpc_error:
-            if self._closed:
+            if self._closed and rpc_error.code() is grpc.StatusCode.CANCELLED:
                 raise self._closed_under() from rpc_error
             raise await from_aio_call(call, rpc_error) from rpc_error
         except asyncio.CancelledError:

@@ -59,6 +59,8 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
                 if self._closed:
                     raise  # close() cut it short: not retried
                 time.sleep(attempts.retry_after(error))
+                if self._closed:  # closed while waiting to retry
+                    raise self._closed_under() from error
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
@@ -71,7 +73,7 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as rpc_error:
-            if self._closed:
+            if self._closed and rpc_error.code() is grpc.StatusCode.CANCELLED:
                 raise self._closed_under() from rpc_error
             raise from_rpc_error(rpc_error) from rpc_error
         except ValueError as error:  # grpc's "Cannot invoke RPC on closed channel!"

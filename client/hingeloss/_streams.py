@@ -146,9 +146,9 @@ def _names_a_request(error: BaseException) -> bool:
 def _culprit(error: HingelossError, pending: list[StreamItem[F]]) -> StreamItem[F] | None:
     """The pending request that the error belongs to.
 
-    The server answers every request before the failing one first, so that one is
-    the first still pending; the ErrorInfo's `streamIndex` (then `requestId`)
-    names it outright when present.
+    Named by the ErrorInfo's `streamIndex` (then `requestId`); failing a match, the
+    first still pending, since the server answers every request before the failing
+    one first.
     """
     index = error.metadata.get("streamIndex")
     if index is not None and index.isdigit():

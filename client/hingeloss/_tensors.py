@@ -80,8 +80,9 @@ def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
     if info is None:
         raise TypeError(f"unsupported numpy dtype {array.dtype}; use one of {sorted(BY_NAME)}")
     # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one, which the server
-    # would then take for a batch of one instead of refusing its shape.
-    contiguous = array if array.flags.c_contiguous else np.array(array, order="C")
+    # would then take for a batch of one instead of refusing its shape. A plain array
+    # (a masked array's data, not its fill values), copied only where not contiguous.
+    contiguous = np.asarray(array, order="C")
     if contiguous.dtype.byteorder == ">":
         contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
     message.dtype = info.wire  # type: ignore[assignment]

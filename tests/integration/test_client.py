@@ -408,11 +408,12 @@ async def test_closing_the_async_client_fails_its_calls_in_flight_and_later_ones
             await client.server_info()
 
 
+@pytest.mark.slow
 def test_a_client_retries_a_dead_server_at_least_every_two_seconds() -> None:
     """Reconnection attempts stay at most RECONNECT_BACKOFF_MAX_MS apart (plus jitter).
 
-    gRPC's own backoff grows 1, 1.6, 2.6, 4.1 s...: its fourth gap is above 3 s
-    whatever the jitter. A listener that takes every connection and closes it at
+    gRPC's own backoff grows 1, 1.6, 2.6, 4.1 s...: its fourth gap is above 3.2 s
+    whatever the jitter (measured: 3.7 s). A listener that takes every connection and closes it at
     once stands in for a server that is down; calls keep the client wanting one.
     """
     attempts: list[float] = []
@@ -443,4 +444,18 @@ def test_a_client_retries_a_dead_server_at_least_every_two_seconds() -> None:
                 caller.join()
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     assert len(attempts) >= 5, attempts
-    assert max(gaps) < RECONNECT_BACKOFF_MAX_MS / 1000 * 1.2 + 0.5, gaps
+    # The cap plus its 20% jitter, plus this test's polling and a loaded machine's slack.
+    assert max(gaps) < RECONNECT_BACKOFF_MAX_MS / 1000 * 1.2 + 0.8, gaps
+
+
+def test_closing_the_client_while_a_call_waits_to_retry_fails_it_as_cancelled() -> None:
+    """Not with the RuntimeError a call made after close() gets: this one was in flight."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    slow_retries = RetryPolicy(max_attempts=3, initial_backoff_s=2.0, max_backoff_s=2.0, jitter=0)
+    client = LossClient(f"127.0.0.1:{port}", timeout=PATIENCE_S, retry=slow_retries)
+    with cf.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.gan_generator, np.ones(2))
+        time.sleep(0.5)  # the first attempt failed at once (nothing listens): it waits 2 s
+        client.close()
+        assert isinstance(call.exception(PATIENCE_S), CancelledError)
