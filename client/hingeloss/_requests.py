@@ -30,8 +30,13 @@ _LOSS_MESSAGES: dict[str, Descriptor] = {
     for field in pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields
 }
 LOSSES: tuple[str, ...] = tuple(_LOSS_MESSAGES)
-# The SDK's keyword for a proto field, where it is not the field's own name.
-_KEYWORDS = {"kink_subgradient": "kink", "target_class_weights": "class_weights"}
+# The SDK's keyword for a proto field, where it is not the field's own name (requests'
+# fields, and ResolvedOptions' gan_combine, the GAN discriminator's `combine`).
+_KEYWORDS = {
+    "kink_subgradient": "kink",
+    "target_class_weights": "class_weights",
+    "gan_combine": "combine",
+}
 # Tensor fields that are inputs without a gradient; the other Tensor inputs are scores.
 _NOT_DIFFERENTIABLE = ("labels", "targets")
 
@@ -45,14 +50,19 @@ class _Option:
     tensor: bool = False
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
+def option_keyword(field_name: str) -> str:
+    """The keyword an option of this proto field goes by in the SDK."""
+    return _KEYWORDS.get(field_name, field_name)
+
+
+def enum_prefix(enum: EnumDescriptor) -> str:
     """'KINK_SUBGRADIENT_' of KinkSubgradient: every enum's zero value is PREFIX_UNSPECIFIED."""
     return str(enum.values_by_number[0].name).removesuffix("UNSPECIFIED")
 
 
 def _option(field: FieldDescriptor) -> _Option:
     if field.enum_type is not None:
-        return _Option(field.name, enum_prefix=_enum_prefix(field.enum_type))
+        return _Option(field.name, enum_prefix=enum_prefix(field.enum_type))
     return _Option(field.name, tensor=field.message_type is not None)
 
 
@@ -80,7 +90,7 @@ OTHER_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Keyword options of each loss: every field of its message that is not an input.
 LOSS_OPTIONS: dict[str, dict[str, _Option]] = {
-    loss: {_KEYWORDS.get(f.name, f.name): _option(f) for f in message.fields if not _is_input(f)}
+    loss: {option_keyword(f.name): _option(f) for f in message.fields if not _is_input(f)}
     for loss, message in _LOSS_MESSAGES.items()
 }
 # Every loss's keyword options together: one a loss lacks is refused, not unknown.
@@ -88,7 +98,7 @@ _ANY_LOSS_OPTIONS: dict[str, _Option] = {
     keyword: option for options in LOSS_OPTIONS.values() for keyword, option in options.items()
 }
 _ENUM_TYPES: dict[str, EnumTypeWrapper] = {
-    _enum_prefix(enum): getattr(pb, enum.name) for enum in pb.DESCRIPTOR.enum_types_by_name.values()
+    enum_prefix(enum): getattr(pb, enum.name) for enum in pb.DESCRIPTOR.enum_types_by_name.values()
 }
 
 

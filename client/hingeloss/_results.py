@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name
+from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
 
@@ -91,16 +92,14 @@ class LossResult:
         return self.active_samples / self.samples if self.samples else 0.0
 
 
-# ResolvedOptions field -> (the call's keyword, which is the key in LossResult.resolved,
-# and the enum's value prefix).
+# ResolvedOptions' enum fields -> (the call's keyword, the key in LossResult.resolved;
+# the enum's value prefix), read from the contract as the requests' options are.
+# compute_dtype is a DType, named as the SDK names dtypes.
+_RESOLVED_OPTIONS: Descriptor = pb.ResolvedOptions.DESCRIPTOR  # type: ignore[assignment]
 _ENUM_FIELDS = {
-    "reduction": ("reduction", "REDUCTION_"),
-    "gradient_format": ("gradient_format", "GRADIENT_FORMAT_"),
-    "kink_subgradient": ("kink", "KINK_SUBGRADIENT_"),
-    "label_encoding": ("label_encoding", "LABEL_ENCODING_"),
-    "class_normalization": ("class_normalization", "CLASS_NORMALIZATION_"),
-    "tie_break": ("tie_break", "TIE_BREAK_"),
-    "gan_combine": ("combine", "GAN_COMBINE_"),
+    field.name: (option_keyword(field.name), enum_prefix(field.enum_type))
+    for field in _RESOLVED_OPTIONS.fields
+    if field.enum_type is not None and field.name != "compute_dtype"
 }
 
 
