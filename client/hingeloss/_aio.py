@@ -278,10 +278,9 @@ class _AsyncStreamCore:
         with DeadlineExceededError and the call is cancelled.
         """
         self.state.close()
+        # The writer half-closes once all is written (or stops at a failed write).
         # asyncio.wait, unlike await, leaves the tasks running if close() is cancelled.
         await asyncio.wait({self._writer})
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self.call.done_writing()
         done, _ = await asyncio.wait({self._reader}, timeout=self._timeout)
         if not done:
             self.state.expire()
