@@ -181,8 +181,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise
         except asyncio.CancelledError:
             aborted = stream_failed is not None and stream_failed.is_set()
-            code = grpc.StatusCode.ABORTED if aborted else gave_up_code(context)
-            self._metrics.request_done(loss, code, None)
+            self._metrics.request_done(loss, _unsent_code(aborted, context), None)
             raise
         except Exception as error:
             # A bug, never the caller's fault: INTERNAL, logged here with the request id.
@@ -259,8 +258,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         request = parse_request(raw)
                     except DecodeError:
                         # It ends the stream, as a bad request does: nothing after it is read.
-                        task = asyncio.create_task(_unparsable())
-                        pending.put_nowait(_StreamItem(index, "", task, unparsable=True))
+                        task = asyncio.create_task(self._refused(unparsable_error()))
+                        pending.put_nowait(_StreamItem(index, "", task))
                         return
                     task = asyncio.create_task(self._compute_one(request, context, failed))
                     pending.put_nowait(_StreamItem(index, request.message.request_id, task))
@@ -280,8 +279,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     answer = await item.task
                 except HingelossError as error:
                     failed.set()
-                    if item.unparsable:  # counted here, where the stream reaches it
-                        self._refuse(error)
                     metadata = {
                         "streamIndex": str(item.index),
                         "requestId": short_request_id(item.request_id),
@@ -301,6 +298,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             reader.cancel()
             self._drop_unsent(pending, failed.is_set(), context)
 
+    async def _refused(self, error: HingelossError) -> _Answer:
+        """A stream message refused before any computing (it does not parse), counted as
+        the stream's other requests are when they fail: as its task runs."""
+        self._refuse(error)
+        raise error
+
     def _answered(self, answer: _Answer) -> None:
         self._metrics.bytes_sent(answer.payload)
         self._metrics.request_sparsity(answer.loss, answer.samples, answer.active, answer.queue_s)
@@ -310,10 +313,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def _drop_unsent(
         self, pending: asyncio.Queue[_StreamItem | None], failed: bool, context: Any
     ) -> None:
-        """What a stream read and will not answer: computed answers are dropped, counted
-        ABORTED after a failed request (else as their caller left or timed out), and
-        the rest cancelled (counted as they stop)."""
-        code = grpc.StatusCode.ABORTED if failed else gave_up_code(context)
+        """What a stream read and will not answer: computed answers are dropped and
+        counted (`_unsent_code`), the rest cancelled (counted as they stop)."""
+        code = _unsent_code(failed, context)
         while not pending.empty():
             item = pending.get_nowait()
             if item is None:
@@ -348,13 +350,12 @@ class _StreamItem:
     index: int
     request_id: str
     task: asyncio.Task[_Answer]
-    # A message that did not parse: refused, and counted, when the stream reaches it.
-    unparsable: bool = False
 
 
-async def _unparsable() -> _Answer:
-    """The refusal of a stream message that is not a ComputeRequest."""
-    raise unparsable_error()
+def _unsent_code(stream_failed: bool, context: Any) -> grpc.StatusCode:
+    """How a request read but left unanswered counts: ABORTED after an earlier request
+    of its stream failed, else as its call ended (its caller left or its deadline passed)."""
+    return grpc.StatusCode.ABORTED if stream_failed else gave_up_code(context)
 
 
 def _serialize(response: bytes | Any) -> bytes:
