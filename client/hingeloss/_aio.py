@@ -17,6 +17,7 @@ from hingeloss._methods import LossMethods
 from hingeloss._requests import InputKind
 from hingeloss._results import LossResult, decode_response
 from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
+from hingeloss._upload import Upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -36,15 +37,18 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         return self._compute(request, kind, timeout)
 
     async def _compute(
-        self, request: pb.ComputeRequest, kind: InputKind, timeout: float | None
+        self, request: pb.ComputeRequest | Upload, kind: InputKind, timeout: float | None
     ) -> LossResult:
         attempts = self._attempts(timeout, asyncio.get_running_loop().time)
         while True:
             try:
-                response = await self._call(self._stub.Compute, request, attempts.start())
+                response = await self._call(*self._invocation(request), attempts.start())
             except HingelossError as error:
                 if self._closed:
                     raise  # close() cut it short: not retried
+                if isinstance(request, Upload) and error.code is grpc.StatusCode.UNIMPLEMENTED:
+                    request = self._without_upload(request)
+                    continue
                 await asyncio.sleep(attempts.retry_after(error))
                 if self._closed:  # closed while waiting to retry
                     raise self._closed_under() from error
@@ -53,9 +57,10 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
                 return decode_response(response, kind)
 
     async def _call(
-        self, method: Callable[..., grpc.aio.UnaryUnaryCall], request: Any, timeout: float | None
+        self, method: Callable[..., grpc.aio.Call], request: Any, timeout: float | None
     ) -> Any:
-        """One attempt of a unary call; a failure raises its typed error, read from the call."""
+        """One attempt of a call with one answer; a failure raises its typed error, read
+        from the call."""
         self._ensure_open()
         call = method(request, timeout=timeout)
         try:
@@ -286,7 +291,6 @@ class _AsyncStreamCore:
             self.state.expire()
             self.call.cancel()
             await asyncio.wait({self._reader})
-
 
 
 async def _started(call: Any, sent: asyncio.Event) -> bool:

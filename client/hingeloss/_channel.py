@@ -18,6 +18,7 @@ from hingeloss._errors import CancelledError
 from hingeloss._requests import InputKind, build_request
 from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
 from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
+from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, split_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -125,6 +126,7 @@ class ClientBase(Generic[Stream]):
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
         local_token: bool = False,
+        upload_min_bytes: int | None = UPLOAD_MIN_BYTES,
     ) -> None:
         self._channel = open_channel(
             self._grpc_api,
@@ -139,6 +141,11 @@ class ClientBase(Generic[Stream]):
         self._timeout = timeout
         self._retrier = Retrier(retry or RetryPolicy())
         self._closed = False
+        # Set to None once a server answers that it has no ComputeUpload (an older one).
+        self._upload_min_bytes = upload_min_bytes
+        self._upload = self._channel.stream_unary(
+            COMPUTE_UPLOAD, response_deserializer=pb.ComputeResponse.FromString
+        )
 
     def _ensure_open(self) -> None:
         """A closed client takes no new call (RuntimeError, as a closed stream does)."""
@@ -152,12 +159,26 @@ class ClientBase(Generic[Stream]):
 
     def _prepare(
         self, loss: str, inputs: Mapping[str, Any], options: dict[str, Any]
-    ) -> tuple[pb.ComputeRequest, InputKind, float | None]:
-        """The request of a unary call, what its answer decodes into, and its timeout."""
+    ) -> tuple[pb.ComputeRequest | Upload, InputKind, float | None]:
+        """The request of a unary call (one message, or an Upload in parts), what its
+        answer decodes into, and its timeout."""
         self._ensure_open()
         timeout = options.pop("timeout", self._timeout)
-        request, kind = build_request(loss, inputs, options)
-        return request, kind, timeout
+        apart: list[tuple[str, memoryview]] = []
+        request, kind = build_request(loss, inputs, options, scores_apart=apart)
+        return split_request(request, apart, self._upload_min_bytes), kind, timeout
+
+    def _invocation(self, request: pb.ComputeRequest | Upload) -> tuple[Any, Any]:
+        """The method that sends `request` and its argument (a fresh iterator of parts
+        for each attempt of an upload)."""
+        if isinstance(request, Upload):
+            return self._upload, request.parts()
+        return self._stub.Compute, request
+
+    def _without_upload(self, request: Upload) -> pb.ComputeRequest:
+        """After UNIMPLEMENTED (a server older than ComputeUpload): one message from now on."""
+        self._upload_min_bytes = None
+        return request.whole()
 
     def _attempts(self, timeout: float | None, clock: Callable[[], float]) -> CallAttempts:
         """The retry bookkeeping of one unary call, on this client's shared throttle."""

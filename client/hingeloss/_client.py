@@ -16,6 +16,7 @@ from hingeloss._errors import DeadlineExceededError, HingelossError, from_rpc_er
 from hingeloss._methods import LossMethods
 from hingeloss._results import LossResult, decode_response
 from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
+from hingeloss._upload import Upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -54,10 +55,13 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         attempts = self._attempts(timeout, time.monotonic)
         while True:
             try:
-                response = self._call(self._stub.Compute, request, attempts.start())
+                response = self._call(*self._invocation(request), attempts.start())
             except HingelossError as error:
                 if self._closed:
                     raise  # close() cut it short: not retried
+                if isinstance(request, Upload) and error.code is grpc.StatusCode.UNIMPLEMENTED:
+                    request = self._without_upload(request)
+                    continue
                 time.sleep(attempts.retry_after(error))
                 if self._closed:  # closed while waiting to retry
                     raise self._closed_under() from error

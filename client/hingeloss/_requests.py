@@ -147,15 +147,20 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def fill(message: pb.Tensor, value: Any, name: str) -> None:
-    """Writes one input into its Tensor field of a request, in place."""
+def wire_of(value: Any, name: str) -> tuple[int, tuple[int, ...], memoryview]:
+    """One input's wire dtype, shape and bytes (a view of the input's where it can be)."""
     if _is_torch(value):
-        tensors.fill_from_torch(message, value)
-        return
+        return tensors.torch_wire(value)
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     if array.dtype == np.bool_:
         raise TypeError(f"{name}: boolean arrays are not accepted; use integers or floats")
-    tensors.fill_from_numpy(message, array)
+    return tensors.numpy_wire(array)
+
+
+def fill(message: pb.Tensor, value: Any, name: str) -> None:
+    """Writes one input into its Tensor field of a request, in place."""
+    wire, shape, data = wire_of(value, name)
+    tensors.fill(message, wire, shape, data)
 
 
 def encode(value: Any, name: str) -> pb.Tensor:
@@ -169,6 +174,8 @@ def build_request(
     loss: str,
     inputs: Mapping[str, Any],
     options: Mapping[str, Any],
+    *,
+    scores_apart: list[tuple[str, memoryview]] | None = None,
 ) -> tuple[pb.ComputeRequest, InputKind]:
     """Builds one request; returns it with what the results must be converted back to.
 
@@ -178,6 +185,9 @@ def build_request(
         options: margin, power, kink, label_encoding, class_weights,
             class_normalization, ignore_index, tie_break, combine, reduction,
             gradient_format, return_per_sample, sample_weights, request_id.
+        scores_apart: where given, the score tensors are left without their bytes,
+            which are appended here with their field's name, in field-number order
+            (for ComputeUpload, `_upload.py`).
     """
     if loss not in _LOSS_MESSAGES:
         raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_LOSS_MESSAGES)}")
@@ -189,7 +199,14 @@ def build_request(
     message = getattr(request, loss)
     message.SetInParent()
     for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
-        fill(getattr(message, field), inputs[field], field)
+        if scores_apart is None or field not in SCORE_FIELDS[loss]:
+            fill(getattr(message, field), inputs[field], field)
+    if scores_apart is not None:
+        numbers = message.DESCRIPTOR.fields_by_name
+        for field in sorted(SCORE_FIELDS[loss], key=lambda f: numbers[f].number):
+            wire, shape, data = wire_of(inputs[field], field)
+            tensors.fill(getattr(message, field), wire, shape, None)
+            scores_apart.append((field, data))
     for keyword, option in _ANY_LOSS_OPTIONS.items():
         value = rest.pop(keyword, None)
         if value is None:

@@ -74,8 +74,11 @@ def expected_nbytes(tensor: pb.Tensor) -> int:
     return count * BY_WIRE[tensor.dtype].itemsize
 
 
-def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
-    """Writes a numpy array (any layout) into a Tensor message in place."""
+def numpy_wire(array: np.ndarray[Any, Any]) -> tuple[int, tuple[int, ...], memoryview]:
+    """A numpy array (any layout) as the wire takes it: dtype, shape and little-endian bytes.
+
+    The bytes view the array itself where it is C-contiguous and little-endian already.
+    """
     info = BY_NAME.get(array.dtype.name)
     if info is None:
         raise TypeError(f"unsupported numpy dtype {array.dtype}; use one of {sorted(BY_NAME)}")
@@ -85,10 +88,23 @@ def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
     contiguous = np.asarray(array, order="C")
     if contiguous.dtype.byteorder == ">":
         contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
-    message.dtype = info.wire  # type: ignore[assignment]
+    data = contiguous.reshape(-1).view(np.uint8).data
+    return info.wire, tuple(int(d) for d in contiguous.shape), data
+
+
+def fill_from_numpy(message: pb.Tensor, array: np.ndarray[Any, Any]) -> None:
+    """Writes a numpy array (any layout) into a Tensor message in place."""
+    wire, shape, data = numpy_wire(array)
+    fill(message, wire, shape, data)
+
+
+def fill(message: pb.Tensor, wire: int, shape: tuple[int, ...], data: memoryview | None) -> None:
+    """Writes a Tensor's fields; `data` None leaves its bytes to be sent apart."""
+    message.dtype = wire  # type: ignore[assignment]
     del message.shape[:]
-    message.shape.extend(contiguous.shape)
-    message.data = contiguous.tobytes()
+    message.shape.extend(shape)
+    if data is not None:
+        message.data = bytes(data)
 
 
 def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
@@ -145,19 +161,22 @@ def wire_dtype_of_torch(dtype: torch.dtype) -> int:
     return info.wire
 
 
-def fill_from_torch(message: pb.Tensor, tensor: torch.Tensor) -> None:
-    """Writes a torch tensor (any device; moved to the CPU) into a Tensor message in place."""
+def torch_wire(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], memoryview]:
+    """A torch tensor (any device; moved to the CPU) as the wire takes it (`numpy_wire`)."""
     import torch
 
     wire = wire_dtype_of_torch(tensor.dtype)
     host = tensor.detach().to("cpu").contiguous()
-    message.dtype = wire  # type: ignore[assignment]
-    del message.shape[:]
-    message.shape.extend(host.shape)
     # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it),
     # once flattened: a 0-d tensor has no dimension to reinterpret.
-    flat = host.reshape(-1)
-    message.data = flat.view(torch.uint8).numpy().tobytes() if host.numel() else b""
+    flat = host.reshape(-1).view(torch.uint8).numpy()
+    return wire, tuple(int(d) for d in host.shape), flat.data
+
+
+def fill_from_torch(message: pb.Tensor, tensor: torch.Tensor) -> None:
+    """Writes a torch tensor (any device; moved to the CPU) into a Tensor message in place."""
+    wire, shape, data = torch_wire(tensor)
+    fill(message, wire, shape, data)
 
 
 def from_torch(tensor: torch.Tensor) -> pb.Tensor:

@@ -11,6 +11,9 @@ from hingeloss._channel import DEFAULT_MAX_MESSAGE_BYTES
 from hingeloss_bench.workload import WorkloadSpec
 
 COMPUTE_METHOD = "/hingeloss.v1.LossService/Compute"
+# unary: Compute calls; upload: ComputeUpload calls (each request's scores in parts);
+# stream: requests pipelined on ComputeStream calls.
+MODES = ("unary", "upload", "stream")
 STREAM_METHOD = "/hingeloss.v1.LossService/ComputeStream"
 # Responses kept for verification per process and cell, at most.
 MAX_VERIFY_SAMPLES = 32
@@ -72,8 +75,8 @@ class CellSpec:
             raise ValueError(f"rate must be > 0, got {self.rate}")
         if self.arrivals not in ("poisson", "constant"):
             raise ValueError(f"arrivals must be poisson or constant, got {self.arrivals!r}")
-        if self.mode not in ("unary", "stream"):
-            raise ValueError(f"mode must be unary or stream, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.requests is None and not self.duration_s > 0:
             raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
         if self.requests is not None and self.requests < 1:

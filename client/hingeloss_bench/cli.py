@@ -17,7 +17,7 @@ from typing import Any
 
 from hingeloss import __version__
 from hingeloss_bench import reference
-from hingeloss_bench.cells import CellSpec, TargetSpec
+from hingeloss_bench.cells import MODES, CellSpec, TargetSpec
 from hingeloss_bench.processes import run_shares
 from hingeloss_bench.report import errors_text, render_table, write_csv, write_json, write_plot
 from hingeloss_bench.stats import CellResult, merge
@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--mode",
-        choices=("unary", "stream"),
+        choices=MODES,
         default="unary",
-        help="unary Compute calls, or pipelined on ComputeStream calls",
+        help="unary Compute calls, ComputeUpload calls (the scores in parts of 1 MiB, "
+        "as the SDK sends requests of 4 MiB and more), or pipelined on ComputeStream calls",
     )
     load.add_argument("--connections", type=int, default=1, help="channels per load process")
     load.add_argument("--processes", type=int, default=1, help="load processes (spawned)")

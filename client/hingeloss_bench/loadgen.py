@@ -29,6 +29,7 @@ import numpy as np
 
 from hingeloss._channel import channel_options, with_token
 from hingeloss._results import LossResult, decode_response
+from hingeloss._upload import COMPUTE_UPLOAD
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_bench import reference
 from hingeloss_bench.cells import (
@@ -41,7 +42,7 @@ from hingeloss_bench.cells import (
     code_name,
 )
 from hingeloss_bench.stream_lane import _StreamLane
-from hingeloss_bench.wire import response_timing
+from hingeloss_bench.wire import response_timing, upload_parts
 from hingeloss_bench.workload import Workload
 
 
@@ -150,7 +151,10 @@ class _Share:
     def __init__(self, spec: CellSpec, workload: Workload, index: int, count: int) -> None:
         self.spec = spec
         self.workload = workload
-        self.payloads = [v.payload for v in workload.variants]
+        self.payloads: list[Any] = [v.payload for v in workload.variants]
+        if spec.mode == "upload":
+            self.payloads = [upload_parts(v.payload) for v in workload.variants]
+        self.sizes = [len(v.payload) for v in workload.variants]
         self.index = index
         self.count = count
         self.rng = random.Random(spec.seed * 1_000_003 + index)
@@ -217,8 +221,8 @@ class _Share:
     # Closed loop -------------------------------------------------------------------------
 
     async def _closed_loop(self, channels: list[Any]) -> None:
-        if self.spec.mode == "unary":
-            calls = [ch.unary_unary(COMPUTE_METHOD) for ch in channels]
+        if self.spec.mode != "stream":
+            calls = [self._method(ch) for ch in channels]
             workers = [self._unary_worker(calls[i % len(calls)]) for i in range(self.concurrency)]
             await asyncio.gather(*workers)
             return
@@ -226,6 +230,13 @@ class _Share:
         windows = [len(range(i, self.concurrency, len(lanes))) for i in range(len(lanes))]
         pairs = zip(lanes, windows, strict=True)
         await asyncio.gather(*(lane.closed_loop(window) for lane, window in pairs if window))
+
+    def _method(self, channel: Any) -> Callable[..., Any]:
+        """The call each request of a unary or upload cell goes through."""
+        if self.spec.mode == "upload":
+            upload = channel.stream_unary(COMPUTE_UPLOAD)
+            return lambda parts, timeout: upload(iter(parts), timeout=timeout)
+        return channel.unary_unary(COMPUTE_METHOD)  # type: ignore[no-any-return]
 
     def _more(self) -> tuple[bool, bool]:
         """(keep going, measure the next request) for a closed-loop sender."""
@@ -247,7 +258,7 @@ class _Share:
             variant = self.next_variant()
             payload = self.payloads[variant]
             if measured:
-                recorder.sending(len(payload))
+                recorder.sending(self.sizes[variant])
             started = time.perf_counter()
             try:
                 response = await call(payload, timeout=timeout)
@@ -277,7 +288,7 @@ class _Share:
                 await next(lane_cycle).send_scheduled(scheduled, self.measuring(scheduled))
             await asyncio.gather(*(lane.finish() for lane in lanes))
             return
-        calls = [ch.unary_unary(COMPUTE_METHOD) for ch in channels]
+        calls = [self._method(ch) for ch in channels]
         call_cycle = itertools.cycle(calls)
         pending: set[asyncio.Task[None]] = set()
         for scheduled in arrivals:
@@ -307,7 +318,7 @@ class _Share:
         variant = self.next_variant()
         payload = self.payloads[variant]
         if measured:
-            recorder.sending(len(payload))
+            recorder.sending(self.sizes[variant])
             recorder.send_lag.append(time.perf_counter() - scheduled)
         try:
             response = await call(payload, timeout=self.spec.timeout_s)

@@ -31,9 +31,10 @@ from hingeloss_server.metrics import Metrics, NoMetrics
 from hingeloss_server.prometheus import PrometheusMetrics, default_registry, serve_metrics
 from hingeloss_server.transport.budget import ByteBudget
 from hingeloss_server.transport.call_guard import CallGuard
+from hingeloss_server.transport.registration import add_to_server
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.server_info import server_info
-from hingeloss_server.transport.servicer import SERVICE_NAME, LossServicer, add_to_server
+from hingeloss_server.transport.servicer import SERVICE_NAME, LossServicer
 from hingeloss_server.warmup import gpu_warm_up_requests, warm_up_requests
 
 logger = logging.getLogger(__name__)

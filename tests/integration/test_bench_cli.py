@@ -82,6 +82,10 @@ def test_sweep_writes_json_csv_and_plot(server: ServerThread, tmp_path: Path) ->
     [
         pytest.param(["--mode", "stream", "--concurrency", "4", "--connections", "2"], id="stream"),
         pytest.param(["--rate", "80", "--arrivals", "poisson"], id="open-loop"),
+        pytest.param(["--mode", "upload", "--gradient-format", "factored", "--concurrency", "3"],
+                     id="upload"),
+        pytest.param(["--mode", "upload", "--loss", "margin_ranking", "--shape", "64",
+                      "--rate", "80"], id="upload-open-loop"),
         pytest.param(
             ["--loss", "crammer_singer", "--dtype", "float64", "--sparsity", "0.5",
              "--gradient-format", "row_sparse", "--option", "tie_break=split_evenly",

@@ -447,9 +447,7 @@ async def test_an_expired_deadline_and_a_cancel_are_told_apart(
                 what="the expiry recorded and its job dropped",
             )
             waiting = asyncio.ensure_future(client.gan_generator(np.ones(2), timeout=60))
-            await asyncio.to_thread(
-                wait_until, lambda: queue.requests == 1, what="queued"
-            )
+            await asyncio.to_thread(wait_until, lambda: queue.requests == 1, what="queued")
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting

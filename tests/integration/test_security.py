@@ -180,6 +180,16 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
         assert client.health(SERVICE_NAME) == "SERVING"
     with LossClient(server.target, token=TOKEN, timeout=5, local_token=True) as client:
         assert client.server_info().version
+    # A request sent in parts (ComputeUpload) is refused the same way, and served with it.
+    for token, refused in ((None, True), (TOKEN, False)):
+        with LossClient(
+            server.target, token=token, local_token=True, retry=NO_RETRY, upload_min_bytes=0
+        ) as client:
+            if refused:
+                with pytest.raises(UnauthenticatedError):
+                    client.binary_hinge(SCORES, LABELS)
+            else:
+                assert client.binary_hinge(SCORES, LABELS).loss == pytest.approx(EXPECTED)
     rejected = registry.get_sample_value(
         "hingeloss_requests_rejected_total", {"reason": "unauthenticated"}
     )

@@ -215,6 +215,14 @@ class ComputeRequest(_message.Message):
     sample_weights: Tensor
     def __init__(self, request_id: _Optional[str] = ..., binary_hinge: _Optional[_Union[BinaryHinge, _Mapping]] = ..., multiclass_hinge: _Optional[_Union[MulticlassHinge, _Mapping]] = ..., crammer_singer: _Optional[_Union[CrammerSinger, _Mapping]] = ..., gan_discriminator: _Optional[_Union[GanDiscriminator, _Mapping]] = ..., gan_generator: _Optional[_Union[GanGenerator, _Mapping]] = ..., margin_ranking: _Optional[_Union[MarginRanking, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., gradient_format: _Optional[_Union[GradientFormat, str]] = ..., return_per_sample: _Optional[bool] = ..., sample_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class UploadPart(_message.Message):
+    __slots__ = ("request", "data")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    request: ComputeRequest
+    data: bytes
+    def __init__(self, request: _Optional[_Union[ComputeRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class Gradient(_message.Message):
     __slots__ = ("input", "dense", "row_sparse", "factored")
     INPUT_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class LossServiceStub:
                 request_serializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.ComputeUpload = channel.stream_unary(
+                '/hingeloss.v1.LossService/ComputeUpload',
+                request_serializer=hingeloss_dot_v1_dot_loss__service__pb2.UploadPart.SerializeToString,
+                response_deserializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/hingeloss.v1.LossService/GetServerInfo',
                 request_serializer=hingeloss_dot_v1_dot_loss__service__pb2.GetServerInfoRequest.SerializeToString,
@@ -72,6 +77,18 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeUpload(self, request_iterator, context):
+        """Compute for a large request, sent in parts: the request without the bytes
+        of its large tensors, then those bytes in pieces (UploadPart). One answer,
+        the same as Compute's, bit for bit. gRPC copies each message it receives
+        whole, so one request of many megabytes costs the server more to receive
+        than the same bytes in parts of about a megabyte; and no message needs a
+        size limit past the largest part.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Describes what this server computes and the limits it enforces.
         """
@@ -90,6 +107,11 @@ def add_LossServiceServicer_to_server(servicer, server):
             'ComputeStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ComputeStream,
                     request_deserializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeRequest.FromString,
+                    response_serializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.SerializeToString,
+            ),
+            'ComputeUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.ComputeUpload,
+                    request_deserializer=hingeloss_dot_v1_dot_loss__service__pb2.UploadPart.FromString,
                     response_serializer=hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
@@ -152,6 +174,33 @@ class LossService:
             target,
             '/hingeloss.v1.LossService/ComputeStream',
             hingeloss_dot_v1_dot_loss__service__pb2.ComputeRequest.SerializeToString,
+            hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hingeloss.v1.LossService/ComputeUpload',
+            hingeloss_dot_v1_dot_loss__service__pb2.UploadPart.SerializeToString,
             hingeloss_dot_v1_dot_loss__service__pb2.ComputeResponse.FromString,
             options,
             channel_credentials,

@@ -51,11 +51,12 @@ _LOSS_TENSORS = {f.number: _tensor_fields(f) for f in _LOSS_FIELDS}
 
 @dataclass
 class ParsedRequest:
-    """A request as protobuf sees it, except that its tensors' `data` live in `data`.
+    """A request as protobuf sees it, except that some tensors' `data` live in `data`.
 
-    `data` maps (loss field, tensor field) to the bytes of that tensor's `data`;
-    the request's own tensors (sample_weights) have "" as loss field. A tensor
-    missing from it has no data. `nbytes` is the size of the message received.
+    `data` maps (loss field, tensor field) to the bytes of that tensor's `data`,
+    kept out of `message`; the request's own tensors (sample_weights) have "" as
+    loss field. A tensor missing from it has its data (if any) in `message`.
+    `nbytes` is the size of what was received for the request.
     """
 
     message: pb.ComputeRequest
@@ -67,16 +68,22 @@ class ParsedRequest:
         return self.data is not None and len(self.data.get((loss_field, name), b"")) > 0
 
     def tensor_data(self, loss_field: str, name: str, tensor: pb.Tensor) -> bytes | memoryview:
-        """The bytes of a tensor's `data`: the received ones, or a copy out of `message`."""
-        if self.data is None:
-            return tensor.data
-        return self.data.get((loss_field, name), b"")
+        """The bytes of a tensor's `data`: those set apart, or a copy out of `message`."""
+        if self.data is not None and (loss_field, name) in self.data:
+            return self.data[(loss_field, name)]
+        return tensor.data
 
 
-def parse_request(raw: bytes) -> ParsedRequest:
+def loss_tensor_fields(loss_field: str) -> list[str]:
+    """The Tensor fields of a loss message (e.g. "multiclass_hinge"), by field number."""
+    number = pb.ComputeRequest.DESCRIPTOR.fields_by_name[loss_field].number
+    return [name for _, name in sorted(_LOSS_TENSORS[number].items())]
+
+
+def parse_request(raw: bytes | memoryview) -> ParsedRequest:
     """Parses a serialized ComputeRequest; raises DecodeError when it is not one."""
     if len(raw) < WIRE_PARSE_MIN_BYTES:
-        return ParsedRequest(pb.ComputeRequest.FromString(raw), len(raw))
+        return ParsedRequest(pb.ComputeRequest.FromString(bytes(raw)), len(raw))
     view = memoryview(raw)
     data: dict[tuple[str, str], memoryview] = {}
     loss = ""

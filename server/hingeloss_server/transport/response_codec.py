@@ -166,3 +166,16 @@ def _resolved(job: LossJob, result: JobResult) -> pb.ResolvedOptions:
     for switch in CODECS[params.kind].switches:
         setattr(resolved, switch.echo or switch.field, switch.resolved(job))
     return resolved
+
+
+def payload_bytes(result: JobResult) -> int:
+    """Bytes of an answer's tensors (what bytes_sent counts), before framing."""
+    total = sum(len(p.data) for p in result.per_sample)
+    for grad in result.grads:
+        if isinstance(grad, SparseRows):
+            total += len(grad.indices.data) + len(grad.values.data)
+        elif isinstance(grad, FactoredRows):
+            total += grad.mask.nbytes + len(grad.values.data)
+        else:
+            total += len(grad.data)
+    return total

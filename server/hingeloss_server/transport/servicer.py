@@ -6,9 +6,10 @@ Thin on purpose: batching, devices and math live below it and know no gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +29,12 @@ from hingeloss_server.engine.errors import (
     InvalidInputError,
     OverloadedError,
 )
-from hingeloss_server.engine.jobs import FactoredRows, JobResult, SparseRows
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes
-from hingeloss_server.transport.call_guard import CallGuard, unparsable_error
+from hingeloss_server.transport.call_guard import unparsable_error
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
-from hingeloss_server.transport.response_codec import encode_response
+from hingeloss_server.transport.response_codec import encode_response, payload_bytes
 from hingeloss_server.transport.status import (
     abort_call,
     error_status,
@@ -42,6 +42,7 @@ from hingeloss_server.transport.status import (
     short_request_id,
     status_mapping,
 )
+from hingeloss_server.transport.upload import UploadAssembler
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,6 @@ INFLIGHT_RETRY_S = 0.05
 ENCODE_OFF_LOOP_BYTES = 1 << 20
 # Requests a ComputeStream call may have in flight at once.
 STREAM_WINDOW = 64
-
-
-def _payload_bytes(result: JobResult) -> int:
-    total = sum(len(p.data) for p in result.per_sample)
-    for grad in result.grads:
-        if isinstance(grad, SparseRows):
-            total += len(grad.indices.data) + len(grad.values.data)
-        elif isinstance(grad, FactoredRows):
-            total += grad.mask.nbytes + len(grad.values.data)
-        else:
-            total += len(grad.data)
-    return total
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
@@ -106,6 +95,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if mapping.rejected is not None:
             self._metrics.request_rejected(mapping.rejected)
 
+    @contextlib.asynccontextmanager
+    async def _arriving(self) -> AsyncIterator[None]:
+        """The arrival limit: what is read inside must have come within it."""
+        try:
+            # asyncio.timeout, not wait_for: wait_for runs the read in a task of its own,
+            # a task per request on the event loop that every caller shares.
+            async with asyncio.timeout(self._arrival_seconds):
+                yield
+        except TimeoutError:
+            raise ArrivalTimeoutError(
+                f"the request did not arrive within {self._arrival_seconds:g} s"
+            ) from None
+
     async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
         """The call's one request message, within the arrival limit.
 
@@ -113,21 +115,38 @@ class LossServicer(pb_grpc.LossServiceServicer):
         generator that would keep the last message it yielded (megabytes) alive in its
         frame until the garbage collector finds it.
         """
-        try:
-            # asyncio.timeout, not wait_for: wait_for runs the read in a task of its own,
-            # a task per request on the event loop that every caller shares.
-            async with asyncio.timeout(self._arrival_seconds):
-                raw = await context.read()
-        except TimeoutError:
-            raise ArrivalTimeoutError(
-                f"the request did not arrive within {self._arrival_seconds:g} s"
-            ) from None
+        async with self._arriving():
+            raw = await context.read()
         if raw is grpc.aio.EOF:
             raise InvalidInputError("request", "the call carried no request message")
         try:
             return parse_request(raw)
         except DecodeError:
             raise unparsable_error() from None
+
+    async def _receive_upload(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
+        """A ComputeUpload's parts, within the arrival limit, as one request.
+
+        The bytes still to come are held against the in-flight budget from the first
+        part on, so uploads cannot outgrow it while they arrive.
+        """
+        upload = UploadAssembler(self._limits)
+        reserved = 0
+        try:
+            async with self._arriving():
+                first = await context.read()
+                if first is grpc.aio.EOF:
+                    raise InvalidInputError("upload", "the call carried no part")
+                upload.begin(first)
+                del first
+                if not self._budget.try_acquire(upload.pending):
+                    raise _inflight_full(self._budget)
+                reserved = upload.pending
+                while (raw := await context.read()) is not grpc.aio.EOF:
+                    upload.add(raw)
+            return upload.finish()
+        finally:
+            self._budget.release(reserved)
 
     async def _compute_one(
         self,
@@ -151,17 +170,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.bytes_received(job.nbytes)
             cost = held_bytes(parsed.nbytes, job.nbytes)
             if not self._budget.try_acquire(cost):
-                raise OverloadedError(
-                    "inflight_full",
-                    INFLIGHT_RETRY_S,
-                    f"the server holds {self._budget.used} bytes for requests in flight; "
-                    f"retry in {INFLIGHT_RETRY_S}s",
-                )
+                raise _inflight_full(self._budget)
             charge = cost
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
             result = await self._batcher.submit(job, deadline)
-            payload = _payload_bytes(result)
+            payload = payload_bytes(result)
             if payload < ENCODE_OFF_LOOP_BYTES:
                 response = encode_response(job, result)
             else:
@@ -203,11 +217,25 @@ class LossServicer(pb_grpc.LossServiceServicer):
         for a graceful shutdown) from then on, however long its message takes to
         arrive, and a message that never arrives is refused after the arrival limit.
         """
+        return await self._answer(context, self._receive)
+
+    async def ComputeUpload(  # noqa: N802 - gRPC method name
+        self, parts: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """Compute for a request sent in parts (upload.py); answered as Compute is."""
+        return await self._answer(context, self._receive_upload)
+
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        receive: Callable[[grpc.aio.ServicerContext], Awaitable[ParsedRequest]],
+    ) -> bytes:
+        """A unary call: its request received, computed and answered, or its error sent."""
         with self.calls.track():
             try:
                 if self._draining:
                     raise DrainingError("the server is shutting down")
-                request = await self._receive(context)
+                request = await receive(context)
             except HingelossError as error:
                 self._refuse(error)
                 await abort_call(context, error, {})
@@ -358,38 +386,13 @@ def _unsent_code(stream_failed: bool, context: Any) -> grpc.StatusCode:
     return grpc.StatusCode.ABORTED if stream_failed else gave_up_code(context)
 
 
-def _serialize(response: bytes | Any) -> bytes:
-    """Compute answers come serialized already (wire.py); other messages do not."""
-    if isinstance(response, bytes):
-        return response
-    serialized: bytes = response.SerializeToString()
-    return serialized
+def _inflight_full(budget: ByteBudget) -> OverloadedError:
+    return OverloadedError(
+        "inflight_full",
+        INFLIGHT_RETRY_S,
+        f"the server holds {budget.used} bytes for requests in flight; "
+        f"retry in {INFLIGHT_RETRY_S}s",
+    )
 
 
-def add_to_server(servicer: LossServicer, guard: CallGuard) -> None:
-    """Registers the service, with responses that may come pre-serialized.
-
-    The generated `add_LossServiceServicer_to_server` would serialize every answer
-    itself, and so copy each gradient twice more.
-    """
-    handlers = {
-        # A request stream of raw bytes (one message on the wire, as for any unary
-        # call): see LossServicer.Compute.
-        "Compute": grpc.stream_unary_rpc_method_handler(
-            servicer.Compute, response_serializer=_serialize
-        ),
-        # Raw bytes too, parsed by the stream itself: an unparsable message is then
-        # refused as its request, named by its index, and counted.
-        "ComputeStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ComputeStream, response_serializer=_serialize
-        ),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo,
-            request_deserializer=pb.GetServerInfoRequest.FromString,
-            response_serializer=_serialize,
-        ),
-    }
-    guard.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-__all__ = ["SERVICE_NAME", "LossServicer", "add_to_server", "error_status"]
+__all__ = ["SERVICE_NAME", "LossServicer", "error_status"]

@@ -1,0 +1,166 @@
+"""ComputeUpload: a request whose large tensors arrive in parts, assembled into one buffer.
+
+gRPC hands a server each message as one bytes object, made by copying the
+message's slices more than once; for a message of many megabytes those copies
+run at memory speed, for parts of about a megabyte at cache speed (see
+docs/benchmarks.md). Here each part is copied once more, into the buffer the
+request's tensors then view. What comes out is the ParsedRequest that a Compute
+call of the same request gives: the rest of the service cannot tell the two
+apart, so the answers are the same bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from hingeloss import _tensors as tensors
+from hingeloss._protowire import LEN, field_number, walk
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_server.config import LimitsConfig
+from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.transport.request_wire import (
+    ParsedRequest,
+    loss_tensor_fields,
+    parse_request,
+)
+
+_REQUEST = field_number(pb.UploadPart, "request")
+_DATA = field_number(pb.UploadPart, "data")
+
+
+@dataclass(frozen=True)
+class _Apart:
+    """A tensor of the request whose bytes come in the later parts."""
+
+    key: tuple[str, str]  # as ParsedRequest.data keys it: (loss field, tensor field)
+    field: str  # as errors name it, e.g. "multiclass_hinge.scores"
+    nbytes: int
+
+
+class UploadAssembler:
+    """One ComputeUpload call: its first part (`begin`), the others (`add`), the request.
+
+    Every check happens before the bytes it guards are held: the tensors sent apart
+    are sized from the first part, within the server's request limit, before their
+    buffer exists; a part that would run past them is refused, not stored.
+    """
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limits = limits
+        self._head: ParsedRequest | None = None
+        self._apart: list[_Apart] = []
+        self._buffer = np.empty(0, dtype=np.uint8)
+        self._filled = 0
+        self._parts = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes the tensors sent apart still need."""
+        return self._buffer.size - self._filled
+
+    def begin(self, raw: bytes) -> None:
+        """The first part: the request; sizes and allocates what is sent apart."""
+        kind, payload = _part(raw, 0)
+        if kind != _REQUEST:
+            raise InvalidInputError("upload[0]", "the first part must carry the request")
+        try:
+            self._head = parse_request(payload)
+        except DecodeError:
+            raise InvalidInputError("upload[0].request", "is not a valid ComputeRequest") from None
+        self._apart = _tensors_apart(self._head)
+        total = sum(t.nbytes for t in self._apart)
+        if total > self._limits.max_request_bytes:
+            raise InvalidInputError(
+                f"{self._apart[-1].field}.data",
+                f"the request's tensors need more than the server limit of "
+                f"{self._limits.max_request_bytes} bytes",
+            )
+        self._buffer = np.empty(total, dtype=np.uint8)
+        self._parts = 1
+
+    def add(self, raw: bytes) -> None:
+        """A later part: the next bytes of the tensors sent apart."""
+        kind, payload = _part(raw, self._parts)
+        where = f"upload[{self._parts}]"
+        if kind != _DATA:
+            raise InvalidInputError(where, "only the first part carries a request")
+        end = self._filled + len(payload)
+        if end > self._buffer.size:
+            raise InvalidInputError(
+                f"{where}.data",
+                f"runs past the {self._buffer.size} bytes the request's tensors sent apart declare",
+            )
+        self._buffer[self._filled : end] = np.frombuffer(payload, dtype=np.uint8)
+        self._filled = end
+        self._parts += 1
+
+    def finish(self) -> ParsedRequest:
+        """The whole request, its tensors sent apart viewing the buffer."""
+        assert self._head is not None, "begin() first"
+        if self._filled < self._buffer.size:
+            offset = 0
+            for tensor in self._apart:  # the first tensor left short names the error
+                if self._filled < offset + tensor.nbytes:
+                    arrived = max(0, self._filled - offset)
+                    raise InvalidInputError(
+                        f"{tensor.field}.data",
+                        f"the upload ended after {arrived} of its {tensor.nbytes} bytes",
+                    )
+                offset += tensor.nbytes
+        data = dict(self._head.data or {})
+        view = self._buffer.data
+        offset = 0
+        for tensor in self._apart:
+            data[tensor.key] = view[offset : offset + tensor.nbytes]
+            offset += tensor.nbytes
+        return ParsedRequest(self._head.message, self._head.nbytes + self._buffer.size, data)
+
+
+def _part(raw: bytes, index: int) -> tuple[int, memoryview]:
+    """Which field of the `part` oneof a message sets (the last one wins), and its bytes."""
+    view = memoryview(raw)
+    kind, payload = 0, view[0:0]
+    try:
+        fields = walk(view)
+    except (ValueError, IndexError):
+        raise InvalidInputError(f"upload[{index}]", "is not a valid UploadPart") from None
+    for number, wire_type, _, start, end in fields:
+        if number in (_REQUEST, _DATA) and wire_type == LEN:
+            kind, payload = number, view[start:end]
+    if kind == 0:
+        raise InvalidInputError(f"upload[{index}]", "sets neither request nor data")
+    return kind, payload
+
+
+def _tensors_apart(head: ParsedRequest) -> list[_Apart]:
+    """The request's tensors with no data and elements declared, in the contract's order:
+    the loss message's tensor fields by number, then sample_weights."""
+    message = head.message
+    loss = message.WhichOneof("loss")
+    candidates: list[tuple[tuple[str, str], str, pb.Tensor]] = []
+    if loss is not None:
+        loss_message = getattr(message, loss)
+        for name in loss_tensor_fields(loss):
+            if loss_message.HasField(name):
+                candidates.append(((loss, name), f"{loss}.{name}", getattr(loss_message, name)))
+    if message.HasField("sample_weights"):
+        candidates.append((("", "sample_weights"), "sample_weights", message.sample_weights))
+    apart = []
+    for key, field, tensor in candidates:
+        nbytes = _declared_bytes(tensor)
+        if nbytes and not len(head.tensor_data(key[0], key[1], tensor)):
+            apart.append(_Apart(key, field, nbytes))
+    return apart
+
+
+def _declared_bytes(tensor: pb.Tensor) -> int:
+    """Bytes a tensor's dtype and shape call for; 0 where they are not valid (the
+    request's decoding then says why)."""
+    info = tensors.BY_WIRE.get(tensor.dtype)
+    if info is None or any(d < 0 for d in tensor.shape):
+        return 0
+    return math.prod(tensor.shape) * info.itemsize

@@ -1,0 +1,337 @@
+"""ComputeUpload over a real server: the same answers as Compute, bit for bit, and its refusals.
+
+The SDK uploads requests whose scores hold UPLOAD_MIN_BYTES or more; `upload_min_bytes=0`
+makes it upload every request, None never. Raw calls cut the parts where the SDK never
+would (inside a row, across two tensors) and break the protocol on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from helpers.servers import ServerThread, server_config
+from prometheus_client import CollectorRegistry
+
+from hingeloss import (
+    NO_RETRY,
+    AsyncLossClient,
+    InvalidArgumentError,
+    LossClient,
+    LossResult,
+    OverloadedError,
+)
+from hingeloss._errors import from_rpc_error
+from hingeloss._requests import build_request
+from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, split_request
+from hingeloss.v1 import loss_service_pb2 as pb
+from hingeloss_server.config import BatchingConfig, LimitsConfig
+
+RNG = np.random.default_rng(20261206)
+
+
+def _inputs(loss: str, rows: int = 33, classes: int = 7) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Fresh inputs of one loss, on a grid of small integers (ties and kinks included)."""
+    scores = RNG.integers(-3, 4, size=(rows, classes)).astype(np.float32) / 2
+    vector = RNG.integers(-3, 4, size=rows).astype(np.float32) / 2
+    signs = RNG.choice([-1, 1], size=rows)
+    targets = RNG.integers(0, classes, size=rows)
+    weights = RNG.random(rows)
+    return {
+        "multiclass_hinge": ((scores, targets), {"sample_weights": weights}),
+        "crammer_singer": ((scores, targets), {"tie_break": "split_evenly"}),
+        "binary_hinge": ((vector, signs), {}),
+        "gan_discriminator": ((vector, vector[::-1].copy()), {}),
+        "gan_generator": ((vector,), {}),
+        "margin_ranking": ((vector, vector[::-1].copy(), signs), {}),
+    }[loss]
+
+
+def _same(a: LossResult, b: LossResult) -> None:
+    assert a.loss == b.loss
+    assert len(a.grads) == len(b.grads)
+    for x, y in zip(a.grads, b.grads, strict=True):
+        assert x.dtype == y.dtype
+        assert x.tobytes() == y.tobytes()
+    for x, y in zip(a.per_sample or (), b.per_sample or (), strict=True):
+        assert x.tobytes() == y.tobytes()
+
+
+LOSSES = (
+    "multiclass_hinge",
+    "crammer_singer",
+    "binary_hinge",
+    "gan_discriminator",
+    "gan_generator",
+    "margin_ranking",
+)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_an_upload_answers_as_compute_does_bit_for_bit(shared_server: Any, loss: str) -> None:
+    inputs, options = _inputs(loss)
+    options |= {"reduction": "none"}
+    with (
+        LossClient(shared_server.target, upload_min_bytes=0) as uploading,
+        LossClient(shared_server.target, upload_min_bytes=None) as whole,
+    ):
+        _same(uploading.compute(loss, *inputs, **options), whole.compute(loss, *inputs, **options))
+
+
+@pytest.mark.parametrize("gradient_format", ["dense", "factored", "row_sparse"])
+async def test_a_large_request_goes_up_in_parts_by_default(
+    make_server: Callable[..., ServerThread], gradient_format: str
+) -> None:
+    """A 4096x1000 request (16 MB of scores) is uploaded by both clients, answers unchanged."""
+    registry = CollectorRegistry()
+    server = make_server(registry=registry)
+    scores = RNG.standard_normal((4096, 1000)).astype(np.float32)
+    targets = RNG.integers(0, 1000, size=4096)
+    assert scores.nbytes >= UPLOAD_MIN_BYTES
+    with LossClient(server.target, upload_min_bytes=None) as whole:
+        expected = whole.multiclass_hinge(scores, targets, gradient_format=gradient_format)
+    with LossClient(server.target) as client:
+        _same(client.multiclass_hinge(scores, targets, gradient_format=gradient_format), expected)
+    async with AsyncLossClient(server.target) as aio:
+        answer = await aio.multiclass_hinge(scores, targets, gradient_format=gradient_format)
+    _same(answer, expected)
+    assert _calls(registry, "ComputeUpload") == 2
+    assert _calls(registry, "Compute") == 1
+
+
+def _calls(registry: CollectorRegistry, method: str) -> float:
+    value = registry.get_sample_value(
+        "hingeloss_grpc_server_handled_total",
+        {"grpc_service": "hingeloss.v1.LossService", "grpc_method": method, "grpc_code": "OK"},
+    )
+    return value or 0.0
+
+
+def _raw_parts(request: pb.ComputeRequest, apart: list[tuple[str, memoryview]]) -> list[bytes]:
+    return list(Upload(request, tuple(apart)).parts())
+
+
+def _upload(target: str, parts: Iterator[bytes] | list[bytes], timeout: float = 30) -> bytes:
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_unary(COMPUTE_UPLOAD)
+        answer: bytes = call(iter(parts), timeout=timeout)
+        return answer
+
+
+def test_parts_may_be_cut_anywhere(shared_server: Any) -> None:
+    """Parts of 1 to 13 bytes: inside rows and elements, and across the two score tensors."""
+    real = RNG.standard_normal(50).astype(np.float32)
+    fake = RNG.standard_normal(30).astype(np.float32)
+    options = {"reduction": "sum", "return_per_sample": True}
+    inputs = {"real_scores": real, "fake_scores": fake}
+    with LossClient(shared_server.target, upload_min_bytes=None) as whole:
+        expected = whole.gan_discriminator(real, fake, **options)
+    for part_bytes in (1, 3, 13):
+        apart: list[tuple[str, memoryview]] = []
+        request, _ = build_request("gan_discriminator", inputs, options, scores_apart=apart)
+        upload = Upload(request, tuple(apart), part_bytes=part_bytes)
+        answer = pb.ComputeResponse.FromString(_upload(shared_server.target, upload.parts()))
+        assert answer.loss == expected.loss
+        grads = {g.input: g.dense.data for g in answer.gradients}
+        assert grads["real_scores"] == expected.grads[0].tobytes()
+        assert grads["fake_scores"] == expected.grads[1].tobytes()
+
+
+def _request_and_data() -> tuple[pb.ComputeRequest, list[tuple[str, memoryview]]]:
+    (scores, targets), _ = _inputs("multiclass_hinge", rows=4, classes=3)
+    apart: list[tuple[str, memoryview]] = []
+    request, _ = build_request(
+        "multiclass_hinge", {"scores": scores, "targets": targets}, {}, scores_apart=apart
+    )
+    return request, apart
+
+
+def _refusal(target: str, parts: list[bytes]) -> InvalidArgumentError:
+    with pytest.raises(grpc.RpcError) as caught:
+        _upload(target, parts)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    error = from_rpc_error(caught.value)
+    assert isinstance(error, InvalidArgumentError)
+    return error
+
+
+def _data(chunk: bytes) -> bytes:
+    return pb.UploadPart(data=chunk).SerializeToString()
+
+
+def test_broken_uploads_are_refused_naming_the_part_or_the_tensor(shared_server: Any) -> None:
+    request, apart = _request_and_data()
+    head, body = _raw_parts(request, apart)
+    data = bytes(apart[0][1])  # 48 bytes
+    cases = {
+        "upload[0]": [_data(data)],  # no request first
+        "multiclass_hinge.scores.data": [head, _data(data[:20])],  # ends short
+        "upload[2].data": [head, _data(data), _data(b"x")],  # one byte too many
+        "upload[1]": [head, head],  # a second request
+        "upload[2]": [head, _data(data[:8]), b"\xff\xff"],  # not an UploadPart
+        "upload": [],  # no part at all
+    }
+    for field, parts in cases.items():
+        error = _refusal(shared_server.target, parts)
+        assert [v.field for v in error.field_violations] == [field], (field, error)
+    short = _refusal(shared_server.target, [head, _data(data[:20])])
+    assert "ended after 20 of its 48 bytes" in short.field_violations[0].description
+    # Nothing was lost: the same server answers the whole upload.
+    assert pb.ComputeResponse.FromString(_upload(shared_server.target, [head, body])).loss > 0
+
+
+def _stalled_after(target: str, head: bytes) -> grpc.RpcError:
+    """The error of an upload whose first part is sent and whose next never comes."""
+    stalled = threading.Event()
+
+    def parts() -> Iterator[bytes]:
+        yield head
+        stalled.wait(30)  # the call must end without the rest
+
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            _upload(target, parts(), timeout=20)
+    finally:
+        stalled.set()
+    return caught.value
+
+
+def test_a_declared_size_past_the_limit_is_refused_before_any_part_is_read(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    server = make_server(server_config(limits=LimitsConfig(max_request_bytes=1 << 20)))
+    request = pb.ComputeRequest()
+    request.gan_generator.fake_scores.dtype = pb.DTYPE_FLOAT32
+    request.gan_generator.fake_scores.shape.append(1 << 30)  # 4 GiB declared, none sent
+    error = _stalled_after(server.target, pb.UploadPart(request=request).SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "gan_generator.fake_scores.data" in (error.details() or "")
+
+
+def test_an_upload_that_stops_arriving_is_refused_after_the_arrival_limit(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    server = make_server(server_config(request_arrival_seconds=0.5))
+    request, apart = _request_and_data()
+    head, _ = _raw_parts(request, apart)
+    error = _stalled_after(server.target, head)
+    assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not arrive within 0.5 s" in (error.details() or "")
+
+
+def test_the_bytes_still_to_come_count_against_the_inflight_budget(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """An upload holds its declared bytes from its first part: a second one that would
+    pass the budget is shed (RESOURCE_EXHAUSTED) while the first still arrives."""
+    server = make_server(server_config(batching=BatchingConfig(max_inflight_bytes=3 << 20)))
+    scores = RNG.standard_normal((512, 1000)).astype(np.float32)  # 2 MB
+    targets = RNG.integers(0, 1000, size=512)
+    apart: list[tuple[str, memoryview]] = []
+    request, _ = build_request(
+        "multiclass_hinge", {"scores": scores, "targets": targets}, {}, scores_apart=apart
+    )
+    head, *body = _raw_parts(request, apart)
+    first_sent, release = threading.Event(), threading.Event()
+
+    def slow_parts() -> Iterator[bytes]:
+        yield head
+        first_sent.set()
+        release.wait(30)
+        yield from body
+
+    with futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_upload, server.target, slow_parts())
+        assert first_sent.wait(10)
+        shed = None
+        try:
+            with LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client:
+                for _ in range(100):  # until the server has read the slow upload's head
+                    try:
+                        client.multiclass_hinge(scores, targets)
+                    except OverloadedError as error:
+                        shed = error
+                        break
+                    time.sleep(0.02)
+        finally:
+            release.set()
+        assert shed is not None
+        assert shed.reason == "INFLIGHT_FULL"
+        assert pb.ComputeResponse.FromString(slow.result(30)).loss > 0
+
+
+class _ComputeOnlyProxy:
+    """A server of an older release: Compute only, forwarded to a real server.
+
+    It records each method callers asked for, so the test sees which ones the SDK used.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.asked: list[str] = []
+        self._channel = grpc.insecure_channel(upstream)
+        forward = self._channel.unary_unary("/hingeloss.v1.LossService/Compute")
+        proxy = self
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> Any:
+                service, _, method = details.method.rpartition("/")
+                if service == "/hingeloss.v1.LossService":  # not the SDK's health checks
+                    proxy.asked.append(method)
+                if details.method != "/hingeloss.v1.LossService/Compute":
+                    return None  # UNIMPLEMENTED, as an older server answers
+                return grpc.unary_unary_rpc_method_handler(lambda raw, _: forward(raw))
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        self._server.add_generic_rpc_handlers((Handler(),))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def close(self) -> None:
+        self._server.stop(None)
+        self._channel.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_against_a_server_without_compute_upload_the_sdk_sends_one_message(
+    shared_server: Any, flavour: str
+) -> None:
+    proxy = _ComputeOnlyProxy(shared_server.target)
+    (scores, targets), _ = _inputs("multiclass_hinge")
+    try:
+        with LossClient(shared_server.target, upload_min_bytes=None) as whole:
+            expected = whole.multiclass_hinge(scores, targets)
+        target = f"127.0.0.1:{proxy.port}"
+        if flavour == "sync":
+            with LossClient(target, upload_min_bytes=0) as client:
+                answers = [client.multiclass_hinge(scores, targets) for _ in range(2)]
+        else:
+
+            async def twice() -> list[LossResult]:
+                async with AsyncLossClient(target, upload_min_bytes=0) as client:
+                    return [await client.multiclass_hinge(scores, targets) for _ in range(2)]
+
+            answers = asyncio.run(twice())
+    finally:
+        proxy.close()
+    for answer in answers:
+        _same(answer, expected)
+    # One upload refused, then one message each time, the refusal remembered.
+    assert proxy.asked == ["ComputeUpload", "Compute", "Compute"]
+
+
+def test_small_requests_still_go_in_one_message() -> None:
+    (scores, targets), _ = _inputs("multiclass_hinge")
+    inputs, options = {"scores": scores, "targets": targets}, {"request_id": "r"}
+    apart: list[tuple[str, memoryview]] = []
+    request, _ = build_request("multiclass_hinge", inputs, options, scores_apart=apart)
+    one = split_request(request, apart, UPLOAD_MIN_BYTES)
+    assert one == build_request("multiclass_hinge", inputs, options)[0]
+    big = split_request(request, apart, scores.nbytes)
+    assert isinstance(big, Upload)
