@@ -226,11 +226,13 @@ def test_an_upload_that_stops_arriving_is_refused_after_the_arrival_limit(
     assert "did not arrive within 0.5 s" in (error.details() or "")
 
 
-def test_the_bytes_still_to_come_count_against_the_inflight_budget(
+def test_the_parts_arrived_count_against_the_inflight_budget(
     make_server: Callable[..., ServerThread],
 ) -> None:
-    """An upload holds its declared bytes from its first part: a second one that would
-    pass the budget is shed (RESOURCE_EXHAUSTED) while the first still arrives."""
+    """An upload holds its parts against the budget as they arrive: while one has sent
+    1 MiB and stalls, another that would pass the budget is shed (INFLIGHT_FULL), and
+    the stalled one is answered once the rest comes. Bytes declared and never sent
+    hold nothing."""
     server = make_server(server_config(batching=BatchingConfig(max_inflight_bytes=3 << 20)))
     scores = RNG.standard_normal((512, 1000)).astype(np.float32)  # 2 MB
     targets = RNG.integers(0, 1000, size=512)
@@ -238,33 +240,49 @@ def test_the_bytes_still_to_come_count_against_the_inflight_budget(
     request, _ = build_request(
         "multiclass_hinge", {"scores": scores, "targets": targets}, {}, scores_apart=apart
     )
-    head, *body = _raw_parts(request, apart)
-    first_sent, release = threading.Event(), threading.Event()
+    head, first, *rest = _raw_parts(request, apart)
+    with LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client:
+        stalled_after_head = threading.Event()
 
-    def slow_parts() -> Iterator[bytes]:
-        yield head
-        first_sent.set()
-        release.wait(30)
-        yield from body
+        def head_only() -> Iterator[bytes]:
+            yield head
+            stalled_after_head.wait(30)
 
-    with futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(_upload, server.target, slow_parts())
-        assert first_sent.wait(10)
-        shed = None
-        try:
-            with LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client:
-                for _ in range(100):  # until the server has read the slow upload's head
+        with futures.ThreadPoolExecutor(2) as pool:
+            declared = pool.submit(_upload, server.target, head_only())
+            try:
+                time.sleep(0.2)
+                assert client.multiclass_hinge(scores, targets).loss > 0
+            finally:
+                stalled_after_head.set()
+            with pytest.raises(grpc.RpcError):
+                declared.result(30)  # it ended short
+
+            sent_one, release = threading.Event(), threading.Event()
+
+            def slow_parts() -> Iterator[bytes]:
+                yield head
+                yield first
+                sent_one.set()
+                release.wait(30)
+                yield from rest
+
+            slow = pool.submit(_upload, server.target, slow_parts())
+            assert sent_one.wait(10)
+            shed = None
+            try:
+                for _ in range(100):  # until the server has read the slow upload's part
                     try:
                         client.multiclass_hinge(scores, targets)
                     except OverloadedError as error:
                         shed = error
                         break
                     time.sleep(0.02)
-        finally:
-            release.set()
-        assert shed is not None
-        assert shed.reason == "INFLIGHT_FULL"
-        assert pb.ComputeResponse.FromString(slow.result(30)).loss > 0
+            finally:
+                release.set()
+            assert shed is not None
+            assert shed.reason == "INFLIGHT_FULL"
+            assert pb.ComputeResponse.FromString(slow.result(30)).loss > 0
 
 
 class _ComputeOnlyProxy:

@@ -127,11 +127,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _receive_upload(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
         """A ComputeUpload's parts, within the arrival limit, as one request.
 
-        The bytes still to come are held against the in-flight budget from the first
-        part on, so uploads cannot outgrow it while they arrive.
+        Each part is held against the in-flight budget as it arrives, as what the
+        server then holds: a caller cannot take the budget by declaring bytes it
+        never sends, nor uploads outgrow it while they arrive.
         """
         upload = UploadAssembler(self._limits)
-        reserved = 0
+        held = 0
         try:
             async with self._arriving():
                 first = await context.read()
@@ -139,14 +140,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     raise InvalidInputError("upload", "the call carried no part")
                 upload.begin(first)
                 del first
-                if not self._budget.try_acquire(upload.pending):
-                    raise _inflight_full(self._budget)
-                reserved = upload.pending
                 while (raw := await context.read()) is not grpc.aio.EOF:
+                    if not self._budget.try_acquire(len(raw)):
+                        raise _inflight_full(self._budget)
+                    held += len(raw)
                     upload.add(raw)
             return upload.finish()
         finally:
-            self._budget.release(reserved)
+            self._budget.release(held)
 
     async def _compute_one(
         self,

@@ -46,7 +46,8 @@ class UploadAssembler:
 
     Every check happens before the bytes it guards are held: the tensors sent apart
     are sized from the first part, within the server's request limit, before their
-    buffer exists; a part that would run past them is refused, not stored.
+    buffer exists (allocated, not touched: memory is taken as parts fill it); a
+    part that would run past them is refused, not stored.
     """
 
     def __init__(self, limits: LimitsConfig) -> None:
