@@ -42,19 +42,30 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         attempts = self._attempts(timeout, asyncio.get_running_loop().time)
         while True:
             try:
-                response = await self._call(*self._invocation(request), attempts.start())
+                response = await self._attempt(request, attempts.start())
             except HingelossError as error:
                 if self._closed:
                     raise  # close() cut it short: not retried
-                if isinstance(request, Upload) and error.code is grpc.StatusCode.UNIMPLEMENTED:
-                    request = self._without_upload(request)
-                    continue
                 await asyncio.sleep(attempts.retry_after(error))
                 if self._closed:  # closed while waiting to retry
                     raise self._closed_under() from error
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
+
+    async def _attempt(self, request: pb.ComputeRequest | Upload, timeout: float | None) -> Any:
+        """One attempt of a computation: an upload refused by an older server is sent
+        again at once in one message, within the same attempt's time."""
+        method, argument = self._invocation(request)
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        try:
+            return await self._call(method, argument, timeout)
+        except HingelossError as error:
+            if not self._falls_back(method, error):
+                raise
+        retry = self._invocation(request)
+        return await self._call(*retry, self._left(timeout, started, clock()))
 
     async def _call(
         self, method: Callable[..., grpc.aio.Call], request: Any, timeout: float | None

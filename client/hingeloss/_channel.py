@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hingeloss._errors import CancelledError
+from hingeloss._errors import CancelledError, HingelossError
 from hingeloss._requests import InputKind, build_request
 from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
 from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
@@ -141,6 +141,8 @@ class ClientBase(Generic[Stream]):
         self._timeout = timeout
         self._retrier = Retrier(retry or RetryPolicy())
         self._closed = False
+        if upload_min_bytes is not None and upload_min_bytes < 0:
+            raise ValueError(f"upload_min_bytes must be >= 0 or None, got {upload_min_bytes}")
         # Set to None once a server answers that it has no ComputeUpload (an older one).
         self._upload_min_bytes = upload_min_bytes
         self._upload = self._channel.stream_unary(
@@ -169,16 +171,26 @@ class ClientBase(Generic[Stream]):
         return split_request(request, apart, self._upload_min_bytes), kind, timeout
 
     def _invocation(self, request: pb.ComputeRequest | Upload) -> tuple[Any, Any]:
-        """The method that sends `request` and its argument (a fresh iterator of parts
-        for each attempt of an upload)."""
-        if isinstance(request, Upload):
-            return self._upload, request.parts()
-        return self._stub.Compute, request
+        """The method that sends `request` and its argument (a fresh iterator of the
+        parts for each attempt of an upload)."""
+        if not isinstance(request, Upload):
+            return self._stub.Compute, request
+        if self._upload_min_bytes is None:  # the server has no ComputeUpload
+            return self._stub.Compute, request.whole
+        return self._upload, iter(request.parts)
 
-    def _without_upload(self, request: Upload) -> pb.ComputeRequest:
-        """After UNIMPLEMENTED (a server older than ComputeUpload): one message from now on."""
+    def _falls_back(self, method: Any, error: HingelossError) -> bool:
+        """Whether an upload was refused by a server older than ComputeUpload: its
+        request, and every later one, then goes in one message."""
+        if method is not self._upload or error.code is not grpc.StatusCode.UNIMPLEMENTED:
+            return False
         self._upload_min_bytes = None
-        return request.whole()
+        return True
+
+    @staticmethod
+    def _left(timeout: float | None, since: float, now: float) -> float | None:
+        """What remains of an attempt's timeout, `now - since` into it."""
+        return None if timeout is None else max(0.0, timeout - (now - since))
 
     def _attempts(self, timeout: float | None, clock: Callable[[], float]) -> CallAttempts:
         """The retry bookkeeping of one unary call, on this client's shared throttle."""

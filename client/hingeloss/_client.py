@@ -41,6 +41,9 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         local_token: send the token over a plaintext connection to this machine
             (loopback or a Unix socket; `grpc.local_channel_credentials`), for
             tests and local development. Without TLS or this, a token is refused.
+        upload_min_bytes: requests whose scores hold at least this many bytes
+            (default 4 MB) go up in parts on a ComputeUpload call; None: never,
+            0: always. See docs/sdk.md.
 
     Example:
         >>> with LossClient("localhost:50051") as client:
@@ -55,19 +58,29 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         attempts = self._attempts(timeout, time.monotonic)
         while True:
             try:
-                response = self._call(*self._invocation(request), attempts.start())
+                response = self._attempt(request, attempts.start())
             except HingelossError as error:
                 if self._closed:
                     raise  # close() cut it short: not retried
-                if isinstance(request, Upload) and error.code is grpc.StatusCode.UNIMPLEMENTED:
-                    request = self._without_upload(request)
-                    continue
                 time.sleep(attempts.retry_after(error))
                 if self._closed:  # closed while waiting to retry
                     raise self._closed_under() from error
             else:
                 attempts.succeeded()
                 return decode_response(response, kind)
+
+    def _attempt(self, request: pb.ComputeRequest | Upload, timeout: float | None) -> Any:
+        """One attempt of a computation: an upload refused by an older server is sent
+        again at once in one message, within the same attempt's time."""
+        method, argument = self._invocation(request)
+        started = time.monotonic()
+        try:
+            return self._call(method, argument, timeout)
+        except HingelossError as error:
+            if not self._falls_back(method, error):
+                raise
+        retry = self._invocation(request)
+        return self._call(*retry, self._left(timeout, started, time.monotonic()))
 
     def _call(
         self, method: Callable[..., Response], request: Any, timeout: float | None

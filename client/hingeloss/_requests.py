@@ -147,6 +147,12 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+def score_fields_in_wire_order(loss: str) -> tuple[str, ...]:
+    """A loss's score fields by field number: the order ComputeUpload sends their bytes."""
+    numbers = _LOSS_MESSAGES[loss].fields_by_name
+    return tuple(sorted(SCORE_FIELDS[loss], key=lambda field: numbers[field].number))
+
+
 def wire_of(value: Any, name: str) -> tuple[int, tuple[int, ...], memoryview]:
     """One input's wire dtype, shape and bytes (a view of the input's where it can be)."""
     if _is_torch(value):
@@ -202,8 +208,7 @@ def build_request(
         if scores_apart is None or field not in SCORE_FIELDS[loss]:
             fill(getattr(message, field), inputs[field], field)
     if scores_apart is not None:
-        numbers = message.DESCRIPTOR.fields_by_name
-        for field in sorted(SCORE_FIELDS[loss], key=lambda f: numbers[f].number):
+        for field in score_fields_in_wire_order(loss):
             wire, shape, data = wire_of(inputs[field], field)
             tensors.fill(getattr(message, field), wire, shape, None)
             scores_apart.append((field, data))

@@ -9,15 +9,18 @@ once, into each part, instead of into a protobuf message and then out of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hingeloss._protowire import length_delimited_key, varint
+from hingeloss._protowire import length_delimited_key, varint, walk
+from hingeloss._requests import score_fields_in_wire_order
 from hingeloss.v1 import loss_service_pb2 as pb
 
 COMPUTE_UPLOAD = "/hingeloss.v1.LossService/ComputeUpload"
-# Requests whose scores hold at least this many bytes are uploaded in parts.
-UPLOAD_MIN_BYTES = 4 << 20
+# Requests whose scores hold at least this many bytes (a 1000x1000 float32 batch) are
+# uploaded in parts.
+UPLOAD_MIN_BYTES = 4_000_000
 # Bytes of scores a part carries: large enough that a part's overhead (a message
 # through gRPC and the server's event loop) is small, small enough to stay in cache.
 UPLOAD_PART_BYTES = 1 << 20
@@ -28,36 +31,60 @@ _DATA_KEY = length_delimited_key(pb.UploadPart, "data")
 
 @dataclass(frozen=True)
 class Upload:
-    """A request whose score tensors' bytes travel apart, in parts."""
+    """A request sent in parts, serialized when the call is made.
 
+    The parts are copies: the caller may change its arrays as soon as the method
+    has returned (or its coroutine has been made), and every attempt of the call
+    sends the same bytes.
+    """
+
+    # The request without the bytes sent apart.
     request: pb.ComputeRequest
-    # The score fields of the request's loss message whose bytes were left out, and
-    # those bytes, in the order the contract sends them (the fields by number).
-    apart: tuple[tuple[str, memoryview], ...]
-    part_bytes: int = UPLOAD_PART_BYTES
+    # The score fields whose bytes were sent apart, with their sizes, in the order
+    # the contract sends them (the fields by number).
+    apart: tuple[tuple[str, int], ...]
+    # The call's messages: the request, then the bytes part by part.
+    parts: tuple[bytes, ...]
 
-    def parts(self) -> Iterator[bytes]:
-        """The call's messages, serialized: the request, then the bytes part by part."""
-        head = self.request.SerializeToString()
-        yield b"".join((_REQUEST_KEY, varint(len(head)), head))
-        for _, data in self.apart:
-            for start in range(0, len(data), self.part_bytes):
-                chunk = data[start : start + self.part_bytes]
-                yield b"".join((_DATA_KEY, varint(len(chunk)), chunk))
-
+    @functools.cached_property
     def whole(self) -> pb.ComputeRequest:
-        """The request in one message, for a server without ComputeUpload: its bytes are
-        written into `request` (so `parts` no longer applies)."""
-        return _with_data(self.request, self.apart)
+        """The request in one message, for a server without ComputeUpload."""
+        data = b"".join(_payload(part) for part in self.parts[1:])
+        whole = pb.ComputeRequest()
+        whole.CopyFrom(self.request)
+        loss = getattr(whole, whole.WhichOneof("loss") or "")
+        offset = 0
+        for field, nbytes in self.apart:
+            getattr(loss, field).data = data[offset : offset + nbytes]
+            offset += nbytes
+        return whole
 
 
-def _with_data(
-    request: pb.ComputeRequest, apart: Sequence[tuple[str, memoryview]]
-) -> pb.ComputeRequest:
-    loss = getattr(request, request.WhichOneof("loss") or "")
-    for field, data in apart:
-        getattr(loss, field).data = bytes(data)
-    return request
+def make_upload(
+    request: pb.ComputeRequest,
+    apart: Sequence[tuple[str, memoryview]],
+    part_bytes: int = UPLOAD_PART_BYTES,
+) -> Upload:
+    """The Upload of a request whose score fields in `apart` hold no data."""
+    head = request.SerializeToString()
+    parts = [b"".join((_REQUEST_KEY, varint(len(head)), head))]
+    for _, data in apart:
+        for start in range(0, len(data), part_bytes):
+            chunk = data[start : start + part_bytes]
+            parts.append(b"".join((_DATA_KEY, varint(len(chunk)), chunk)))
+    return Upload(request, tuple((field, len(data)) for field, data in apart), tuple(parts))
+
+
+def upload_of(request: pb.ComputeRequest) -> Upload:
+    """The Upload of a whole request: its score tensors' bytes are moved apart."""
+    loss = request.WhichOneof("loss") or ""
+    message = getattr(request, loss)
+    apart = []
+    for field in score_fields_in_wire_order(loss):
+        tensor = getattr(message, field)
+        apart.append((field, memoryview(tensor.data)))
+        tensor.ClearField("data")
+    return make_upload(request, apart)
 
 
 def split_request(
@@ -65,8 +92,17 @@ def split_request(
     apart: Sequence[tuple[str, memoryview]],
     min_bytes: int | None,
 ) -> pb.ComputeRequest | Upload:
-    """The request as one message, or as an Upload where its scores hold at least
-    `min_bytes` (None: never)."""
+    """The request as one message (its score bytes written in), or as an Upload where
+    its scores hold at least `min_bytes` (None: never)."""
     if min_bytes is not None and sum(len(data) for _, data in apart) >= min_bytes:
-        return Upload(request, tuple(apart))
-    return _with_data(request, apart)
+        return make_upload(request, apart)
+    loss = getattr(request, request.WhichOneof("loss") or "")
+    for field, data in apart:
+        getattr(loss, field).data = bytes(data)
+    return request
+
+
+def _payload(part: bytes) -> memoryview:
+    """The bytes a serialized data part carries."""
+    ((_, _, _, start, end),) = walk(part)
+    return memoryview(part)[start:end]

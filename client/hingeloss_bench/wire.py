@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hingeloss._protowire import LEN, VARINT, field_number, read_varint, walk
-from hingeloss._requests import SCORE_FIELDS
-from hingeloss._upload import Upload
+from hingeloss._upload import upload_of
 from hingeloss.v1 import loss_service_pb2 as pb
 
 _TIMING_FIELD = field_number(pb.ComputeResponse, "timing")
@@ -77,13 +76,4 @@ def tensor_header(buf: bytes | memoryview, start: int, end: int) -> tuple[int, t
 def upload_parts(payload: bytes) -> tuple[bytes, ...]:
     """A serialized ComputeRequest as the SDK uploads it (ComputeUpload's messages):
     the request without its scores' bytes, then those bytes in parts."""
-    request = pb.ComputeRequest.FromString(payload)
-    loss = request.WhichOneof("loss") or ""
-    message = getattr(request, loss)
-    numbers = message.DESCRIPTOR.fields_by_name
-    apart = []
-    for name in sorted(SCORE_FIELDS[loss], key=lambda f: numbers[f].number):
-        tensor = getattr(message, name)
-        apart.append((name, memoryview(tensor.data)))
-        tensor.ClearField("data")
-    return tuple(Upload(request, tuple(apart)).parts())
+    return upload_of(pb.ComputeRequest.FromString(payload)).parts

@@ -30,7 +30,7 @@ from hingeloss import (
 )
 from hingeloss._errors import from_rpc_error
 from hingeloss._requests import build_request
-from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, split_request
+from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, make_upload, split_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 
@@ -115,7 +115,7 @@ def _calls(registry: CollectorRegistry, method: str) -> float:
 
 
 def _raw_parts(request: pb.ComputeRequest, apart: list[tuple[str, memoryview]]) -> list[bytes]:
-    return list(Upload(request, tuple(apart)).parts())
+    return list(make_upload(request, apart).parts)
 
 
 def _upload(target: str, parts: Iterator[bytes] | list[bytes], timeout: float = 30) -> bytes:
@@ -136,8 +136,8 @@ def test_parts_may_be_cut_anywhere(shared_server: Any) -> None:
     for part_bytes in (1, 3, 13):
         apart: list[tuple[str, memoryview]] = []
         request, _ = build_request("gan_discriminator", inputs, options, scores_apart=apart)
-        upload = Upload(request, tuple(apart), part_bytes=part_bytes)
-        answer = pb.ComputeResponse.FromString(_upload(shared_server.target, upload.parts()))
+        upload = make_upload(request, apart, part_bytes=part_bytes)
+        answer = pb.ComputeResponse.FromString(_upload(shared_server.target, upload.parts))
         assert answer.loss == expected.loss
         grads = {g.input: g.dense.data for g in answer.gradients}
         assert grads["real_scores"] == expected.grads[0].tobytes()
@@ -162,6 +162,10 @@ def _refusal(target: str, parts: list[bytes]) -> InvalidArgumentError:
     return error
 
 
+def _head(request: pb.ComputeRequest) -> bytes:
+    return pb.UploadPart(request=request).SerializeToString()
+
+
 def _data(chunk: bytes) -> bytes:
     return pb.UploadPart(data=chunk).SerializeToString()
 
@@ -170,15 +174,23 @@ def test_broken_uploads_are_refused_naming_the_part_or_the_tensor(shared_server:
     request, apart = _request_and_data()
     head, body = _raw_parts(request, apart)
     data = bytes(apart[0][1])  # 48 bytes
-    cases = {
-        "upload[0]": [_data(data)],  # no request first
-        "multiclass_hinge.scores.data": [head, _data(data[:20])],  # ends short
-        "upload[2].data": [head, _data(data), _data(b"x")],  # one byte too many
-        "upload[1]": [head, head],  # a second request
-        "upload[2]": [head, _data(data[:8]), b"\xff\xff"],  # not an UploadPart
-        "upload": [],  # no part at all
-    }
-    for field, parts in cases.items():
+    dtype_unknown = pb.ComputeRequest()
+    dtype_unknown.CopyFrom(request)
+    dtype_unknown.multiclass_hinge.scores.dtype = 99  # type: ignore[assignment]
+    cases = [
+        ("upload[0]", [_data(data)]),  # no request first
+        ("multiclass_hinge.scores.data", [head, _data(data[:20])]),  # ends short
+        ("upload[2].data", [head, _data(data), _data(b"x")]),  # one byte too many
+        ("upload[1]", [head, head]),  # a second request
+        ("upload[1]", [head, _data(data[:8]) + _data(data[8:])]),  # one part, two fields
+        ("upload[2]", [head, _data(data[:8]), b"\xff\xff"]),  # not an UploadPart
+        ("upload", []),  # no part at all
+        (
+            "multiclass_hinge.scores.dtype",
+            [pb.UploadPart(request=dtype_unknown).SerializeToString()],
+        ),
+    ]
+    for field, parts in cases:
         error = _refusal(shared_server.target, parts)
         assert [v.field for v in error.field_violations] == [field], (field, error)
     short = _refusal(shared_server.target, [head, _data(data[:20])])
@@ -229,60 +241,145 @@ def test_an_upload_that_stops_arriving_is_refused_after_the_arrival_limit(
 def test_the_parts_arrived_count_against_the_inflight_budget(
     make_server: Callable[..., ServerThread],
 ) -> None:
-    """An upload holds its parts against the budget as they arrive: while one has sent
-    1 MiB and stalls, another that would pass the budget is shed (INFLIGHT_FULL), and
-    the stalled one is answered once the rest comes. Bytes declared and never sent
-    hold nothing."""
-    server = make_server(server_config(batching=BatchingConfig(max_inflight_bytes=3 << 20)))
-    scores = RNG.standard_normal((512, 1000)).astype(np.float32)  # 2 MB
+    """An upload holds its parts against the budget as they arrive, and only those:
+    one that declares 64 MB and sends none of it holds a few bytes; one that has
+    sent 1 MiB and stalls holds that, and a request that would pass the budget beside
+    it is shed (INFLIGHT_FULL); the stalled one is answered once the rest comes."""
+    # A 2 MB request holds about 6.2 MB (held_bytes): it fits alone, not beside 1 MiB.
+    limit = 6_800_000
+    server = make_server(server_config(batching=BatchingConfig(max_inflight_bytes=limit)))
+    scores = RNG.standard_normal((512, 1000)).astype(np.float32)
     targets = RNG.integers(0, 1000, size=512)
     apart: list[tuple[str, memoryview]] = []
     request, _ = build_request(
         "multiclass_hinge", {"scores": scores, "targets": targets}, {}, scores_apart=apart
     )
     head, first, *rest = _raw_parts(request, apart)
-    with LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client:
+    declared = pb.ComputeRequest()
+    declared.gan_generator.fake_scores.dtype = pb.DTYPE_FLOAT32
+    declared.gan_generator.fake_scores.shape.append(16 << 20)  # 64 MB, never sent
+    with (
+        LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client,
+        futures.ThreadPoolExecutor(2) as pool,
+    ):
         stalled_after_head = threading.Event()
 
         def head_only() -> Iterator[bytes]:
-            yield head
+            yield _head(declared)
             stalled_after_head.wait(30)
 
-        with futures.ThreadPoolExecutor(2) as pool:
-            declared = pool.submit(_upload, server.target, head_only())
-            try:
-                time.sleep(0.2)
-                assert client.multiclass_hinge(scores, targets).loss > 0
-            finally:
-                stalled_after_head.set()
-            with pytest.raises(grpc.RpcError):
-                declared.result(30)  # it ended short
+        never_sent = pool.submit(_upload, server.target, head_only())
+        try:
+            time.sleep(0.2)
+            assert client.multiclass_hinge(scores, targets).loss > 0
+        finally:
+            stalled_after_head.set()
+        with pytest.raises(grpc.RpcError):
+            never_sent.result(30)  # it ended short
 
-            sent_one, release = threading.Event(), threading.Event()
+        sent_one, release = threading.Event(), threading.Event()
 
-            def slow_parts() -> Iterator[bytes]:
-                yield head
-                yield first
-                sent_one.set()
-                release.wait(30)
-                yield from rest
+        def slow_parts() -> Iterator[bytes]:
+            yield head
+            yield first
+            sent_one.set()
+            release.wait(30)
+            yield from rest
 
-            slow = pool.submit(_upload, server.target, slow_parts())
-            assert sent_one.wait(10)
-            shed = None
-            try:
-                for _ in range(100):  # until the server has read the slow upload's part
-                    try:
-                        client.multiclass_hinge(scores, targets)
-                    except OverloadedError as error:
-                        shed = error
-                        break
-                    time.sleep(0.02)
-            finally:
-                release.set()
-            assert shed is not None
-            assert shed.reason == "INFLIGHT_FULL"
-            assert pb.ComputeResponse.FromString(slow.result(30)).loss > 0
+        slow = pool.submit(_upload, server.target, slow_parts())
+        assert sent_one.wait(10)
+        shed = None
+        try:
+            for _ in range(100):  # until the server has read the slow upload's part
+                try:
+                    client.multiclass_hinge(scores, targets)
+                except OverloadedError as error:
+                    shed = error
+                    break
+                time.sleep(0.02)
+        finally:
+            release.set()
+        assert shed is not None
+        assert shed.reason == "INFLIGHT_FULL"
+        assert pb.ComputeResponse.FromString(slow.result(30)).loss > 0
+
+
+def test_one_upload_larger_than_the_budget_gets_in_alone(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """As one Compute request does: the call's own parts never count against it."""
+    server = make_server(server_config(batching=BatchingConfig(max_inflight_bytes=2 << 20)))
+    scores = RNG.standard_normal((2048, 1000)).astype(np.float32)  # 8 MB
+    targets = RNG.integers(0, 1000, size=2048)
+    with LossClient(server.target, retry=NO_RETRY, upload_min_bytes=0) as client:
+        assert client.multiclass_hinge(scores, targets).loss > 0
+
+
+def test_an_upload_reads_the_arrays_when_the_call_is_made(shared_server: Any) -> None:
+    """Coroutines made one after the other over one reused buffer each send the batch the
+    buffer held when theirs was made, as one message would."""
+    buffer = np.empty((1024, 1000), dtype=np.float32)
+    targets = RNG.integers(0, 1000, size=1024)
+    batches = [RNG.standard_normal(buffer.shape).astype(np.float32) for _ in range(3)]
+
+    async def losses(upload_min_bytes: int | None) -> list[float]:
+        async with AsyncLossClient(shared_server.target, upload_min_bytes=upload_min_bytes) as c:
+            calls = []
+            for batch in batches:
+                buffer[...] = batch
+                calls.append(c.multiclass_hinge(buffer, targets))
+            return [r.loss for r in await asyncio.gather(*calls)]
+
+    expected = asyncio.run(losses(None))
+    assert len(set(expected)) == 3
+    assert asyncio.run(losses(0)) == expected
+
+
+class _FailsFirstUpload:
+    """A proxy whose first ComputeUpload reads every part, then fails UNAVAILABLE; later
+    ones go to a real server. It records the parts of each call it received."""
+
+    def __init__(self, upstream: str) -> None:
+        self.calls: list[list[bytes]] = []
+        self._channel = grpc.insecure_channel(upstream)
+        forward = self._channel.stream_unary(COMPUTE_UPLOAD)
+        proxy = self
+
+        def handle(parts: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            received = list(parts)
+            proxy.calls.append(received)
+            if len(proxy.calls) == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the first attempt fails")
+            answer: bytes = forward(iter(received))
+            return answer
+
+        handler = grpc.method_handlers_generic_handler(
+            "hingeloss.v1.LossService",
+            {"ComputeUpload": grpc.stream_unary_rpc_method_handler(handle)},
+        )
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def close(self) -> None:
+        self._server.stop(None)
+        self._channel.close()
+
+
+def test_a_retried_upload_sends_every_part_again(shared_server: Any) -> None:
+    proxy = _FailsFirstUpload(shared_server.target)
+    (scores, targets), _ = _inputs("multiclass_hinge", rows=300, classes=1000)  # 1.2 MB
+    try:
+        with LossClient(f"127.0.0.1:{proxy.port}", upload_min_bytes=0) as client:
+            answer = client.multiclass_hinge(scores, targets)
+    finally:
+        proxy.close()
+    with LossClient(shared_server.target, upload_min_bytes=None) as whole:
+        _same(answer, whole.multiclass_hinge(scores, targets))
+    assert len(proxy.calls) == 2
+    assert proxy.calls[0] == proxy.calls[1]
+    assert len(proxy.calls[1]) == 3  # the request, then 1 MiB and the rest
 
 
 class _ComputeOnlyProxy:
@@ -327,12 +424,12 @@ def test_against_a_server_without_compute_upload_the_sdk_sends_one_message(
             expected = whole.multiclass_hinge(scores, targets)
         target = f"127.0.0.1:{proxy.port}"
         if flavour == "sync":
-            with LossClient(target, upload_min_bytes=0) as client:
+            with LossClient(target, retry=NO_RETRY, upload_min_bytes=0) as client:
                 answers = [client.multiclass_hinge(scores, targets) for _ in range(2)]
         else:
 
             async def twice() -> list[LossResult]:
-                async with AsyncLossClient(target, upload_min_bytes=0) as client:
+                async with AsyncLossClient(target, retry=NO_RETRY, upload_min_bytes=0) as client:
                     return [await client.multiclass_hinge(scores, targets) for _ in range(2)]
 
             answers = asyncio.run(twice())
@@ -347,9 +444,14 @@ def test_against_a_server_without_compute_upload_the_sdk_sends_one_message(
 def test_small_requests_still_go_in_one_message() -> None:
     (scores, targets), _ = _inputs("multiclass_hinge")
     inputs, options = {"scores": scores, "targets": targets}, {"request_id": "r"}
-    apart: list[tuple[str, memoryview]] = []
-    request, _ = build_request("multiclass_hinge", inputs, options, scores_apart=apart)
-    one = split_request(request, apart, UPLOAD_MIN_BYTES)
-    assert one == build_request("multiclass_hinge", inputs, options)[0]
-    big = split_request(request, apart, scores.nbytes)
-    assert isinstance(big, Upload)
+
+    def split(min_bytes: int) -> pb.ComputeRequest | Upload:
+        apart: list[tuple[str, memoryview]] = []
+        request, _ = build_request("multiclass_hinge", inputs, options, scores_apart=apart)
+        return split_request(request, apart, min_bytes)
+
+    assert split(UPLOAD_MIN_BYTES) == build_request("multiclass_hinge", inputs, options)[0]
+    upload = split(scores.nbytes)
+    assert isinstance(upload, Upload)
+    assert upload.whole == build_request("multiclass_hinge", inputs, options)[0]
+    assert not upload.request.multiclass_hinge.scores.data  # the bytes went apart only

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hingeloss._requests import build_request
-from hingeloss._upload import Upload
+from hingeloss._upload import make_upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.errors import InvalidInputError
@@ -54,7 +54,7 @@ def test_a_tensor_sent_whole_in_the_request_is_not_expected_again() -> None:
     request, _ = build_request(
         "multiclass_hinge", {"scores": scores, "targets": targets}, {}, scores_apart=apart
     )
-    parts = list(Upload(request, tuple(apart), part_bytes=5).parts())
+    parts = list(make_upload(request, apart, part_bytes=5).parts)
     assert len(parts) == 1 + 5  # 24 bytes of scores in parts of 5; targets went whole
     upload = _assemble(parts)
     parsed = upload.finish()

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hingeloss_server.engine.errors import OverloadedError
+
+# Suggested wait when the in-flight byte budget is spent (answers drain in milliseconds).
+INFLIGHT_RETRY_S = 0.05
+
 
 def held_bytes(message_bytes: int, tensor_bytes: int) -> int:
     """Bytes a request holds at its peak: its message, its result and its answer."""
@@ -29,11 +34,26 @@ class ByteBudget:
     limit: int
     used: int = 0
 
-    def try_acquire(self, nbytes: int) -> bool:
-        if self.used and self.used + nbytes > self.limit:
+    def try_acquire(self, nbytes: int, *, own: int = 0) -> bool:
+        """Takes `nbytes` unless others hold bytes and the total would pass the limit.
+
+        `own` is what the caller itself already holds (a request arriving in parts):
+        it never counts as someone else's, so one request alone is never refused.
+        """
+        if self.used > own and self.used + nbytes > self.limit:
             return False
         self.used += nbytes
         return True
 
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
+
+
+def inflight_full(budget: ByteBudget) -> OverloadedError:
+    """The refusal of a request the budget has no room for: RESOURCE_EXHAUSTED, retry soon."""
+    return OverloadedError(
+        "inflight_full",
+        INFLIGHT_RETRY_S,
+        f"the server holds {budget.used} bytes for requests in flight; "
+        f"retry in {INFLIGHT_RETRY_S}s",
+    )

@@ -27,10 +27,9 @@ from hingeloss_server.engine.errors import (
     DrainingError,
     HingelossError,
     InvalidInputError,
-    OverloadedError,
 )
 from hingeloss_server.metrics import Metrics
-from hingeloss_server.transport.budget import ByteBudget, held_bytes
+from hingeloss_server.transport.budget import ByteBudget, held_bytes, inflight_full
 from hingeloss_server.transport.call_guard import unparsable_error
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
@@ -42,13 +41,11 @@ from hingeloss_server.transport.status import (
     short_request_id,
     status_mapping,
 )
-from hingeloss_server.transport.upload import UploadAssembler
+from hingeloss_server.transport.upload import receive_upload
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
-# Suggested wait when the in-flight byte budget is spent (answers drain in milliseconds).
-INFLIGHT_RETRY_S = 0.05
 # Answers at least this large are serialized on a thread, not on the event loop.
 ENCODE_OFF_LOOP_BYTES = 1 << 20
 # Requests a ComputeStream call may have in flight at once.
@@ -76,7 +73,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._arrival_seconds = arrival_seconds
         self._draining = False
         self._drained = asyncio.Event()
-        # Compute and ComputeStream calls in progress, for a shutdown to wait on.
+        # Compute, ComputeUpload and ComputeStream calls in progress, for a shutdown to wait on.
         self.calls = CallTracker()
 
     def drain(self) -> None:
@@ -125,29 +122,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise unparsable_error() from None
 
     async def _receive_upload(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
-        """A ComputeUpload's parts, within the arrival limit, as one request.
-
-        Each part is held against the in-flight budget as it arrives, as what the
-        server then holds: a caller cannot take the budget by declaring bytes it
-        never sends, nor uploads outgrow it while they arrive.
-        """
-        upload = UploadAssembler(self._limits)
-        held = 0
-        try:
-            async with self._arriving():
-                first = await context.read()
-                if first is grpc.aio.EOF:
-                    raise InvalidInputError("upload", "the call carried no part")
-                upload.begin(first)
-                del first
-                while (raw := await context.read()) is not grpc.aio.EOF:
-                    if not self._budget.try_acquire(len(raw)):
-                        raise _inflight_full(self._budget)
-                    held += len(raw)
-                    upload.add(raw)
-            return upload.finish()
-        finally:
-            self._budget.release(held)
+        """A ComputeUpload's parts, within the arrival limit, as one request."""
+        return await receive_upload(context, self._limits, self._budget, self._arriving)
 
     async def _compute_one(
         self,
@@ -171,7 +147,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._metrics.bytes_received(job.nbytes)
             cost = held_bytes(parsed.nbytes, job.nbytes)
             if not self._budget.try_acquire(cost):
-                raise _inflight_full(self._budget)
+                raise inflight_full(self._budget)
             charge = cost
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
@@ -385,15 +361,6 @@ def _unsent_code(stream_failed: bool, context: Any) -> grpc.StatusCode:
     """How a request read but left unanswered counts: ABORTED after an earlier request
     of its stream failed, else as its call ended (its caller left or its deadline passed)."""
     return grpc.StatusCode.ABORTED if stream_failed else gave_up_code(context)
-
-
-def _inflight_full(budget: ByteBudget) -> OverloadedError:
-    return OverloadedError(
-        "inflight_full",
-        INFLIGHT_RETRY_S,
-        f"the server holds {budget.used} bytes for requests in flight; "
-        f"retry in {INFLIGHT_RETRY_S}s",
-    )
 
 
 __all__ = ["SERVICE_NAME", "LossServicer", "error_status"]

@@ -12,8 +12,11 @@ apart, so the answers are the same bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
@@ -22,6 +25,7 @@ from hingeloss._protowire import LEN, field_number, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.transport.budget import ByteBudget, inflight_full
 from hingeloss_server.transport.request_wire import (
     ParsedRequest,
     loss_tensor_fields,
@@ -73,13 +77,15 @@ class UploadAssembler:
         except DecodeError:
             raise InvalidInputError("upload[0].request", "is not a valid ComputeRequest") from None
         self._apart = _tensors_apart(self._head)
-        total = sum(t.nbytes for t in self._apart)
-        if total > self._limits.max_request_bytes:
-            raise InvalidInputError(
-                f"{self._apart[-1].field}.data",
-                f"the request's tensors need more than the server limit of "
-                f"{self._limits.max_request_bytes} bytes",
-            )
+        total = 0
+        for tensor in self._apart:
+            total += tensor.nbytes
+            if total > self._limits.max_request_bytes:
+                raise InvalidInputError(
+                    f"{tensor.field}.data",
+                    f"the request's tensors need more than the server limit of "
+                    f"{self._limits.max_request_bytes} bytes",
+                )
         self._buffer = np.empty(total, dtype=np.uint8)
         self._parts = 1
 
@@ -122,19 +128,26 @@ class UploadAssembler:
 
 
 def _part(raw: bytes, index: int) -> tuple[int, memoryview]:
-    """Which field of the `part` oneof a message sets (the last one wins), and its bytes."""
+    """Which field of the `part` oneof a message sets, and its bytes.
+
+    A part setting it more than once is refused rather than merged: no client has a
+    reason to send one, and a refusal cannot be misread.
+    """
     view = memoryview(raw)
-    kind, payload = 0, view[0:0]
     try:
         fields = walk(view)
     except (ValueError, IndexError):
         raise InvalidInputError(f"upload[{index}]", "is not a valid UploadPart") from None
-    for number, wire_type, _, start, end in fields:
-        if number in (_REQUEST, _DATA) and wire_type == LEN:
-            kind, payload = number, view[start:end]
-    if kind == 0:
-        raise InvalidInputError(f"upload[{index}]", "sets neither request nor data")
-    return kind, payload
+    found = [
+        (number, view[start:end])
+        for number, wire_type, _, start, end in fields
+        if number in (_REQUEST, _DATA) and wire_type == LEN
+    ]
+    if len(found) != 1:
+        raise InvalidInputError(
+            f"upload[{index}]", "must set exactly one of request and data, once"
+        )
+    return found[0]
 
 
 def _tensors_apart(head: ParsedRequest) -> list[_Apart]:
@@ -146,22 +159,65 @@ def _tensors_apart(head: ParsedRequest) -> list[_Apart]:
     if loss is not None:
         loss_message = getattr(message, loss)
         for name in loss_tensor_fields(loss):
-            if loss_message.HasField(name):
+            if loss_message.HasField(name) and getattr(loss_message, name).ByteSize():
                 candidates.append(((loss, name), f"{loss}.{name}", getattr(loss_message, name)))
-    if message.HasField("sample_weights"):
+    if message.sample_weights.ByteSize():  # an empty Tensor is an absent one
         candidates.append((("", "sample_weights"), "sample_weights", message.sample_weights))
     apart = []
     for key, field, tensor in candidates:
-        nbytes = _declared_bytes(tensor)
-        if nbytes and not len(head.tensor_data(key[0], key[1], tensor)):
+        if len(head.tensor_data(key[0], key[1], tensor)):
+            continue  # sent whole, in the request
+        nbytes = _declared_bytes(tensor, field)
+        if nbytes:
             apart.append(_Apart(key, field, nbytes))
     return apart
 
 
-def _declared_bytes(tensor: pb.Tensor) -> int:
-    """Bytes a tensor's dtype and shape call for; 0 where they are not valid (the
-    request's decoding then says why)."""
+def _declared_bytes(tensor: pb.Tensor, field: str) -> int:
+    """Bytes a tensor's dtype and shape call for: what its parts must bring."""
     info = tensors.BY_WIRE.get(tensor.dtype)
-    if info is None or any(d < 0 for d in tensor.shape):
-        return 0
+    if info is None:
+        raise InvalidInputError(f"{field}.dtype", f"unknown dtype {tensor.dtype}")
+    for index, dim in enumerate(tensor.shape):
+        if dim < 0:
+            raise InvalidInputError(f"{field}.shape[{index}]", f"must be >= 0, got {dim}")
     return math.prod(tensor.shape) * info.itemsize
+
+
+async def receive_upload(
+    context: grpc.aio.ServicerContext,
+    limits: LimitsConfig,
+    budget: ByteBudget,
+    arriving: Callable[[], AbstractAsyncContextManager[None]],
+) -> ParsedRequest:
+    """A ComputeUpload's parts, read within `arriving` (the arrival limit), as one request.
+
+    Each part, the first included, is held against the in-flight budget as it
+    arrives, as what the server then holds: a caller cannot take the budget with
+    bytes it declares and never sends, and uploads cannot outgrow it while they
+    arrive. The call's own bytes never count against it: one upload alone gets in,
+    as one Compute request does.
+    """
+    upload = UploadAssembler(limits)
+    held = 0
+
+    def hold(nbytes: int) -> None:
+        nonlocal held
+        if not budget.try_acquire(nbytes, own=held):
+            raise inflight_full(budget)
+        held += nbytes
+
+    try:
+        async with arriving():
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                raise InvalidInputError("upload", "the call carried no part")
+            hold(len(first))
+            upload.begin(first)
+            del first
+            while (raw := await context.read()) is not grpc.aio.EOF:
+                hold(len(raw))
+                upload.add(raw)
+        return upload.finish()
+    finally:
+        budget.release(held)
