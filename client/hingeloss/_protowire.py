@@ -44,6 +44,12 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint")
 
 
+# Fields one message level may hold for `walk`. The service's messages have a dozen at
+# most (a shape's dims are one packed field); a level of millions of tiny fields would
+# cost a Python tuple each, megabytes of them, on the event loop that every caller shares.
+MAX_FIELDS = 1024
+
+
 def walk(
     buf: bytes | memoryview, start: int = 0, end: int | None = None
 ) -> list[tuple[int, int, int, int, int]]:
@@ -51,12 +57,15 @@ def walk(
 
     Each is (number, wire type, key start, payload start, end); a varint's payload is
     its encoded bytes. Raises ValueError where protobuf would refuse the level: field
-    number 0, a group or unknown wire type, or a field that runs past the level's end.
+    number 0, a group or unknown wire type, or a field that runs past the level's end;
+    and past MAX_FIELDS fields.
     """
     stop = len(buf) if end is None else end
-    found = []
+    found: list[tuple[int, int, int, int, int]] = []
     pos = start
     while pos < stop:
+        if len(found) == MAX_FIELDS:
+            raise ValueError(f"more than {MAX_FIELDS} fields at one level")
         key_start = pos
         key, pos = read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7

@@ -22,8 +22,9 @@ COMPUTE_UPLOAD = "/hingeloss.v1.LossService/ComputeUpload"
 # uploaded in parts.
 UPLOAD_MIN_BYTES = 4_000_000
 # Bytes of scores a part carries: large enough that a part's overhead (a message
-# through gRPC and the server's event loop) is small, small enough to stay in cache.
-UPLOAD_PART_BYTES = 1 << 20
+# through gRPC and the server's event loop) is small, small enough to stay in cache;
+# with the part's framing, a message of at most 1 MiB.
+UPLOAD_PART_BYTES = (1 << 20) - 16
 
 _REQUEST_KEY = length_delimited_key(pb.UploadPart, "request")
 _DATA_KEY = length_delimited_key(pb.UploadPart, "data")

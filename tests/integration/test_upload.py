@@ -184,6 +184,7 @@ def test_broken_uploads_are_refused_naming_the_part_or_the_tensor(shared_server:
         ("upload[1]", [head, head]),  # a second request
         ("upload[1]", [head, _data(data[:8]) + _data(data[8:])]),  # one part, two fields
         ("upload[2]", [head, _data(data[:8]), b"\xff\xff"]),  # not an UploadPart
+        ("upload[1]", [head, b"\x1a\x00" * 2000 + _data(data)]),  # 2,000 empty fields
         ("upload", []),  # no part at all
         (
             "multiclass_hinge.scores.dtype",
@@ -213,6 +214,41 @@ def _stalled_after(target: str, head: bytes) -> grpc.RpcError:
     finally:
         stalled.set()
     return caught.value
+
+
+def test_a_caller_that_leaves_mid_upload_is_counted_as_cancelled(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """Not as a request that ended short (INVALID_ARGUMENT): its caller cancelled it."""
+    registry = CollectorRegistry()
+    server = make_server(registry=registry)
+    request, apart = _request_and_data()
+    head, _ = _raw_parts(request, apart)
+    sent, stop = threading.Event(), threading.Event()
+
+    def parts() -> Iterator[bytes]:
+        yield head
+        sent.set()
+        stop.wait(30)
+
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.stream_unary(COMPUTE_UPLOAD).future(parts(), timeout=30)
+        assert sent.wait(10)
+        time.sleep(0.2)  # the server has read the first part
+        call.cancel()
+        stop.set()
+
+    def counted(code: str) -> float:
+        value = registry.get_sample_value(
+            "hingeloss_requests_total", {"loss": "none", "code": code}
+        )
+        return value or 0.0
+
+    deadline = time.monotonic() + 10
+    while counted("CANCELLED") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert counted("CANCELLED") == 1
+    assert counted("INVALID_ARGUMENT") == 0
 
 
 def test_a_declared_size_past_the_limit_is_refused_before_any_part_is_read(

@@ -148,3 +148,12 @@ def test_corrupted_requests_agree_with_protobuf(
 
 def _has_group(data: bytes) -> bool:
     return any(byte & 7 in (3, 4) for byte in data)
+
+
+def test_a_level_of_too_many_fields_is_refused_before_it_is_listed() -> None:
+    """Millions of tiny unknown fields would each cost a Python tuple, megabytes of
+    them, on the event loop: a level past MAX_FIELDS does not parse."""
+    request = pb.ComputeRequest(request_id="r").SerializeToString()
+    flood = request + b"\x7a\x00" * (1 << 20)  # field 15, empty, a million times: 2 MB
+    with pytest.raises(DecodeError, match="more than 1024 fields"):
+        parse_request(flood)

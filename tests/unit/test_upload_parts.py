@@ -64,12 +64,26 @@ def test_a_tensor_sent_whole_in_the_request_is_not_expected_again() -> None:
     assert parsed.nbytes == request.ByteSize() + scores.nbytes  # the request, then the data
 
 
-def test_an_empty_tensor_is_not_sent_apart() -> None:
-    request = pb.ComputeRequest()
-    request.gan_generator.fake_scores.dtype = pb.DTYPE_FLOAT32
-    request.gan_generator.fake_scores.shape.append(0)
+def test_a_request_sent_whole_in_its_first_part_takes_no_data_part() -> None:
+    request, _ = build_request(
+        "multiclass_hinge", {"scores": np.ones((2, 3), dtype=np.float32), "targets": [0, 2]}, {}
+    )
     upload = _assemble([pb.UploadPart(request=request).SerializeToString()])
     assert upload.pending == 0
     with pytest.raises(InvalidInputError) as caught:
         upload.add(pb.UploadPart(data=b"\x00").SerializeToString())
     assert caught.value.field == "upload[1].data"
+
+
+def test_a_bad_request_is_refused_on_its_first_part() -> None:
+    """Its structure is checked before any part arrives: here the targets' rows."""
+    apart: list[tuple[str, memoryview]] = []
+    request, _ = build_request(
+        "multiclass_hinge",
+        {"scores": np.ones((4, 3), dtype=np.float32), "targets": [0, 2]},
+        {},
+        scores_apart=apart,
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        _assemble([pb.UploadPart(request=request).SerializeToString()])
+    assert caught.value.field == "multiclass_hinge.targets.shape"

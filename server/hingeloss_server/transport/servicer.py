@@ -46,6 +46,8 @@ from hingeloss_server.transport.upload import receive_upload
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+# How long a refused arrival waits for its call's cancellation, if one is coming.
+CANCEL_GRACE_S = 0.01
 # Answers at least this large are serialized on a thread, not on the event loop.
 ENCODE_OFF_LOOP_BYTES = 1 << 20
 # Requests a ComputeStream call may have in flight at once.
@@ -210,13 +212,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """A unary call: its request received, computed and answered, or its error sent."""
         with self.calls.track():
             try:
-                if self._draining:
-                    raise DrainingError("the server is shutting down")
-                request = await receive(context)
-            except HingelossError as error:
-                self._refuse(error)
-                await abort_call(context, error, {})
-                raise  # unreachable: abort raises
+                request = await self._received(context, receive)
+            except asyncio.CancelledError:  # its caller left, or its deadline passed
+                self._metrics.request_done("none", gave_up_code(context), None)
+                raise
             try:
                 answer = await self._compute_one(request, context)
                 self._answered(answer)
@@ -226,6 +225,25 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 del request  # gRPC keeps the abort, whose traceback holds this frame
                 await abort_call(context, error, metadata)
                 raise  # unreachable: abort raises
+
+    async def _received(
+        self,
+        context: grpc.aio.ServicerContext,
+        receive: Callable[[grpc.aio.ServicerContext], Awaitable[ParsedRequest]],
+    ) -> ParsedRequest:
+        """The call's request; or its refusal, counted and sent (raising)."""
+        try:
+            if self._draining:
+                raise DrainingError("the server is shutting down")
+            return await receive(context)
+        except HingelossError as error:
+            # A caller that cancels mid-arrival ends the reads as if its request were
+            # complete, and its cancellation reaches this task a moment later: let it
+            # (CancelledError) before counting a refusal that nobody will receive.
+            await asyncio.sleep(CANCEL_GRACE_S)
+            self._refuse(error)
+            await abort_call(context, error, {})
+            raise  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,

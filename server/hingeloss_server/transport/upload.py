@@ -24,8 +24,9 @@ from hingeloss import _tensors as tensors
 from hingeloss._protowire import LEN, field_number, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.engine.errors import InvalidInputError
-from hingeloss_server.transport.budget import ByteBudget, inflight_full
+from hingeloss_server.engine.errors import InvalidInputError, OverloadedError
+from hingeloss_server.transport.budget import INFLIGHT_RETRY_S, ByteBudget, inflight_full
+from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import (
     ParsedRequest,
     loss_tensor_fields,
@@ -86,8 +87,18 @@ class UploadAssembler:
                     f"the request's tensors need more than the server limit of "
                     f"{self._limits.max_request_bytes} bytes",
                 )
-        self._buffer = np.empty(total, dtype=np.uint8)
+        try:
+            self._buffer = np.empty(total, dtype=np.uint8)
+        except MemoryError:  # address space capped (ulimit -v, strict overcommit)
+            raise OverloadedError(
+                "inflight_full",
+                INFLIGHT_RETRY_S,
+                f"the server cannot set {total} bytes aside for this upload now",
+            ) from None
         self._parts = 1
+        # Every structural check of the request (shapes, dtypes, options, limits) now,
+        # on the buffer still to be filled: a bad request is refused before its parts.
+        decode_request(self._request(), self._limits)
 
     def add(self, raw: bytes) -> None:
         """A later part: the next bytes of the tensors sent apart."""
@@ -118,6 +129,11 @@ class UploadAssembler:
                         f"the upload ended after {arrived} of its {tensor.nbytes} bytes",
                     )
                 offset += tensor.nbytes
+        return self._request()
+
+    def _request(self) -> ParsedRequest:
+        """The request with its tensors sent apart viewing the buffer (filled or not)."""
+        assert self._head is not None
         data = dict(self._head.data or {})
         view = self._buffer.data
         offset = 0
