@@ -9,7 +9,7 @@ from hingeloss._requests import build_request
 from hingeloss._upload import make_upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
-from hingeloss_server.engine.errors import InvalidInputError
+from hingeloss_server.engine.errors import InvalidInputError, OverloadedError
 from hingeloss_server.transport.upload import UploadAssembler
 
 
@@ -87,3 +87,17 @@ def test_a_bad_request_is_refused_on_its_first_part() -> None:
     with pytest.raises(InvalidInputError) as caught:
         _assemble([pb.UploadPart(request=request).SerializeToString()])
     assert caught.value.field == "multiclass_hinge.targets.shape"
+
+
+def test_an_upload_the_server_cannot_set_memory_aside_for_is_shed() -> None:
+    """Where the address space runs out (ulimit -v, strict overcommit): RESOURCE_EXHAUSTED
+    with a retry hint, not an internal error."""
+    huge = 1 << 50  # a petabyte, within limits raised to allow it
+    limits = LimitsConfig(max_request_bytes=huge, max_request_elements=huge)
+    request = pb.ComputeRequest()
+    request.gan_generator.fake_scores.dtype = pb.DTYPE_FLOAT32
+    request.gan_generator.fake_scores.shape.append(huge // 4)
+    upload = UploadAssembler(limits)
+    with pytest.raises(OverloadedError) as caught:
+        upload.begin(pb.UploadPart(request=request).SerializeToString())
+    assert "cannot set" in str(caught.value)
