@@ -17,7 +17,7 @@ from hingeloss._methods import LossMethods
 from hingeloss._requests import InputKind
 from hingeloss._results import LossResult, decode_response
 from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
-from hingeloss._upload import Upload
+from hingeloss._upload import ASYNC_UPLOAD_MIN_BYTES, Upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -29,6 +29,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
     """The asyncio twin of LossClient (same arguments); use `async with`."""
 
     _grpc_api = grpc.aio
+    _default_upload_min_bytes = ASYNC_UPLOAD_MIN_BYTES
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]

@@ -18,7 +18,7 @@ from hingeloss._errors import CancelledError, HingelossError
 from hingeloss._requests import InputKind, build_request
 from hingeloss._retry import CallAttempts, Retrier, RetryPolicy
 from hingeloss._streams import CLIENT_TIMEOUT, StreamSettings, UseClientTimeout
-from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, split_request
+from hingeloss._upload import COMPUTE_UPLOAD, Upload, UploadDefault, split_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -113,6 +113,8 @@ class ClientBase(Generic[Stream]):
     """
 
     _grpc_api: ClassVar[Any]
+    # Where requests start to go up in parts unless the caller says (upload_min_bytes).
+    _default_upload_min_bytes: ClassVar[int]
 
     def __init__(
         self,
@@ -126,7 +128,7 @@ class ClientBase(Generic[Stream]):
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
         local_token: bool = False,
-        upload_min_bytes: int | None = UPLOAD_MIN_BYTES,
+        upload_min_bytes: int | None | UploadDefault = UploadDefault.CLIENT,
     ) -> None:
         self._channel = open_channel(
             self._grpc_api,
@@ -141,6 +143,8 @@ class ClientBase(Generic[Stream]):
         self._timeout = timeout
         self._retrier = Retrier(retry or RetryPolicy())
         self._closed = False
+        if upload_min_bytes is UploadDefault.CLIENT:
+            upload_min_bytes = self._default_upload_min_bytes
         if upload_min_bytes is not None and upload_min_bytes < 0:
             raise ValueError(f"upload_min_bytes must be >= 0 or None, got {upload_min_bytes}")
         # Set to None once a server answers that it has no ComputeUpload (an older one).

@@ -16,7 +16,7 @@ from hingeloss._errors import DeadlineExceededError, HingelossError, from_rpc_er
 from hingeloss._methods import LossMethods
 from hingeloss._results import LossResult, decode_response
 from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_request
-from hingeloss._upload import Upload
+from hingeloss._upload import SYNC_UPLOAD_MIN_BYTES, Upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -41,9 +41,10 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         local_token: send the token over a plaintext connection to this machine
             (loopback or a Unix socket; `grpc.local_channel_credentials`), for
             tests and local development. Without TLS or this, a token is refused.
-        upload_min_bytes: requests whose scores hold at least this many bytes
-            (default 4 MB) go up in parts on a ComputeUpload call; None: never,
-            0: always. See docs/sdk.md.
+        upload_min_bytes: requests whose scores hold at least this many bytes go
+            up in parts on a ComputeUpload call (default 0.5 MB on LossClient, 8 MB
+            on AsyncLossClient, as measured); None: never, 0: always. See
+            docs/sdk.md.
 
     Example:
         >>> with LossClient("localhost:50051") as client:
@@ -52,6 +53,7 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
     """
 
     _grpc_api = grpc
+    _default_upload_min_bytes = SYNC_UPLOAD_MIN_BYTES
 
     def _submit(self, loss: str, inputs: dict[str, Any], options: dict[str, Any]) -> LossResult:
         request, kind, timeout = self._prepare(loss, inputs, options)

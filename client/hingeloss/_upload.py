@@ -9,6 +9,7 @@ once, into each part, instead of into a protobuf message and then out of it.
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +19,19 @@ from hingeloss._requests import score_fields_in_wire_order
 from hingeloss.v1 import loss_service_pb2 as pb
 
 COMPUTE_UPLOAD = "/hingeloss.v1.LossService/ComputeUpload"
-# Requests whose scores hold at least this many bytes (a 1000x1000 float32 batch) are
-# uploaded in parts.
-UPLOAD_MIN_BYTES = 4_000_000
+
+
+class UploadDefault(enum.Enum):
+    """Default of `upload_min_bytes`: the client's own (SYNC_ or ASYNC_UPLOAD_MIN_BYTES)."""
+
+    CLIENT = "the client's default"
+
+
+# Requests whose scores hold at least this many bytes are uploaded in parts by default.
+# Measured (docs/benchmarks.md): grpcio's sync unary calls pay for large messages
+# from about 0.25 MB on, its asyncio ones only from about 8 MB.
+SYNC_UPLOAD_MIN_BYTES = 500_000
+ASYNC_UPLOAD_MIN_BYTES = 8_000_000
 # Bytes of scores a part carries: large enough that a part's overhead (a message
 # through gRPC and the server's event loop) is small, small enough to stay in cache;
 # with the part's framing, a message of at most 1 MiB.

@@ -1,6 +1,6 @@
 """ComputeUpload over a real server: the same answers as Compute, bit for bit, and its refusals.
 
-The SDK uploads requests whose scores hold UPLOAD_MIN_BYTES or more; `upload_min_bytes=0`
+The SDK uploads requests whose scores hold its client's default or more; `upload_min_bytes=0`
 makes it upload every request, None never. Raw calls cut the parts where the SDK never
 would (inside a row, across two tensors) and break the protocol on purpose.
 """
@@ -30,7 +30,14 @@ from hingeloss import (
 )
 from hingeloss._errors import from_rpc_error
 from hingeloss._requests import build_request
-from hingeloss._upload import COMPUTE_UPLOAD, UPLOAD_MIN_BYTES, Upload, make_upload, split_request
+from hingeloss._upload import (
+    ASYNC_UPLOAD_MIN_BYTES,
+    COMPUTE_UPLOAD,
+    SYNC_UPLOAD_MIN_BYTES,
+    Upload,
+    make_upload,
+    split_request,
+)
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import BatchingConfig, LimitsConfig
 
@@ -94,7 +101,7 @@ async def test_a_large_request_goes_up_in_parts_by_default(
     server = make_server(registry=registry)
     scores = RNG.standard_normal((4096, 1000)).astype(np.float32)
     targets = RNG.integers(0, 1000, size=4096)
-    assert scores.nbytes >= UPLOAD_MIN_BYTES
+    assert scores.nbytes >= max(SYNC_UPLOAD_MIN_BYTES, ASYNC_UPLOAD_MIN_BYTES)
     with LossClient(server.target, upload_min_bytes=None) as whole:
         expected = whole.multiclass_hinge(scores, targets, gradient_format=gradient_format)
     with LossClient(server.target) as client:
@@ -104,6 +111,23 @@ async def test_a_large_request_goes_up_in_parts_by_default(
     _same(answer, expected)
     assert _calls(registry, "ComputeUpload") == 2
     assert _calls(registry, "Compute") == 1
+
+
+async def test_each_client_uploads_from_its_own_default(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """1 MB of scores: past the sync client's 0.5 MB, short of the asyncio client's 8 MB."""
+    registry = CollectorRegistry()
+    server = make_server(registry=registry)
+    scores = RNG.standard_normal((256, 1000)).astype(np.float32)
+    targets = RNG.integers(0, 1000, size=256)
+    assert SYNC_UPLOAD_MIN_BYTES <= scores.nbytes < ASYNC_UPLOAD_MIN_BYTES
+    with LossClient(server.target) as client:
+        client.multiclass_hinge(scores, targets)
+    assert (_calls(registry, "ComputeUpload"), _calls(registry, "Compute")) == (1, 0)
+    async with AsyncLossClient(server.target) as aio:
+        await aio.multiclass_hinge(scores, targets)
+    assert (_calls(registry, "ComputeUpload"), _calls(registry, "Compute")) == (1, 1)
 
 
 def _calls(registry: CollectorRegistry, method: str) -> float:
@@ -486,7 +510,7 @@ def test_small_requests_still_go_in_one_message() -> None:
         request, _ = build_request("multiclass_hinge", inputs, options, scores_apart=apart)
         return split_request(request, apart, min_bytes)
 
-    assert split(UPLOAD_MIN_BYTES) == build_request("multiclass_hinge", inputs, options)[0]
+    assert split(SYNC_UPLOAD_MIN_BYTES) == build_request("multiclass_hinge", inputs, options)[0]
     upload = split(scores.nbytes)
     assert isinstance(upload, Upload)
     assert upload.whole == build_request("multiclass_hinge", inputs, options)[0]
