@@ -44,28 +44,29 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint")
 
 
-# Fields one message level may hold for `walk`. The service's messages have a dozen at
-# most (a shape's dims are one packed field); a level of millions of tiny fields would
-# cost a Python tuple each, megabytes of them, on the event loop that every caller shares.
+# Fields a message may hold for `walk` (its callers count every level's against it).
+# The service's messages have a few dozen at most (a shape's dims are one packed
+# field); millions of tiny fields would cost a Python tuple each, megabytes of them,
+# on the event loop that every caller shares.
 MAX_FIELDS = 1024
 
 
 def walk(
-    buf: bytes | memoryview, start: int = 0, end: int | None = None
+    buf: bytes | memoryview, start: int = 0, end: int | None = None, limit: int = MAX_FIELDS
 ) -> list[tuple[int, int, int, int, int]]:
     """The fields of one message level, in wire order.
 
     Each is (number, wire type, key start, payload start, end); a varint's payload is
     its encoded bytes. Raises ValueError where protobuf would refuse the level: field
     number 0, a group or unknown wire type, or a field that runs past the level's end;
-    and past MAX_FIELDS fields.
+    and past `limit` fields.
     """
     stop = len(buf) if end is None else end
     found: list[tuple[int, int, int, int, int]] = []
     pos = start
     while pos < stop:
-        if len(found) == MAX_FIELDS:
-            raise ValueError(f"more than {MAX_FIELDS} fields at one level")
+        if len(found) == limit:
+            raise ValueError(f"more than {MAX_FIELDS} fields")
         key_start = pos
         key, pos = read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7

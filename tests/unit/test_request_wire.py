@@ -15,6 +15,7 @@ from helpers.cases import random_inputs
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hingeloss._protowire import varint
 from hingeloss._requests import SCORE_FIELDS, build_request
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
@@ -155,5 +156,18 @@ def test_a_level_of_too_many_fields_is_refused_before_it_is_listed() -> None:
     them, on the event loop: a level past MAX_FIELDS does not parse."""
     request = pb.ComputeRequest(request_id="r").SerializeToString()
     flood = request + b"\x7a\x00" * (1 << 20)  # field 15, empty, a million times: 2 MB
+    with pytest.raises(DecodeError, match="more than 1024 fields"):
+        parse_request(flood)
+
+
+def test_nesting_cannot_multiply_the_field_bound() -> None:
+    """Every level draws on one budget: 100 loss messages of 100 tensors of 10 empty
+    fields each (no level past 1,024; protobuf merges repeated messages) do not parse."""
+    tensor = b"\x7a\x00" * 10
+    scores_key = pb.MulticlassHinge.DESCRIPTOR.fields_by_name["scores"].number << 3 | 2
+    loss_key = pb.ComputeRequest.DESCRIPTOR.fields_by_name["multiclass_hinge"].number << 3 | 2
+    loss = (bytes([scores_key, len(tensor)]) + tensor) * 100
+    flood = (bytes([loss_key]) + varint(len(loss)) + loss) * 100
+    assert len(flood) >= request_wire.WIRE_PARSE_MIN_BYTES  # the walk, not protobuf
     with pytest.raises(DecodeError, match="more than 1024 fields"):
         parse_request(flood)

@@ -10,7 +10,8 @@ from hingeloss._upload import make_upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_server.config import LimitsConfig
 from hingeloss_server.engine.errors import InvalidInputError, OverloadedError
-from hingeloss_server.transport.upload import UploadAssembler
+from hingeloss_server.transport.request_wire import parse_request
+from hingeloss_server.transport.upload import UploadAssembler, _tensors_apart
 
 
 def _assemble(parts: list[bytes]) -> UploadAssembler:
@@ -62,6 +63,17 @@ def test_a_tensor_sent_whole_in_the_request_is_not_expected_again() -> None:
     targets_message = parsed.message.multiclass_hinge.targets
     assert parsed.tensor_data("multiclass_hinge", "targets", targets_message) == targets.tobytes()
     assert parsed.nbytes == request.ByteSize() + scores.nbytes  # the request, then the data
+
+
+def test_an_empty_or_absent_tensor_is_not_sent_apart() -> None:
+    request = pb.ComputeRequest()
+    request.gan_discriminator.real_scores.dtype = pb.DTYPE_FLOAT32
+    request.gan_discriminator.real_scores.shape.append(0)  # empty: no bytes to send
+    request.gan_discriminator.fake_scores.dtype = pb.DTYPE_FLOAT32
+    request.gan_discriminator.fake_scores.shape.append(3)
+    request.sample_weights.SetInParent()  # an empty Tensor stands for an absent one
+    head = parse_request(request.SerializeToString())
+    assert [t.field for t in _tensors_apart(head)] == ["gan_discriminator.fake_scores"]
 
 
 def test_a_request_sent_whole_in_its_first_part_takes_no_data_part() -> None:

@@ -82,8 +82,8 @@ class LossServiceServicer:
         of its large tensors, then those bytes in pieces (UploadPart). One answer,
         the same as Compute's, bit for bit. gRPC copies each message it receives
         whole, so one request of many megabytes costs the server more to receive
-        than the same bytes in parts of about a megabyte; and no request message
-        comes near gRPC's size limit.
+        than the same bytes in parts of about a megabyte; and no message of the
+        request need come near gRPC's size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from hingeloss._protowire import LEN, varint, walk
+from hingeloss._protowire import LEN, MAX_FIELDS, varint, walk
 from hingeloss.v1 import loss_service_pb2 as pb
 
 # Smaller messages are parsed by protobuf directly: the walk would cost more than the copy.
@@ -87,12 +87,13 @@ def parse_request(raw: bytes | memoryview) -> ParsedRequest:
     view = memoryview(raw)
     data: dict[tuple[str, str], memoryview] = {}
     loss = ""
+    budget = _FieldBudget()
 
     def request_field(number: int, start: int, end: int) -> bytes | None:
         nonlocal loss, data
         if number == _SAMPLE_WEIGHTS:
             return _length_delimited(
-                number, _tensor(view, start, end, ("", "sample_weights"), data)
+                number, _tensor(view, start, end, ("", "sample_weights"), data, budget)
             )
         if number not in _LOSSES:
             return None
@@ -104,12 +105,14 @@ def parse_request(raw: bytes | memoryview) -> ParsedRequest:
         def loss_field(inner: int, start: int, end: int) -> bytes | None:
             if inner not in tensors:
                 return None
-            return _length_delimited(inner, _tensor(view, start, end, (loss, tensors[inner]), data))
+            return _length_delimited(
+                inner, _tensor(view, start, end, (loss, tensors[inner]), data, budget)
+            )
 
-        return _length_delimited(number, _rewrite(view, start, end, loss_field))
+        return _length_delimited(number, _rewrite(view, start, end, loss_field, budget))
 
     try:
-        skeleton = _rewrite(view, 0, len(view), request_field)
+        skeleton = _rewrite(view, 0, len(view), request_field, budget)
     except (ValueError, IndexError) as error:
         raise DecodeError(f"malformed request: {error}") from None
     return ParsedRequest(pb.ComputeRequest.FromString(skeleton), len(raw), data)
@@ -121,6 +124,7 @@ def _tensor(
     end: int,
     key: tuple[str, str],
     data: dict[tuple[str, str], memoryview],
+    budget: _FieldBudget,
 ) -> bytes:
     """The Tensor without its data, which goes to `data[key]` (the last occurrence wins)."""
 
@@ -130,11 +134,28 @@ def _tensor(
         data[key] = view[start:end]
         return b""
 
-    return _rewrite(view, start, end, without_data)
+    return _rewrite(view, start, end, without_data, budget)
+
+
+class _FieldBudget:
+    """The fields one parse may still list: every level of the message draws on it, so
+    that nesting (a singular field repeated, protobuf merges it) cannot multiply it."""
+
+    def __init__(self) -> None:
+        self.left = MAX_FIELDS
+
+    def walk(self, view: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
+        fields = walk(view, start, end, limit=self.left)
+        self.left -= len(fields)
+        return fields
 
 
 def _rewrite(
-    view: memoryview, start: int, end: int, rewrite: Callable[[int, int, int], bytes | None]
+    view: memoryview,
+    start: int,
+    end: int,
+    rewrite: Callable[[int, int, int], bytes | None],
+    budget: _FieldBudget,
 ) -> bytes:
     """One message level, re-encoded with some of its length-delimited fields rewritten.
 
@@ -142,7 +163,7 @@ def _rewrite(
     or None to keep it as it is; other wire types are kept as they are.
     """
     parts = []
-    for number, wire_type, key_start, payload, stop in walk(view, start, end):
+    for number, wire_type, key_start, payload, stop in budget.walk(view, start, end):
         new = rewrite(number, payload, stop) if wire_type == LEN else None
         parts.append(bytes(view[key_start:stop]) if new is None else new)
     return b"".join(parts)

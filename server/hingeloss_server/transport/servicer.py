@@ -26,7 +26,6 @@ from hingeloss_server.engine.errors import (
     ComputeFailedError,
     DrainingError,
     HingelossError,
-    InvalidInputError,
 )
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes, inflight_full
@@ -35,8 +34,10 @@ from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response, payload_bytes
 from hingeloss_server.transport.status import (
+    EndedEarlyError,
     abort_call,
     error_status,
+    forget_frames,
     gave_up_code,
     short_request_id,
     status_mapping,
@@ -46,7 +47,8 @@ from hingeloss_server.transport.upload import receive_upload
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
-# How long a refused arrival waits for its call's cancellation, if one is coming.
+# How long a request that ended early waits for its call's cancellation, if one is
+# coming (status.EndedEarlyError).
 CANCEL_GRACE_S = 0.01
 # Answers at least this large are serialized on a thread, not on the event loop.
 ENCODE_OFF_LOOP_BYTES = 1 << 20
@@ -117,7 +119,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async with self._arriving():
             raw = await context.read()
         if raw is grpc.aio.EOF:
-            raise InvalidInputError("request", "the call carried no request message")
+            raise EndedEarlyError("request", "the call carried no request message")
         try:
             return parse_request(raw)
         except DecodeError:
@@ -211,11 +213,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> bytes:
         """A unary call: its request received, computed and answered, or its error sent."""
         with self.calls.track():
-            try:
-                request = await self._received(context, receive)
-            except asyncio.CancelledError:  # its caller left, or its deadline passed
-                self._metrics.request_done("none", gave_up_code(context), None)
-                raise
+            request = await self._received(context, receive)
             try:
                 answer = await self._compute_one(request, context)
                 self._answered(answer)
@@ -231,19 +229,27 @@ class LossServicer(pb_grpc.LossServiceServicer):
         context: grpc.aio.ServicerContext,
         receive: Callable[[grpc.aio.ServicerContext], Awaitable[ParsedRequest]],
     ) -> ParsedRequest:
-        """The call's request; or its refusal, counted and sent (raising)."""
+        """The call's request; or its refusal, counted and sent (raising); or the end
+        of a call its caller left (CANCELLED or DEADLINE_EXCEEDED, counted)."""
         try:
             if self._draining:
                 raise DrainingError("the server is shutting down")
             return await receive(context)
         except HingelossError as error:
-            # A caller that cancels mid-arrival ends the reads as if its request were
-            # complete, and its cancellation reaches this task a moment later: let it
-            # (CancelledError) before counting a refusal that nobody will receive.
-            await asyncio.sleep(CANCEL_GRACE_S)
-            self._refuse(error)
-            await abort_call(context, error, {})
-            raise  # unreachable: abort raises
+            refusal = error
+        except asyncio.CancelledError:
+            self._metrics.request_done("none", gave_up_code(context), None)
+            raise
+        forget_frames(refusal)  # nothing of the request is kept while it waits
+        if isinstance(refusal, EndedEarlyError):
+            try:
+                await asyncio.sleep(CANCEL_GRACE_S)  # for a cancellation on its way
+            except asyncio.CancelledError:
+                self._metrics.request_done("none", gave_up_code(context), None)
+                raise
+        self._refuse(refusal)
+        await abort_call(context, refusal, {})
+        raise refusal  # unreachable: abort raises
 
     async def ComputeStream(  # noqa: N802 - gRPC method name
         self,

@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 ERROR_DOMAIN = "hingeloss.v1"
 
 
+class EndedEarlyError(InvalidInputError):
+    """A call's request stream ended before its request was complete.
+
+    So it does when its caller cancels it, or its deadline passes, mid-arrival: the
+    reads end as if the request were complete, and the cancellation reaches the
+    handler a moment later. Such a refusal waits for it (servicer.CANCEL_GRACE_S).
+    """
+
+
 def gave_up_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """Why a call ended without its answer when the server did not end it.
 
@@ -125,11 +134,11 @@ async def abort_call(
     status = error_status(error, metadata)
     if status.code is grpc.StatusCode.INTERNAL:
         logger.error("request %r: %s", metadata.get("requestId", ""), error)
-    _forget_frames(error)
+    forget_frames(error)
     await context.abort_with_status(status)
 
 
-def _forget_frames(error: BaseException) -> None:
+def forget_frames(error: BaseException) -> None:
     """Drops the tracebacks of an error and of every error it chains to.
 
     gRPC keeps the exception an abort raises (chained to this error) for as long as

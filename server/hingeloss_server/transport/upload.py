@@ -32,6 +32,7 @@ from hingeloss_server.transport.request_wire import (
     loss_tensor_fields,
     parse_request,
 )
+from hingeloss_server.transport.status import EndedEarlyError
 
 _REQUEST = field_number(pb.UploadPart, "request")
 _DATA = field_number(pb.UploadPart, "data")
@@ -124,7 +125,7 @@ class UploadAssembler:
             for tensor in self._apart:  # the first tensor left short names the error
                 if self._filled < offset + tensor.nbytes:
                     arrived = max(0, self._filled - offset)
-                    raise InvalidInputError(
+                    raise EndedEarlyError(
                         f"{tensor.field}.data",
                         f"the upload ended after {arrived} of its {tensor.nbytes} bytes",
                     )
@@ -227,7 +228,7 @@ async def receive_upload(
         async with arriving():
             first = await context.read()
             if first is grpc.aio.EOF:
-                raise InvalidInputError("upload", "the call carried no part")
+                raise EndedEarlyError("upload", "the call carried no part")
             hold(len(first))
             upload.begin(first)
             del first
