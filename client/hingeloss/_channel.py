@@ -8,6 +8,7 @@ clients differ only in the gRPC API their channel comes from and in how they wai
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -34,6 +35,11 @@ SERVICE_CONFIG = json.dumps(
     }
 )
 
+
+# After a server answers that it has no ComputeUpload, large requests go in one message
+# for this long, then an upload is tried again: behind a load balancer, a rolling
+# upgrade may have replaced that server since.
+UPLOAD_REPROBE_S = 300.0
 
 # gRPC waits longer and longer between reconnection attempts (1 s, then 1.6 times more
 # each time, up to 120 s), failing every call at once meanwhile: a client came back
@@ -147,8 +153,9 @@ class ClientBase(Generic[Stream]):
             upload_min_bytes = self._default_upload_min_bytes
         if upload_min_bytes is not None and upload_min_bytes < 0:
             raise ValueError(f"upload_min_bytes must be >= 0 or None, got {upload_min_bytes}")
-        # Set to None once a server answers that it has no ComputeUpload (an older one).
         self._upload_min_bytes = upload_min_bytes
+        # When a server last answered that it has no ComputeUpload (an older one).
+        self._upload_refused_at: float | None = None
         self._upload = self._channel.stream_unary(
             COMPUTE_UPLOAD, response_deserializer=pb.ComputeResponse.FromString
         )
@@ -172,23 +179,30 @@ class ClientBase(Generic[Stream]):
         timeout = options.pop("timeout", self._timeout)
         apart: list[tuple[str, memoryview]] = []
         request, kind = build_request(loss, inputs, options, scores_apart=apart)
-        return split_request(request, apart, self._upload_min_bytes), kind, timeout
+        threshold = None if self._uploads_refused() else self._upload_min_bytes
+        return split_request(request, apart, threshold), kind, timeout
+
+    def _uploads_refused(self) -> bool:
+        """Whether a server refused ComputeUpload within the last UPLOAD_REPROBE_S."""
+        refused = self._upload_refused_at
+        return refused is not None and time.monotonic() - refused < UPLOAD_REPROBE_S
 
     def _invocation(self, request: pb.ComputeRequest | Upload) -> tuple[Any, Any]:
         """The method that sends `request` and its argument (a fresh iterator of the
         parts for each attempt of an upload)."""
         if not isinstance(request, Upload):
             return self._stub.Compute, request
-        if self._upload_min_bytes is None:  # the server has no ComputeUpload
+        if self._uploads_refused():
             return self._stub.Compute, request.whole
         return self._upload, iter(request.parts)
 
     def _falls_back(self, method: Any, error: HingelossError) -> bool:
         """Whether an upload was refused by a server older than ComputeUpload: its
-        request, and every later one, then goes in one message."""
+        request, and the large requests of the next UPLOAD_REPROBE_S, then go in one
+        message."""
         if method is not self._upload or error.code is not grpc.StatusCode.UNIMPLEMENTED:
             return False
-        self._upload_min_bytes = None
+        self._upload_refused_at = time.monotonic()
         return True
 
     @staticmethod

@@ -506,6 +506,24 @@ def test_against_a_server_without_compute_upload_the_sdk_sends_one_message(
     assert proxy.asked == ["ComputeUpload", "Compute", "Compute"]
 
 
+def test_after_a_refusal_the_sdk_tries_an_upload_again_later(
+    shared_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a load balancer a rolling upgrade may replace the old server."""
+    monkeypatch.setattr("hingeloss._channel.UPLOAD_REPROBE_S", 0.5)
+    proxy = _ComputeOnlyProxy(shared_server.target)
+    (scores, targets), _ = _inputs("multiclass_hinge")
+    try:
+        with LossClient(f"127.0.0.1:{proxy.port}", upload_min_bytes=0) as client:
+            client.multiclass_hinge(scores, targets)
+            client.multiclass_hinge(scores, targets)
+            time.sleep(0.6)
+            client.multiclass_hinge(scores, targets)
+    finally:
+        proxy.close()
+    assert proxy.asked == ["ComputeUpload", "Compute", "Compute", "ComputeUpload", "Compute"]
+
+
 def test_small_requests_still_go_in_one_message() -> None:
     (scores, targets), _ = _inputs("multiclass_hinge")
     inputs, options = {"scores": scores, "targets": targets}, {"request_id": "r"}
