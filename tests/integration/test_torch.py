@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def _ddp_rank(rank: int, world: int, target: str, init_file: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ddp = None
     try:
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 4).double()
@@ -184,7 +186,12 @@ def _ddp_rank(rank: int, world: int, target: str, init_file: str) -> None:
                     ):
                         p_ddp -= 0.1 * p_ddp.grad
                         p_ref -= 0.1 * p_ref.grad
+        dist.barrier()  # neither rank leaves while the other still talks to it
     finally:
+        # DDP's reducer holds the group and gloo's threads: released here, before the
+        # group, not during the interpreter's exit (where gloo can abort the process).
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
