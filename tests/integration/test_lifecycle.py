@@ -202,8 +202,15 @@ def test_allocator_keeps_freed_memory_on_glibc() -> None:
     assert keep_freed_memory() is sys.platform.startswith("linux")
 
 
-def _drain_under_sigterm(tmp_path: Path, *, up_bps: float | None, down_bps: float | None) -> None:
-    """Eight callers, each on its own connection through a pacing proxy, 8 MB each way.
+def _drain_under_sigterm(
+    tmp_path: Path,
+    *,
+    up_bps: float | None,
+    down_bps: float | None,
+    upload_min_bytes: int | None = 0,
+) -> None:
+    """Eight callers, each on its own connection through a pacing proxy, 8 MB each way
+    (uploaded in parts, or in one message with `upload_min_bytes=None`).
 
     SIGTERM lands once every transfer in the paced direction is 1 MB in: gRPC has
     accepted every call. Each must be answered OK, and the server must exit 0.
@@ -221,7 +228,13 @@ def _drain_under_sigterm(tmp_path: Path, *, up_bps: float | None, down_bps: floa
         def call() -> None:
             # A private connection each: in-process channels would share one.
             options = [("grpc.use_local_subchannel_pool", 1)]
-            with LossClient(proxy.target, retry=NO_RETRY, timeout=120, options=options) as c:
+            with LossClient(
+                proxy.target,
+                retry=NO_RETRY,
+                timeout=120,
+                options=options,
+                upload_min_bytes=upload_min_bytes,
+            ) as c:
                 try:
                     results.append(c.binary_hinge(scores, labels).loss)
                 except Exception as error:  # recorded and asserted on below
@@ -244,8 +257,11 @@ def _drain_under_sigterm(tmp_path: Path, *, up_bps: float | None, down_bps: floa
 
 
 @pytest.mark.slow
-def test_sigterm_answers_calls_whose_requests_are_still_arriving(tmp_path: Path) -> None:
-    _drain_under_sigterm(tmp_path, up_bps=4 << 20, down_bps=None)
+@pytest.mark.parametrize("upload_min_bytes", [None, 0], ids=["one-message", "upload"])
+def test_sigterm_answers_calls_whose_requests_are_still_arriving(
+    tmp_path: Path, upload_min_bytes: int | None
+) -> None:
+    _drain_under_sigterm(tmp_path, up_bps=4 << 20, down_bps=None, upload_min_bytes=upload_min_bytes)
 
 
 @pytest.mark.slow
