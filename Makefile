@@ -8,7 +8,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PROTO := proto/hingeloss/v1/loss_service.proto
 
-.PHONY: venv install proto config-docs serve test lint bench gpu-check deploy-check soak pressure fuzz docker \
+.PHONY: venv install proto config-docs serve test lint bench bench-sdk gpu-check deploy-check soak pressure fuzz docker \
 	wheelhouse image-check clean
 
 venv: $(PY)
@@ -44,6 +44,11 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) tests/tools/bench/run.py --output bench-results.json $(BENCH_ARGS)
+
+# What SDK callers get for large requests, uploaded in parts against one message, each
+# measurement in a fresh process (minutes).
+bench-sdk: $(STAMP)
+	$(PY) tests/tools/bench/sdk_clients.py --output bench-sdk-results.json
 
 gpu-check: $(STAMP)
 	bash tests/gpu/gpu_check.sh
