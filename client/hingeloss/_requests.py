@@ -83,6 +83,11 @@ SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     )
     for loss, message in _LOSS_MESSAGES.items()
 }
+# The same by field number: the order in which ComputeUpload sends their bytes.
+SCORE_FIELDS_BY_NUMBER: dict[str, tuple[str, ...]] = {
+    loss: tuple(sorted(SCORE_FIELDS[loss], key=lambda field: message.fields_by_name[field].number))
+    for loss, message in _LOSS_MESSAGES.items()
+}
 # Non-differentiable inputs (labels, targets) of each loss.
 OTHER_FIELDS: dict[str, tuple[str, ...]] = {
     loss: tuple(f.name for f in message.fields if _is_input(f) and f.name in _NOT_DIFFERENTIABLE)
@@ -147,12 +152,6 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def score_fields_in_wire_order(loss: str) -> tuple[str, ...]:
-    """A loss's score fields by field number: the order ComputeUpload sends their bytes."""
-    numbers = _LOSS_MESSAGES[loss].fields_by_name
-    return tuple(sorted(SCORE_FIELDS[loss], key=lambda field: numbers[field].number))
-
-
 def wire_of(value: Any, name: str) -> tuple[int, tuple[int, ...], memoryview]:
     """One input's wire dtype, shape and bytes (a view of the input's where it can be)."""
     if _is_torch(value):
@@ -204,14 +203,14 @@ def build_request(
     request = pb.ComputeRequest(request_id=str(rest.pop("request_id", None) or uuid.uuid4().hex))
     message = getattr(request, loss)
     message.SetInParent()
-    for field in SCORE_FIELDS[loss] + OTHER_FIELDS[loss]:
-        if scores_apart is None or field not in SCORE_FIELDS[loss]:
-            fill(getattr(message, field), inputs[field], field)
-    if scores_apart is not None:
-        for field in score_fields_in_wire_order(loss):
-            wire, shape, data = wire_of(inputs[field], field)
-            tensors.fill(getattr(message, field), wire, shape, None)
+    for field in SCORE_FIELDS_BY_NUMBER[loss]:
+        wire, shape, data = wire_of(inputs[field], field)
+        apart = scores_apart is not None
+        tensors.fill(getattr(message, field), wire, shape, None if apart else data)
+        if scores_apart is not None:
             scores_apart.append((field, data))
+    for field in OTHER_FIELDS[loss]:
+        fill(getattr(message, field), inputs[field], field)
     for keyword, option in _ANY_LOSS_OPTIONS.items():
         value = rest.pop(keyword, None)
         if value is None:

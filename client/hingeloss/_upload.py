@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hingeloss._protowire import length_delimited_key, varint, walk
-from hingeloss._requests import score_fields_in_wire_order
+from hingeloss._requests import SCORE_FIELDS_BY_NUMBER
 from hingeloss.v1 import loss_service_pb2 as pb
 
 COMPUTE_UPLOAD = "/hingeloss.v1.LossService/ComputeUpload"
@@ -92,7 +92,7 @@ def upload_of(request: pb.ComputeRequest) -> Upload:
     loss = request.WhichOneof("loss") or ""
     message = getattr(request, loss)
     apart = []
-    for field in score_fields_in_wire_order(loss):
+    for field in SCORE_FIELDS_BY_NUMBER[loss]:
         tensor = getattr(message, field)
         apart.append((field, memoryview(tensor.data)))
         tensor.ClearField("data")

@@ -400,36 +400,47 @@ def test_an_upload_reads_the_arrays_when_the_call_is_made(shared_server: Any) ->
     assert asyncio.run(losses(0)) == expected
 
 
-class _FailsFirstUpload:
+class _Proxy:
+    """A real gRPC server in this process, in front of a real hingeloss server."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = grpc.insecure_channel(upstream)
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        self._server.add_generic_rpc_handlers((self.handler(),))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._server.stop(None)
+        self.upstream.close()
+
+
+class _FailsFirstUpload(_Proxy):
     """A proxy whose first ComputeUpload reads every part, then fails UNAVAILABLE; later
     ones go to a real server. It records the parts of each call it received."""
 
     def __init__(self, upstream: str) -> None:
         self.calls: list[list[bytes]] = []
-        self._channel = grpc.insecure_channel(upstream)
-        forward = self._channel.stream_unary(COMPUTE_UPLOAD)
-        proxy = self
+        super().__init__(upstream)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        forward = self.upstream.stream_unary(COMPUTE_UPLOAD)
 
         def handle(parts: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             received = list(parts)
-            proxy.calls.append(received)
-            if len(proxy.calls) == 1:
+            self.calls.append(received)
+            if len(self.calls) == 1:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the first attempt fails")
             answer: bytes = forward(iter(received))
             return answer
 
-        handler = grpc.method_handlers_generic_handler(
+        return grpc.method_handlers_generic_handler(
             "hingeloss.v1.LossService",
             {"ComputeUpload": grpc.stream_unary_rpc_method_handler(handle)},
         )
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def close(self) -> None:
-        self._server.stop(None)
-        self._channel.close()
 
 
 def test_a_retried_upload_sends_every_part_again(shared_server: Any) -> None:
@@ -447,7 +458,7 @@ def test_a_retried_upload_sends_every_part_again(shared_server: Any) -> None:
     assert len(proxy.calls[1]) == 3  # the request, then 1 MiB and the rest
 
 
-class _ComputeOnlyProxy:
+class _ComputeOnlyProxy(_Proxy):
     """A server of an older release: Compute only, forwarded to a real server.
 
     It records each method callers asked for, so the test sees which ones the SDK used.
@@ -455,27 +466,22 @@ class _ComputeOnlyProxy:
 
     def __init__(self, upstream: str) -> None:
         self.asked: list[str] = []
-        self._channel = grpc.insecure_channel(upstream)
-        forward = self._channel.unary_unary("/hingeloss.v1.LossService/Compute")
-        proxy = self
+        super().__init__(upstream)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        forward = self.upstream.unary_unary("/hingeloss.v1.LossService/Compute")
+        asked = self.asked
 
         class Handler(grpc.GenericRpcHandler):
             def service(self, details: grpc.HandlerCallDetails) -> Any:
                 service, _, method = details.method.rpartition("/")
                 if service == "/hingeloss.v1.LossService":  # not the SDK's health checks
-                    proxy.asked.append(method)
+                    asked.append(method)
                 if details.method != "/hingeloss.v1.LossService/Compute":
                     return None  # UNIMPLEMENTED, as an older server answers
                 return grpc.unary_unary_rpc_method_handler(lambda raw, _: forward(raw))
 
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        self._server.add_generic_rpc_handlers((Handler(),))
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def close(self) -> None:
-        self._server.stop(None)
-        self._channel.close()
+        return Handler()
 
 
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])

@@ -47,6 +47,10 @@ def _tensor_fields(loss: Any) -> dict[int, str]:
 
 
 _LOSS_TENSORS = {f.number: _tensor_fields(f) for f in _LOSS_FIELDS}
+# The Tensor fields of each loss message, by its name in the oneof, by field number.
+LOSS_TENSOR_FIELDS: dict[str, tuple[str, ...]] = {
+    f.name: tuple(name for _, name in sorted(_LOSS_TENSORS[f.number].items())) for f in _LOSS_FIELDS
+}
 
 
 @dataclass
@@ -72,12 +76,6 @@ class ParsedRequest:
         if self.data is not None and (loss_field, name) in self.data:
             return self.data[(loss_field, name)]
         return tensor.data
-
-
-def loss_tensor_fields(loss_field: str) -> list[str]:
-    """The Tensor fields of a loss message (e.g. "multiclass_hinge"), by field number."""
-    number = pb.ComputeRequest.DESCRIPTOR.fields_by_name[loss_field].number
-    return [name for _, name in sorted(_LOSS_TENSORS[number].items())]
 
 
 def parse_request(raw: bytes | memoryview) -> ParsedRequest:

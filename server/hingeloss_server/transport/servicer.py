@@ -232,21 +232,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """The call's request; or its refusal, counted and sent (raising); or the end
         of a call its caller left (CANCELLED or DEADLINE_EXCEEDED, counted)."""
         try:
-            if self._draining:
-                raise DrainingError("the server is shutting down")
-            return await receive(context)
+            try:
+                if self._draining:
+                    raise DrainingError("the server is shutting down")
+                return await receive(context)
+            except EndedEarlyError as error:
+                forget_frames(error)  # nothing of the request is kept while it waits
+                await asyncio.sleep(CANCEL_GRACE_S)  # for a cancellation on its way
+                raise
         except HingelossError as error:
             refusal = error
         except asyncio.CancelledError:
             self._metrics.request_done("none", gave_up_code(context), None)
             raise
-        forget_frames(refusal)  # nothing of the request is kept while it waits
-        if isinstance(refusal, EndedEarlyError):
-            try:
-                await asyncio.sleep(CANCEL_GRACE_S)  # for a cancellation on its way
-            except asyncio.CancelledError:
-                self._metrics.request_done("none", gave_up_code(context), None)
-                raise
         self._refuse(refusal)
         await abort_call(context, refusal, {})
         raise refusal  # unreachable: abort raises

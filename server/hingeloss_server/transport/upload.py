@@ -11,7 +11,6 @@ apart, so the answers are the same bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from hingeloss_server.engine.errors import InvalidInputError, OverloadedError
 from hingeloss_server.transport.budget import INFLIGHT_RETRY_S, ByteBudget, inflight_full
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import (
+    LOSS_TENSOR_FIELDS,
     ParsedRequest,
-    loss_tensor_fields,
     parse_request,
 )
 from hingeloss_server.transport.status import EndedEarlyError
@@ -175,7 +174,7 @@ def _tensors_apart(head: ParsedRequest) -> list[_Apart]:
     candidates: list[tuple[tuple[str, str], str, pb.Tensor]] = []
     if loss is not None:
         loss_message = getattr(message, loss)
-        for name in loss_tensor_fields(loss):
+        for name in LOSS_TENSOR_FIELDS[loss]:
             if loss_message.HasField(name) and getattr(loss_message, name).ByteSize():
                 candidates.append(((loss, name), f"{loss}.{name}", getattr(loss_message, name)))
     if message.sample_weights.ByteSize():  # an empty Tensor is an absent one
@@ -192,13 +191,12 @@ def _tensors_apart(head: ParsedRequest) -> list[_Apart]:
 
 def _declared_bytes(tensor: pb.Tensor, field: str) -> int:
     """Bytes a tensor's dtype and shape call for: what its parts must bring."""
-    info = tensors.BY_WIRE.get(tensor.dtype)
-    if info is None:
+    if tensor.dtype not in tensors.BY_WIRE:
         raise InvalidInputError(f"{field}.dtype", f"unknown dtype {tensor.dtype}")
     for index, dim in enumerate(tensor.shape):
         if dim < 0:
             raise InvalidInputError(f"{field}.shape[{index}]", f"must be >= 0, got {dim}")
-    return math.prod(tensor.shape) * info.itemsize
+    return tensors.expected_nbytes(tensor)
 
 
 async def receive_upload(
