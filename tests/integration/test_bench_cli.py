@@ -14,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from helpers.servers import ServerThread, server_config
 
+from hingeloss._requests import build_request
+from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_bench import WorkloadSpec, reference
 from hingeloss_bench.cli import main
 from hingeloss_bench.workload import generate_inputs
@@ -25,7 +28,7 @@ from hingeloss_server.config import SecurityConfig
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
 sys.path.insert(0, str(BENCH))
-from echo_server import BackgroundServer, Echo, PerturbingProxy  # noqa: E402
+from echo_server import SERVICE, BackgroundServer, Echo, PerturbingProxy, Replay  # noqa: E402
 
 MakeServer = Callable[..., ServerThread]
 
@@ -272,3 +275,58 @@ def test_the_plain_floor_server_gives_verified_answers(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(30)
+
+
+def _multiclass_request(rng: np.random.Generator, gradient_format: str) -> bytes:
+    inputs = {
+        "scores": rng.normal(size=(6, 5)).astype(np.float32),
+        "targets": rng.integers(0, 5, 6).astype(np.int64),
+    }
+    request, _ = build_request("multiclass_hinge", inputs, {"gradient_format": gradient_format})
+    return request.SerializeToString()
+
+
+def _call(target: str, request: bytes) -> bytes:
+    """One raw Compute call: the answer's bytes as they came."""
+    with grpc.insecure_channel(target) as channel:
+        answer: bytes = channel.unary_unary(f"/{SERVICE}/Compute")(request, timeout=30)
+        return answer
+
+
+def _gradient(answer: bytes) -> pb.Gradient:
+    (gradient,) = pb.ComputeResponse.FromString(answer).gradients
+    return gradient
+
+
+def test_replay_serves_the_servers_answer_once_asked_per_shape_and_format(
+    server: ServerThread,
+) -> None:
+    rng = np.random.default_rng(7)
+    first, second = (_multiclass_request(rng, "factored") for _ in range(2))
+    replay = Replay(lambda: server.target)
+    with BackgroundServer(replay) as proxy:
+        replayed = _call(proxy.target, first)
+        again = _call(proxy.target, second)
+        dense = _call(proxy.target, _multiclass_request(rng, "dense"))
+
+    # The first answer is the server's (the same gradient as asking it directly) ...
+    assert _gradient(replayed) == _gradient(_call(server.target, first))
+    assert _gradient(replayed).WhichOneof("value") == "factored"
+    # ... a request of the same shape and format gets those very bytes, unasked ...
+    assert again == replayed
+    # ... and another format is asked for once.
+    assert _gradient(dense).WhichOneof("value") == "dense"
+    assert (replay.forwarded, replay.requests) == (2, 3)
+
+
+def test_echo_as_the_service_registers_compute_answers_as_the_echo_does() -> None:
+    request = _multiclass_request(np.random.default_rng(3), "dense")
+    with BackgroundServer(Echo()) as echo, BackgroundServer(Echo(as_service=True)) as registered:
+        assert _call(registered.target, request) == _call(echo.target, request)
+        # A call registered as the service's is a request stream: one that ends without
+        # a message is refused, where a unary handler never runs.
+        with grpc.insecure_channel(registered.target) as channel:
+            call = channel.stream_unary(f"/{SERVICE}/Compute")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(iter(()), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT

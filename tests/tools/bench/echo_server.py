@@ -5,10 +5,19 @@
   size of the request's score tensors. Only the tags and lengths of the request
   are read (never its data), and the answer for a given shape is serialized once.
   Optionally it stalls once (`stall_after_s`, `stall_s`), for open-loop tests.
+  With `as_service`, `Compute` is registered as hingeloss registers it (a request
+  stream read with `context.read()` under an arrival limit, so that a call is
+  accepted on its headers): the floor of what the service's contract costs.
+- `Replay`: the floor for a given answer format. The first request of each shape
+  and answer format goes to a real server; every later one is answered with that
+  answer's bytes, unread and uncomputed: what a server that computed in no time
+  would serve, factored answers included (their size and their decoding are real).
 - `PerturbingProxy`: forwards to a real server and adds 1 to one element of
   every gradient, so that verification must catch it.
 
-`python tests/tools/bench/echo_server.py --port-file F` serves an Echo until SIGTERM.
+`python tests/tools/bench/echo_server.py --port-file F` serves an Echo until SIGTERM
+(`--as-service`: registered as the service registers Compute; `--replay-port-file P`:
+a Replay of the server whose port is in P).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from hingeloss import _tensors as tensors
 from hingeloss._requests import SCORE_FIELDS
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_bench.wire import fields, tensor_header
+from hingeloss_server.config import ServerConfig
 
 SERVICE = "hingeloss.v1.LossService"
 _LOSS_FIELDS = {name: pb.ComputeRequest.DESCRIPTOR.fields_by_name[name] for name in SCORE_FIELDS}
@@ -44,10 +54,34 @@ _SERVER_OPTIONS = [
 ]
 
 
+# ComputeRequest's fields that choose the answer's format: reduction, gradient_format,
+# return_per_sample.
+_ANSWER_FORMAT_FIELDS = frozenset({8, 9, 10})
+
+
+def score_shapes(request: bytes) -> tuple[str, tuple[tuple[int, tuple[int, ...]], ...]]:
+    """The request's loss and the (dtype, shape) of each of its score tensors, read from
+    tags and lengths only."""
+    loss, headers = "", []
+    for number, wire_type, start, end in fields(request):
+        name = _LOSS_BY_NUMBER.get(number)
+        if name is None or wire_type != 2:
+            continue
+        loss = name
+        inner = {n: (s, e) for n, _, s, e in fields(request, start, end)}
+        for field_number in _SCORE_NUMBERS[name]:
+            span = inner.get(field_number)
+            headers.append(tensor_header(request, *span) if span else (0, ()))
+    return loss, tuple(headers)
+
+
 class Echo:
     """Answers with zero gradients of the right sizes; optionally stalls once."""
 
-    def __init__(self, stall_after_s: float | None = None, stall_s: float = 0.0) -> None:
+    def __init__(
+        self, stall_after_s: float | None = None, stall_s: float = 0.0, as_service: bool = False
+    ) -> None:
+        self.as_service = as_service
         self._cache: dict[tuple[Any, ...], bytes] = {}
         self._stall_after_s = stall_after_s
         self._stall_s = stall_s
@@ -57,17 +91,7 @@ class Echo:
 
     def answer(self, request: bytes) -> bytes:
         """The serialized response for a serialized request."""
-        loss, headers = "", []
-        for number, wire_type, start, end in fields(request):
-            name = _LOSS_BY_NUMBER.get(number)
-            if name is None or wire_type != 2:
-                continue
-            loss = name
-            inner = {n: (s, e) for n, _, s, e in fields(request, start, end)}
-            for field_number in _SCORE_NUMBERS[name]:
-                span = inner.get(field_number)
-                headers.append(tensor_header(request, *span) if span else (0, ()))
-        key = (loss, tuple(headers))
+        loss, headers = key = score_shapes(request)
         cached = self._cache.get(key)
         if cached is None:
             response = pb.ComputeResponse()
@@ -106,18 +130,85 @@ class Echo:
             yield self.answer(request)
 
 
-def _handler(
+def _read_as_the_service_does(
     compute: Callable[[bytes, Any], Awaitable[bytes]],
-    compute_stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]],
-) -> grpc.GenericRpcHandler:
+) -> Callable[[AsyncIterator[bytes], Any], Awaitable[bytes]]:
+    """`compute` behind hingeloss's reading of a Compute call: a request stream, its one
+    message read with `context.read()` under the arrival limit."""
+    arrival_s = ServerConfig().request_arrival_seconds
+
+    async def handle(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        async with asyncio.timeout(arrival_s):
+            request = await context.read()
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+        return await compute(request, context)
+
+    return handle
+
+
+def _handler(service: Echo | Replay | PerturbingProxy) -> grpc.GenericRpcHandler:
     # No (de)serializers: the handlers see and return raw bytes.
+    compute = (
+        grpc.stream_unary_rpc_method_handler(_read_as_the_service_does(service.compute))
+        if service.as_service
+        else grpc.unary_unary_rpc_method_handler(service.compute)
+    )
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Compute": grpc.unary_unary_rpc_method_handler(compute),
-            "ComputeStream": grpc.stream_stream_rpc_method_handler(compute_stream),
+            "Compute": compute,
+            "ComputeStream": grpc.stream_stream_rpc_method_handler(service.compute_stream),
         },
     )
+
+
+class Replay:
+    """Forwards the first request of each shape and answer format to `upstream()` (a
+    host:port, asked for on first use) and answers every later one with that answer.
+
+    Later requests are not read past their tags and lengths, and their answers are
+    another request's: the load generator must not verify them.
+    """
+
+    as_service = False
+
+    def __init__(self, upstream: Callable[[], str]) -> None:
+        self._upstream = upstream
+        self._call: Any = None
+        self._cache: dict[tuple[Any, ...], bytes] = {}
+        self.forwarded = 0
+        self.requests = 0
+
+    @staticmethod
+    def _key(request: bytes) -> tuple[Any, ...]:
+        # Varints (these fields are) give their value where a span would start.
+        answer_format = tuple(
+            (number, value)
+            for number, _, value, _ in fields(request)
+            if number in _ANSWER_FORMAT_FIELDS
+        )
+        return (score_shapes(request), answer_format)
+
+    async def compute(self, request: bytes, context: Any) -> bytes:
+        self.requests += 1
+        key = self._key(request)
+        cached = self._cache.get(key)
+        if cached is None:
+            if self._call is None:
+                channel = grpc.aio.insecure_channel(self._upstream(), options=_SERVER_OPTIONS[:2])
+                self._call = channel.unary_unary(f"/{SERVICE}/Compute")
+            self.forwarded += 1
+            cached = await self._call(request)
+            if len(self._cache) < 64:
+                self._cache[key] = cached
+        return cached
+
+    async def compute_stream(
+        self, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield await self.compute(request, context)
 
 
 class PerturbingProxy:
@@ -125,6 +216,8 @@ class PerturbingProxy:
 
     Element 0 of what travels: of a factored gradient, the value of row 0.
     """
+
+    as_service = False
 
     def __init__(self, upstream: str) -> None:
         self._upstream = upstream
@@ -166,11 +259,11 @@ async def add_health(server: grpc.aio.Server) -> None:
 
 
 async def start(
-    service: Echo | PerturbingProxy, host: str = "127.0.0.1", port: int = 0
+    service: Echo | Replay | PerturbingProxy, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[Any, int]:
     """Starts a grpc.aio server for `service`; returns (server, bound port)."""
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((_handler(service.compute, service.compute_stream),))
+    server.add_generic_rpc_handlers((_handler(service),))
     await add_health(server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -180,7 +273,7 @@ async def start(
 class BackgroundServer:
     """Runs one of these servers on a private event loop in a thread (for tests)."""
 
-    def __init__(self, service: Echo | PerturbingProxy) -> None:
+    def __init__(self, service: Echo | Replay | PerturbingProxy) -> None:
         self.service = service
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -228,8 +321,8 @@ async def serve_until_signalled(server: grpc.aio.Server, port: int, port_file: P
     await server.wait_for_termination()
 
 
-async def _serve(port_file: Path, port: int) -> None:
-    server, bound = await start(Echo(), port=port)
+async def _serve(service: Echo | Replay, port_file: Path, port: int) -> None:
+    server, bound = await start(service, port=port)
     await serve_until_signalled(server, bound, port_file)
 
 
@@ -237,8 +330,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="The transport floor: an echo LossService.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument(
+        "--as-service", action="store_true", help="register Compute as hingeloss does"
+    )
+    parser.add_argument(
+        "--replay-port-file",
+        type=Path,
+        help="serve a Replay of the server whose port this file holds (read on first use)",
+    )
     args = parser.parse_args()
-    asyncio.run(_serve(args.port_file, args.port))
+    replayed: Path | None = args.replay_port_file
+    service: Echo | Replay = (
+        Replay(lambda: f"127.0.0.1:{replayed.read_text().strip()}")
+        if replayed is not None
+        else Echo(as_service=args.as_service)
+    )
+    asyncio.run(_serve(service, args.port_file, args.port))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """`make bench`: the service measured against its floors, in one run, with one load generator.
 
-(a) the service, (b) the echo server (transport floor), (c) the plain server
-(plain_server.py: the loss in closed form with torch in a grpc.aio handler, what a
-user would write without this service), (d) the loss in-process with the project's kernel and with
-torch autograd (compute floor), (e) the service with batching off
-(--max-batch-rows 1), for each shape and concurrency; also the service
+(a) the service, (b) the echo server (transport floor), (c) the echo with Compute
+registered as the service registers it (the floor of the service's contract), (d) the
+plain server (plain_server.py: the loss in closed form with torch in a grpc.aio
+handler, what a user would write without this service), (e) the loss in-process with
+the project's kernel and with torch autograd (compute floor), (f) the service with
+batching off (--max-batch-rows 1), for each shape and concurrency; also the service
 with one intra-op thread, metrics on against off (both with one intra-op thread),
 row-sparse against dense gradients at sparsity 0.9, and factored gradients (decoded
-by the SDK on the clock) against dense ones and the echo. Every server runs in its
+by the SDK on the clock) against dense ones, the echo, and the replay (the service's
+factored answers served again without computing: the floor for factored answers).
+Every server runs in its
 own process, all of them up at
 once; the load generator (hingeloss-bench's) runs in this one. The servers compared
 in a cell are measured back to back, in rounds whose order rotates, and each figure
@@ -104,6 +107,9 @@ TARGETS = {
 }
 # Labels of the factored comparison's arms.
 FACTORED, FACTORED_DENSE, FACTORED_ECHO = "factored", "factored: dense", "factored: echo"
+FACTORED_REPLAY = "factored: replay"
+# The echo registered as the service registers Compute.
+ECHO_AS_SERVICE = "echo as service"
 
 
 def _free_port() -> int:
@@ -124,6 +130,23 @@ def server_processes(workdir: Path) -> list[ServerProcess]:
         ServerProcess(service_argv("--max-batch-rows", "1"), workdir, name="unbatched"),
         ServerProcess(service_argv(), workdir, name="one_thread", env=one_thread),
         ServerProcess([sys.executable, str(HERE / "echo_server.py")], workdir, name="echo"),
+        ServerProcess(
+            [sys.executable, str(HERE / "echo_server.py"), "--as-service"],
+            workdir,
+            name="echo_as_service",
+        ),
+        # The service's answers, served again: the replay reads the service's port file
+        # on its first request, when every server is up.
+        ServerProcess(
+            [
+                sys.executable,
+                str(HERE / "echo_server.py"),
+                "--replay-port-file",
+                str(workdir / "service.port"),
+            ],
+            workdir,
+            name="replay",
+        ),
         ServerProcess([sys.executable, str(HERE / "plain_server.py")], workdir, name="plain"),
         # Compared with one_thread: two intra-op threads make 2-core timings too noisy
         # for an effect this small.
@@ -147,7 +170,8 @@ class Arm:
 
     @property
     def verify(self) -> bool:
-        return self.server != "echo"  # the echo's zeros are not answers
+        # The echoes' zeros are not answers; the replay's are another request's.
+        return self.server not in ("echo", "echo_as_service", "replay")
 
 
 def _shape(shape: tuple[int, int]) -> str:
@@ -255,6 +279,13 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
                     "service_rps": service.rps if service else None,
                     "service_over_echo": _ratio(service, runner.find("echo", name, concurrency)),
                     "service_over_plain": _ratio(service, runner.find("plain", name, concurrency)),
+                    "service_over_echo_as_service": _ratio(
+                        service, runner.find(ECHO_AS_SERVICE, name, concurrency)
+                    ),
+                    "echo_as_service_over_plain": _ratio(
+                        runner.find(ECHO_AS_SERVICE, name, concurrency),
+                        runner.find("plain", name, concurrency),
+                    ),
                     "batched_over_unbatched": _ratio(
                         service, runner.find("unbatched", name, concurrency)
                     ),
@@ -272,17 +303,22 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
         for concurrency in settings.factored_concurrency:
             name = _shape(shape)
             factored = runner.find(FACTORED, name, concurrency)
-            dense = runner.find(FACTORED_DENSE, name, concurrency)
+            # Names of their own: `dense` above is the row-sparse comparison's.
+            factored_dense = runner.find(FACTORED_DENSE, name, concurrency)
+            echo = runner.find(FACTORED_ECHO, name, concurrency)
+            replay = runner.find(FACTORED_REPLAY, name, concurrency)
             factored_cells.append(
                 {
                     "shape": name,
                     "concurrency": concurrency,
                     "factored_rps": factored.rps if factored else None,
-                    "factored_bytes_over_dense": _ratio(factored, dense, "response_bytes"),
-                    "factored_rps_over_dense": _ratio(factored, dense),
-                    "factored_rps_over_echo": _ratio(
-                        factored, runner.find(FACTORED_ECHO, name, concurrency)
-                    ),
+                    "factored_bytes_over_dense": _ratio(factored, factored_dense, "response_bytes"),
+                    "factored_rps_over_dense": _ratio(factored, factored_dense),
+                    "factored_rps_over_echo": _ratio(factored, echo),
+                    # What a server computing in no time would serve: the ceiling of the
+                    # ratio above on this machine and transport.
+                    "replay_rps_over_echo": _ratio(replay, echo),
+                    "factored_rps_over_replay": _ratio(factored, replay),
                 }
             )
     return {
@@ -364,7 +400,8 @@ def print_summary(
     print("ratios (throughput; against the performance targets, reported, never asserted)")
     print(
         f"{'shape':>10} {'c':>3} {'service/echo':>13} {'':>7} {'service/plain':>14} {'':>7} "
-        f"{'batched/unbatched':>18} {'':>7} {'1 thread/default':>17}"
+        f"{'batched/unbatched':>18} {'':>7} {'1 thread/default':>17} "
+        f"{'service/echo as service':>24} {'echo as service/plain':>22}"
     )
     for cell in ratio["cells"]:
         soe, bou = cell["service_over_echo"], cell["batched_over_unbatched"]
@@ -374,7 +411,9 @@ def print_summary(
             f"{_met(soe, TARGETS['service_over_echo']):>7} {_fmt(sop):>14} "
             f"{_met(sop, TARGETS['service_over_plain']):>7} {_fmt(bou):>18} "
             f"{_met(bou, TARGETS['batched_over_unbatched']):>7} "
-            f"{_fmt(cell['one_thread_over_default']):>17}"
+            f"{_fmt(cell['one_thread_over_default']):>17} "
+            f"{_fmt(cell['service_over_echo_as_service']):>24} "
+            f"{_fmt(cell['echo_as_service_over_plain']):>22}"
         )
     for shape, value in ratio["closed_form_over_autograd"].items():
         print(
@@ -400,6 +439,8 @@ def print_summary(
             f"bytes / dense {_against(cell, 'factored_bytes_over_dense', below=True)}",
             f"throughput / echo {_against(cell, 'factored_rps_over_echo')}",
             f"/ dense {_fmt(cell['factored_rps_over_dense'])}",
+            f"replay / echo {_fmt(cell['replay_rps_over_echo'])}",
+            f"service / replay {_fmt(cell['factored_rps_over_replay'])}",
         ]
         where = f"{cell['shape']} c={cell['concurrency']}"
         print(f"factored (SDK decoding on the clock) at {where}: " + ", ".join(figures))
@@ -421,6 +462,7 @@ def measure(runner: Runner) -> None:
                 Arm("service", "service"),
                 Arm("unbatched", "unbatched"),
                 Arm("echo", "echo"),
+                Arm(ECHO_AS_SERVICE, "echo_as_service"),
                 Arm("plain", "plain"),
             ]
             if concurrency in extremes:
@@ -448,6 +490,7 @@ def measure(runner: Runner) -> None:
                     Arm(FACTORED, "service", "factored"),
                     Arm(FACTORED_DENSE, "service", "dense"),
                     Arm(FACTORED_ECHO, "echo", "dense"),
+                    Arm(FACTORED_REPLAY, "replay", "factored"),
                 ],
                 settings.rounds,
             )
