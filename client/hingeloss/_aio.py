@@ -55,18 +55,22 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
                 return decode_response(response, kind)
 
     async def _attempt(self, request: pb.ComputeRequest | Upload, timeout: float | None) -> Any:
-        """One attempt of a computation: an upload refused by an older server is sent
-        again at once in one message, within the same attempt's time."""
+        """One attempt of a computation: an upload refused by an older server, or whose
+        status was lost, is sent again at once in one message, within the same attempt's
+        time."""
         method, argument = self._invocation(request)
         clock = asyncio.get_running_loop().time
         started = clock()
         try:
             return await self._call(method, argument, timeout)
         except HingelossError as error:
-            if not self._falls_back(method, error):
+            failed = error
+            retry = self._resend_whole(method, request, error)
+            if retry is None:
                 raise
-        retry = self._invocation(request)
-        return await self._call(*retry, self._left(timeout, started, clock()))
+        answer = await self._call(*retry, self._left(timeout, started, clock()))
+        self._answered_whole(failed)
+        return answer
 
     async def _call(
         self, method: Callable[..., grpc.aio.Call], request: Any, timeout: float | None

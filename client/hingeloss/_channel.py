@@ -111,6 +111,19 @@ def open_channel(
 Stream = TypeVar("Stream")
 
 
+def _status_lost(error: HingelossError) -> bool:
+    """Whether grpcio's asyncio client replaced the server's status of a client-streaming
+    call with INTERNAL: a part written as the server ended the call fails, and grpcio
+    1.85 then reports "Internal error from Core" (grpc/grpc#36066) in place of an older
+    server's UNIMPLEMENTED or a refusal of the request on its first part."""
+    cause = error.__cause__
+    return (
+        error.code is grpc.StatusCode.INTERNAL
+        and isinstance(cause, grpc.RpcError)
+        and "SendMessageOperation" in (cause.debug_error_string() or "")
+    )
+
+
 class ClientBase(Generic[Stream]):
     """A client's channel, its stubs, its default timeout and its retry state.
 
@@ -196,14 +209,34 @@ class ClientBase(Generic[Stream]):
             return self._stub.Compute, request.whole
         return self._upload, iter(request.parts)
 
-    def _falls_back(self, method: Any, error: HingelossError) -> bool:
-        """Whether an upload was refused by a server older than ComputeUpload: its
-        request, and the large requests of the next UPLOAD_REPROBE_S, then go in one
-        message."""
-        if method is not self._upload or error.code is not grpc.StatusCode.UNIMPLEMENTED:
-            return False
-        self._upload_refused_at = time.monotonic()
-        return True
+    def _resend_whole(
+        self, method: Any, request: Any, error: HingelossError
+    ) -> tuple[Any, Any] | None:
+        """What to send, in one message, after an upload failed with `error`; None when
+        the error stands.
+
+        - A server older than ComputeUpload refused it (UNIMPLEMENTED): the large
+          requests of the next UPLOAD_REPROBE_S go in one message too.
+        - grpcio's asyncio client lost the server's status (`_status_lost`): Compute
+          answers with the server's own, whatever it was (see `_answered_whole`).
+        """
+        if method is not self._upload or not isinstance(request, Upload):
+            return None
+        if error.code is grpc.StatusCode.UNIMPLEMENTED:
+            self._upload_refused_at = time.monotonic()
+        elif not _status_lost(error):
+            return None
+        return self._stub.Compute, request.whole
+
+    def _answered_whole(self, error: HingelossError) -> None:
+        """The request of an upload that failed with `error` was answered in one message.
+
+        Where the upload's status was lost, the server most likely has no ComputeUpload:
+        an older server refuses it as the call starts, while its parts are being written,
+        which is when grpcio loses a status. Uploads rest as after an UNIMPLEMENTED.
+        """
+        if _status_lost(error):
+            self._upload_refused_at = time.monotonic()
 
     @staticmethod
     def _left(timeout: float | None, since: float, now: float) -> float | None:

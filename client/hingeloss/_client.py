@@ -72,17 +72,21 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
                 return decode_response(response, kind)
 
     def _attempt(self, request: pb.ComputeRequest | Upload, timeout: float | None) -> Any:
-        """One attempt of a computation: an upload refused by an older server is sent
-        again at once in one message, within the same attempt's time."""
+        """One attempt of a computation: an upload refused by an older server, or whose
+        status was lost, is sent again at once in one message, within the same attempt's
+        time."""
         method, argument = self._invocation(request)
         started = time.monotonic()
         try:
             return self._call(method, argument, timeout)
         except HingelossError as error:
-            if not self._falls_back(method, error):
+            failed = error
+            retry = self._resend_whole(method, request, error)
+            if retry is None:
                 raise
-        retry = self._invocation(request)
-        return self._call(*retry, self._left(timeout, started, time.monotonic()))
+        answer = self._call(*retry, self._left(timeout, started, time.monotonic()))
+        self._answered_whole(failed)
+        return answer
 
     def _call(
         self, method: Callable[..., Response], request: Any, timeout: float | None
