@@ -277,10 +277,10 @@ def test_the_plain_floor_server_gives_verified_answers(tmp_path: Path) -> None:
         process.wait(30)
 
 
-def _multiclass_request(rng: np.random.Generator, gradient_format: str) -> bytes:
+def _multiclass_request(rng: np.random.Generator, gradient_format: str, rows: int = 6) -> bytes:
     inputs = {
-        "scores": rng.normal(size=(6, 5)).astype(np.float32),
-        "targets": rng.integers(0, 5, 6).astype(np.int64),
+        "scores": rng.normal(size=(rows, 5)).astype(np.float32),
+        "targets": rng.integers(0, 5, rows).astype(np.int64),
     }
     request, _ = build_request("multiclass_hinge", inputs, {"gradient_format": gradient_format})
     return request.SerializeToString()
@@ -308,15 +308,17 @@ def test_replay_serves_the_servers_answer_once_asked_per_shape_and_format(
         replayed = _call(proxy.target, first)
         again = _call(proxy.target, second)
         dense = _call(proxy.target, _multiclass_request(rng, "dense"))
+        taller = _call(proxy.target, _multiclass_request(rng, "factored", rows=7))
 
     # The first answer is the server's (the same gradient as asking it directly) ...
     assert _gradient(replayed) == _gradient(_call(server.target, first))
     assert _gradient(replayed).WhichOneof("value") == "factored"
     # ... a request of the same shape and format gets those very bytes, unasked ...
     assert again == replayed
-    # ... and another format is asked for once.
+    # ... and another format, or another shape, is asked for once.
     assert _gradient(dense).WhichOneof("value") == "dense"
-    assert (replay.forwarded, replay.requests) == (2, 3)
+    assert list(_gradient(taller).factored.dense_shape) == [7, 5]
+    assert (replay.forwarded, replay.requests) == (3, 4)
 
 
 def test_echo_as_the_service_registers_compute_answers_as_the_echo_does() -> None:

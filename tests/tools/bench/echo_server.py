@@ -168,7 +168,8 @@ class Replay:
     host:port, asked for on first use) and answers every later one with that answer.
 
     Later requests are not read past their tags and lengths, and their answers are
-    another request's: the load generator must not verify them.
+    another request's: the load generator must not verify them, and the Timing they
+    carry is the service's, for the request it answered.
     """
 
     as_service = False
@@ -330,10 +331,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="The transport floor: an echo LossService.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, required=True)
-    parser.add_argument(
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
         "--as-service", action="store_true", help="register Compute as hingeloss does"
     )
-    parser.add_argument(
+    kind.add_argument(
         "--replay-port-file",
         type=Path,
         help="serve a Replay of the server whose port this file holds (read on first use)",

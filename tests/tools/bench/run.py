@@ -315,8 +315,8 @@ def ratios(runner: Runner, floors: list[dict[str, Any]]) -> dict[str, Any]:
                     "factored_bytes_over_dense": _ratio(factored, factored_dense, "response_bytes"),
                     "factored_rps_over_dense": _ratio(factored, factored_dense),
                     "factored_rps_over_echo": _ratio(factored, echo),
-                    # What a server computing in no time would serve: the ceiling of the
-                    # ratio above on this machine and transport.
+                    # About what a server computing in no time would serve: how far
+                    # the ratio above could go with this transport here.
                     "replay_rps_over_echo": _ratio(replay, echo),
                     "factored_rps_over_replay": _ratio(factored, replay),
                 }
