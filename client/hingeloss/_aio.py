@@ -64,13 +64,12 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         try:
             return await self._call(method, argument, timeout)
         except HingelossError as error:
-            failed = error
             retry = self._resend_whole(method, request, error)
             if retry is None:
                 raise
-        answer = await self._call(*retry, self._left(timeout, started, clock()))
-        self._answered_whole(failed)
-        return answer
+            if self._closed:  # closed while the upload failed: as close() promises
+                raise self._closed_under() from error
+        return await self._call(*retry, self._left(timeout, started, clock()))
 
     async def _call(
         self, method: Callable[..., grpc.aio.Call], request: Any, timeout: float | None

@@ -160,6 +160,7 @@ class ClientBase(Generic[Stream]):
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
+        self._max_message_bytes = max_message_bytes
         self._retrier = Retrier(retry or RetryPolicy())
         self._closed = False
         if upload_min_bytes is UploadDefault.CLIENT:
@@ -218,25 +219,18 @@ class ClientBase(Generic[Stream]):
         - A server older than ComputeUpload refused it (UNIMPLEMENTED): the large
           requests of the next UPLOAD_REPROBE_S go in one message too.
         - grpcio's asyncio client lost the server's status (`_status_lost`): Compute
-          answers with the server's own, whatever it was (see `_answered_whole`).
+          answers for this request with the server's own status or result, where the
+          request fits one message. Nothing is remembered: the server may have ended
+          the upload for any reason (a bad request, overload, draining, no
+          ComputeUpload), and a later upload will say which.
         """
-        if method is not self._upload or not isinstance(request, Upload):
+        if method is not self._upload:
             return None
         if error.code is grpc.StatusCode.UNIMPLEMENTED:
             self._upload_refused_at = time.monotonic()
-        elif not _status_lost(error):
+        elif not (_status_lost(error) and request.nbytes <= self._max_message_bytes):
             return None
         return self._stub.Compute, request.whole
-
-    def _answered_whole(self, error: HingelossError) -> None:
-        """The request of an upload that failed with `error` was answered in one message.
-
-        Where the upload's status was lost, the server most likely has no ComputeUpload:
-        an older server refuses it as the call starts, while its parts are being written,
-        which is when grpcio loses a status. Uploads rest as after an UNIMPLEMENTED.
-        """
-        if _status_lost(error):
-            self._upload_refused_at = time.monotonic()
 
     @staticmethod
     def _left(timeout: float | None, since: float, now: float) -> float | None:

@@ -80,13 +80,12 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
         try:
             return self._call(method, argument, timeout)
         except HingelossError as error:
-            failed = error
             retry = self._resend_whole(method, request, error)
             if retry is None:
                 raise
-        answer = self._call(*retry, self._left(timeout, started, time.monotonic()))
-        self._answered_whole(failed)
-        return answer
+            if self._closed:  # closed while the upload failed: as close() promises
+                raise self._closed_under() from error
+        return self._call(*retry, self._left(timeout, started, time.monotonic()))
 
     def _call(
         self, method: Callable[..., Response], request: Any, timeout: float | None
