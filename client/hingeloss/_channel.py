@@ -111,19 +111,6 @@ def open_channel(
 Stream = TypeVar("Stream")
 
 
-def _status_lost(error: HingelossError) -> bool:
-    """Whether grpcio's asyncio client replaced the server's status of a client-streaming
-    call with INTERNAL: a part written as the server ended the call fails, and grpcio
-    1.85 then reports "Internal error from Core" (grpc/grpc#36066) in place of an older
-    server's UNIMPLEMENTED or a refusal of the request on its first part."""
-    cause = error.__cause__
-    return (
-        error.code is grpc.StatusCode.INTERNAL
-        and isinstance(cause, grpc.RpcError)
-        and "SendMessageOperation" in (cause.debug_error_string() or "")
-    )
-
-
 class ClientBase(Generic[Stream]):
     """A client's channel, its stubs, its default timeout and its retry state.
 
@@ -160,7 +147,6 @@ class ClientBase(Generic[Stream]):
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
-        self._max_message_bytes = max_message_bytes
         self._retrier = Retrier(retry or RetryPolicy())
         self._closed = False
         if upload_min_bytes is UploadDefault.CLIENT:
@@ -214,22 +200,12 @@ class ClientBase(Generic[Stream]):
         self, method: Any, request: Any, error: HingelossError
     ) -> tuple[Any, Any] | None:
         """What to send, in one message, after an upload failed with `error`; None when
-        the error stands.
-
-        - A server older than ComputeUpload refused it (UNIMPLEMENTED): the large
-          requests of the next UPLOAD_REPROBE_S go in one message too.
-        - grpcio's asyncio client lost the server's status (`_status_lost`): Compute
-          answers for this request with the server's own status or result, where the
-          request fits one message. Nothing is remembered: the server may have ended
-          the upload for any reason (a bad request, overload, draining, no
-          ComputeUpload), and a later upload will say which.
-        """
-        if method is not self._upload:
+        the error stands. A server older than ComputeUpload refused it (UNIMPLEMENTED):
+        its request, and the large requests of the next UPLOAD_REPROBE_S, go in one
+        message."""
+        if method is not self._upload or error.code is not grpc.StatusCode.UNIMPLEMENTED:
             return None
-        if error.code is grpc.StatusCode.UNIMPLEMENTED:
-            self._upload_refused_at = time.monotonic()
-        elif not (_status_lost(error) and request.nbytes <= self._max_message_bytes):
-            return None
+        self._upload_refused_at = time.monotonic()
         return self._stub.Compute, request.whole
 
     @staticmethod

@@ -72,9 +72,8 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
                 return decode_response(response, kind)
 
     def _attempt(self, request: pb.ComputeRequest | Upload, timeout: float | None) -> Any:
-        """One attempt of a computation: an upload refused by an older server, or whose
-        status was lost, is sent again at once in one message, within the same attempt's
-        time."""
+        """One attempt of a computation: an upload refused by an older server is sent
+        again at once in one message, within the same attempt's time."""
         method, argument = self._invocation(request)
         started = time.monotonic()
         try:

@@ -58,11 +58,6 @@ class Upload:
     # The call's messages: the request, then the bytes part by part.
     parts: tuple[bytes, ...]
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes of the parts: about the size of the request in one message."""
-        return sum(len(part) for part in self.parts)
-
     @functools.cached_property
     def whole(self) -> pb.ComputeRequest:
         """The request in one message, for a server without ComputeUpload."""

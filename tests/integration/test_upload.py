@@ -508,13 +508,8 @@ def test_against_a_server_without_compute_upload_the_sdk_sends_one_message(
         proxy.close()
     for answer in answers:
         _same(answer, expected)
-    # One upload refused, then one message each time, the refusal remembered; or, on
-    # the asyncio client, the first refusal lost to grpc/grpc#36066 (see below) and
-    # seen on the second upload.
-    assert proxy.asked == ["ComputeUpload", "Compute", "Compute"] or (
-        flavour == "asyncio"
-        and proxy.asked == ["ComputeUpload", "Compute", "ComputeUpload", "Compute"]
-    )
+    # One upload refused, then one message each time, the refusal remembered.
+    assert proxy.asked == ["ComputeUpload", "Compute", "Compute"]
 
 
 def test_after_a_refusal_the_sdk_tries_an_upload_again_later(
@@ -579,7 +574,7 @@ class _RefusesUnread:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             self.asked.append("Compute")
             if forward is None:
-                context.abort(code, "scores: refused whole")
+                context.abort(code, "scores: refused unread")
             answer: bytes = forward(request)
             return answer
 
@@ -598,10 +593,10 @@ def _sixteen_megabytes() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 def test_a_refused_upload_reports_the_servers_status(flavour: str) -> None:
-    """grpcio's asyncio client reports INTERNAL when a part is written as the server ends
-    the call (grpc/grpc#36066; with this server, in a third to two thirds of the calls);
-    the SDK then sends the request in one message and reports what the server says of
-    it. The caller never sees INTERNAL."""
+    """grpc.aio's own writes report INTERNAL when a part is written as the server ends
+    the call (grpc/grpc#36066; with this server, in a third to two thirds of the calls):
+    the asyncio client writes its parts itself, and the caller gets the server's
+    status, as the sync client's caller does."""
     server = _RefusesUnread(grpc.StatusCode.INVALID_ARGUMENT)
     scores, targets = _sixteen_megabytes()
     target, calls = f"127.0.0.1:{server.port}", 15
@@ -625,20 +620,17 @@ def test_a_refused_upload_reports_the_servers_status(flavour: str) -> None:
             asyncio.run(refuse_all())
     finally:
         server.close()
-    assert [e.code for e in refusals] == calls * [grpc.StatusCode.INVALID_ARGUMENT]
-    assert {e.message for e in refusals} <= {"scores: refused unread", "scores: refused whole"}
-    # Every call uploaded first: a refusal, seen or lost, turns nothing off.
-    assert server.asked.count("ComputeUpload") == calls
-    if flavour == "sync":  # whose statuses are never lost
-        assert server.asked == calls * ["ComputeUpload"]
+    assert [(e.code, e.message) for e in refusals] == calls * [
+        (grpc.StatusCode.INVALID_ARGUMENT, "scores: refused unread")
+    ]
+    # Each refusal came from the upload itself, and turned nothing off.
+    assert server.asked == calls * ["ComputeUpload"]
 
 
-def test_an_older_server_slow_to_refuse_gets_every_request_answered(
-    shared_server: Any,
-) -> None:
-    """Each client's upload is refused UNIMPLEMENTED as its parts are written: the refusal
-    reaches the asyncio client, which then sends its requests in one message, or is lost
-    to grpc/grpc#36066, and that request alone goes in one message."""
+def test_an_older_server_slow_to_refuse_is_heard(shared_server: Any) -> None:
+    """Each client's first upload is refused UNIMPLEMENTED while its parts are being
+    written: the asyncio client hears it, answers that request in one message, and
+    sends its next one in one message too."""
     server = _RefusesUnread(grpc.StatusCode.UNIMPLEMENTED, upstream=shared_server.target)
     scores, targets = _sixteen_megabytes()
     with LossClient(shared_server.target, upload_min_bytes=None) as whole:
@@ -654,10 +646,7 @@ def test_an_older_server_slow_to_refuse_gets_every_request_answered(
             del server.asked[:]
             for answer in asyncio.run(twice()):
                 _same(answer, expected)
-            assert server.asked in (
-                ["ComputeUpload", "Compute", "Compute"],  # the refusal seen, remembered
-                ["ComputeUpload", "Compute", "ComputeUpload", "Compute"],  # the first lost
-            )
+            assert server.asked == ["ComputeUpload", "Compute", "Compute"]
     finally:
         server.close()
 
