@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc._cython import cygrpc
 
+from hingeloss._aio_sends import SERVER_STATUS_WAIT_S, send, upload_call
 from hingeloss._channel import ClientBase, health_request, serving_status
 from hingeloss._errors import CancelledError, HingelossError, from_aio_call, from_rpc_error
 from hingeloss._methods import LossMethods
@@ -20,9 +20,6 @@ from hingeloss._streams import Step, StreamSettings, StreamState, build_stream_r
 from hingeloss._upload import ASYNC_UPLOAD_MIN_BYTES, Upload
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
-
-# Core delivers the server's status right after a send fails; this only bounds a bug.
-_SERVER_STATUS_WAIT_S = 5.0
 
 
 class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossResult]]):
@@ -77,7 +74,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         from the call."""
         self._ensure_open()
         call = (
-            _upload_call(method, request, timeout)
+            upload_call(method, request, timeout)
             if method is self._upload
             else method(request, timeout=timeout)
         )
@@ -88,12 +85,15 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
                 raise self._closed_under() from rpc_error
             raise await from_aio_call(call, rpc_error) from rpc_error
         except asyncio.CancelledError:
-            # Closing the channel cancels its calls, and so the tasks awaiting them; a
-            # task nobody cancelled gets the SDK's error instead, as a stream's calls do.
+            # Closing the channel cancels its calls, and so the tasks awaiting them, as
+            # does an upload whose server never sent a status (_write_parts); a task
+            # nobody cancelled gets the SDK's error instead, as a stream's calls do.
             task = asyncio.current_task()
-            if self._closed and (task is None or not task.cancelling()):
+            if task is not None and task.cancelling():
+                raise
+            if self._closed:
                 raise self._closed_under() from None
-            raise
+            raise CancelledError("the server ended the call without a status") from None
 
     async def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
@@ -245,9 +245,9 @@ class _AsyncStreamCore:
     async def _write(self, request: pb.ComputeRequest) -> bool:
         """Writes one request; on failure ends the stream (unless the reader will) and says so."""
         try:
-            if not await _send(self.call, request):
+            if not await send(self.call, request):
                 # The server ended the call: the reader reads what it sent, status included.
-                self._loop.call_later(_SERVER_STATUS_WAIT_S, self._cancel_if_silent)
+                self._loop.call_later(SERVER_STATUS_WAIT_S, self._cancel_if_silent)
                 return False
         except grpc.RpcError as rpc_error:
             self.state.finish(from_rpc_error(rpc_error))
@@ -309,101 +309,3 @@ class _AsyncStreamCore:
             self.state.expire()
             self.call.cancel()
             await asyncio.wait({self._reader})
-
-
-async def _started(call: Any, sent: asyncio.Event) -> bool:
-    """Waits until the call has started (its headers sent) or ended; whether it is live.
-
-    A call cancelled before it started never sets `sent`: waiting on it alone (as the
-    first write does) would hang the writer, and with it the stream's close, for ever.
-    """
-    if not sent.is_set() and not call.done():
-        ended = asyncio.Event()
-        call.add_done_callback(lambda _: ended.set())
-        waits = {asyncio.ensure_future(sent.wait()), asyncio.ensure_future(ended.wait())}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-    return sent.is_set() and not call.done()
-
-
-# The writers of uploads in progress: a task nothing references may be collected.
-_UPLOAD_WRITERS: set[asyncio.Task[None]] = set()
-
-
-def _upload_call(
-    method: Callable[..., grpc.aio.StreamUnaryCall], parts: Iterable[bytes], timeout: float | None
-) -> grpc.aio.StreamUnaryCall:
-    """A ComputeUpload call whose parts `_send` writes, as a stream's requests are.
-
-    A server may end an upload while parts are still being written: refusing its request
-    on the first part, short of memory, draining, or older than ComputeUpload. grpc.aio's
-    own writes then report INTERNAL in place of the server's status (here in a few
-    percent of such calls, and in up to two thirds where megabytes were still to go).
-    """
-    call = method(timeout=timeout)
-    writer = asyncio.ensure_future(_write_parts(call, parts))
-    _UPLOAD_WRITERS.add(writer)
-    writer.add_done_callback(_UPLOAD_WRITERS.discard)
-    return call
-
-
-async def _write_parts(call: grpc.aio.StreamUnaryCall, parts: Iterable[bytes]) -> None:
-    """Writes the parts and half-closes; stops where the server has ended the call, whose
-    status awaiting the call then gives."""
-    try:
-        for part in parts:
-            if not await _send(call, part):
-                # Core may deliver no status after a failed send: the wait is bounded.
-                asyncio.get_running_loop().call_later(
-                    _SERVER_STATUS_WAIT_S, _cancel_unless_done, call
-                )
-                return
-        await call.done_writing()
-    except (grpc.RpcError, asyncio.InvalidStateError):
-        return  # the call is over: awaiting it gives its status
-    except BaseException:
-        call.cancel()  # whoever awaits the call learns it ended
-        raise
-
-
-def _cancel_unless_done(call: grpc.aio.Call) -> None:
-    if not call.done():
-        call.cancel()
-
-
-# Where a call lacks grpc.aio's internals `_send` relies on.
-_MISSING = object()
-
-
-async def _send(call: Any, request: pb.ComputeRequest | bytes) -> bool:
-    """Writes one request on a stream; False when the server has already ended the call.
-
-    grpc.aio's `write`, when a send fails because the server ended the call (its
-    status and answers are on their way), replaces that status with a local INTERNAL
-    ("Internal error from Core"): the status the server sent and the answers not yet
-    read are lost (grpc/grpc#36066). This is grpc.aio's send without that step; the
-    reader then reads the answers and the server's status as usual. Where the call's
-    internals differ (another grpcio), it is the public `write`.
-    """
-    cython_call = getattr(call, "_cython_call", None)
-    serializer: Any = getattr(call, "_request_serializer", _MISSING)
-    sent = getattr(call, "_metadata_sent", None)
-    if cython_call is None or serializer is _MISSING or not isinstance(sent, asyncio.Event):
-        await call.write(request)
-        return True
-    if not await _started(call, sent):
-        return False  # the reader reports its status
-    try:
-        # No serializer: the request is a message's bytes already (an upload's part).
-        payload = request if serializer is None else serializer(request)
-        await cython_call.send_serialized_message(payload)
-    except cygrpc.InternalError:
-        return False
-    except asyncio.CancelledError:
-        if not call.cancelled():
-            call.cancel()
-        raise
-    return True

@@ -42,11 +42,12 @@ class RetryPolicy:
     """Retries of transient failures with exponential backoff and jitter.
 
     UNAVAILABLE (no server, or one draining), RESOURCE_EXHAUSTED when the server is
-    shedding load (see `is_load_shedding`), and CANCELLED: the SDK never cancels
-    a call itself, so a CANCELLED status comes from a server that stopped while
-    the request was still arriving. Every call is a pure function of its
-    request, so repeating it is always safe. A server's RetryInfo delay replaces
-    the computed backoff. No attempt starts after the call's deadline.
+    shedding load (see `is_load_shedding`), and CANCELLED: the SDK cancels a call
+    itself only when a server ended an upload without a status, so a CANCELLED
+    status comes from a server that stopped while the request was still arriving.
+    Every call is a pure function of its request, so repeating it is always safe.
+    A server's RetryInfo delay replaces the computed backoff. No attempt starts
+    after the call's deadline.
 
     Retries are throttled per client like gRPC's `retryThrottling`: the client
     holds `throttle_max_tokens` tokens; each failed attempt that could be retried
