@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from hingeloss._aio_sends import upload_call
 from hingeloss._channel import channel_options, with_token
 from hingeloss._results import LossResult, decode_response
 from hingeloss._upload import COMPUTE_UPLOAD
@@ -235,7 +236,9 @@ class _Share:
         """The call each request of a unary or upload cell goes through."""
         if self.spec.mode == "upload":
             upload = channel.stream_unary(COMPUTE_UPLOAD)
-            return lambda parts, timeout: upload(iter(parts), timeout=timeout)
+            # The SDK's writes: a server ending an upload early is counted by its status,
+            # not as grpc.aio's INTERNAL (grpc/grpc#36066).
+            return lambda parts, timeout: upload_call(upload, parts, timeout)
         return channel.unary_unary(COMPUTE_METHOD)  # type: ignore[no-any-return]
 
     def _more(self) -> tuple[bool, bool]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hingeloss._aio_sends import send
 from hingeloss_bench.cells import STREAM_METHOD, code_name
 
 if TYPE_CHECKING:
@@ -71,9 +72,11 @@ class _StreamLane:
         if measured:
             share.recorder.sending(len(payload))
         self._pending.append((started, variant, measured))
-        # On failure the reader reports the stream's error for every pending request.
+        # On failure the reader reports the stream's error for every pending request
+        # (the SDK's send: grpc.aio's write would replace the server's status with
+        # INTERNAL, grpc/grpc#36066).
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.write(payload)
+            await send(self._call, payload)
 
     async def closed_loop(self, window: int) -> None:
         self._slots = asyncio.Semaphore(window)
