@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +28,11 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
 
     _grpc_api = grpc.aio
     _default_upload_min_bytes = ASYNC_UPLOAD_MIN_BYTES
+
+    @staticmethod
+    def _upload_method(multicallable: Any) -> Any:
+        """An upload's parts written by `upload_call`, which keeps the server's status."""
+        return functools.partial(upload_call, multicallable)
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
@@ -63,8 +69,6 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
             retry = self._resend_whole(method, request, error)
             if retry is None:
                 raise
-            if self._closed:  # closed while the upload failed: as close() promises
-                raise self._closed_under() from error
         return await self._call(*retry, self._left(timeout, started, clock()))
 
     async def _call(
@@ -73,11 +77,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         """One attempt of a call with one answer; a failure raises its typed error, read
         from the call."""
         self._ensure_open()
-        call = (
-            upload_call(method, request, timeout)
-            if method is self._upload
-            else method(request, timeout=timeout)
-        )
+        call = method(request, timeout=timeout)
         try:
             return await call
         except grpc.RpcError as rpc_error:

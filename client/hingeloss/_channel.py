@@ -156,9 +156,16 @@ class ClientBase(Generic[Stream]):
         self._upload_min_bytes = upload_min_bytes
         # When a server last answered that it has no ComputeUpload (an older one).
         self._upload_refused_at: float | None = None
-        self._upload = self._channel.stream_unary(
-            COMPUTE_UPLOAD, response_deserializer=pb.ComputeResponse.FromString
+        self._upload = self._upload_method(
+            self._channel.stream_unary(
+                COMPUTE_UPLOAD, response_deserializer=pb.ComputeResponse.FromString
+            )
         )
+
+    @staticmethod
+    def _upload_method(multicallable: Any) -> Any:
+        """What a ComputeUpload call goes through: gRPC's own call, given the parts."""
+        return multicallable
 
     def _ensure_open(self) -> None:
         """A closed client takes no new call (RuntimeError, as a closed stream does)."""
@@ -202,10 +209,12 @@ class ClientBase(Generic[Stream]):
         """What to send, in one message, after an upload failed with `error`; None when
         the error stands. A server older than ComputeUpload refused it (UNIMPLEMENTED):
         its request, and the large requests of the next UPLOAD_REPROBE_S, go in one
-        message."""
+        message. A client closed meanwhile raises the error close() promises."""
         if method is not self._upload or error.code is not grpc.StatusCode.UNIMPLEMENTED:
             return None
         self._upload_refused_at = time.monotonic()
+        if self._closed:
+            raise self._closed_under() from error
         return self._stub.Compute, request.whole
 
     @staticmethod

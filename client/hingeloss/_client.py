@@ -82,8 +82,6 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
             retry = self._resend_whole(method, request, error)
             if retry is None:
                 raise
-            if self._closed:  # closed while the upload failed: as close() promises
-                raise self._closed_under() from error
         return self._call(*retry, self._left(timeout, started, time.monotonic()))
 
     def _call(

@@ -205,9 +205,10 @@ def build_request(
     message.SetInParent()
     for field in SCORE_FIELDS_BY_NUMBER[loss]:
         wire, shape, data = wire_of(inputs[field], field)
-        apart = scores_apart is not None
-        tensors.fill(getattr(message, field), wire, shape, None if apart else data)
-        if scores_apart is not None:
+        if scores_apart is None:
+            tensors.fill(getattr(message, field), wire, shape, data)
+        else:
+            tensors.fill(getattr(message, field), wire, shape, None)
             scores_apart.append((field, data))
     for field in OTHER_FIELDS[loss]:
         fill(getattr(message, field), inputs[field], field)

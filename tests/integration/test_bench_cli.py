@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import ServerThread, server_config
+from helpers.servers import RefusesUnread, ServerThread, server_config
 
 from hingeloss._requests import build_request
 from hingeloss.v1 import loss_service_pb2 as pb
@@ -335,40 +334,12 @@ def test_echo_as_the_service_registers_compute_answers_as_the_echo_does() -> Non
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-class _RefusesEarly:
-    """A server that ends every ComputeUpload and ComputeStream call with
-    INVALID_ARGUMENT a moment after it starts, without reading what is sent."""
-
-    def __init__(self) -> None:
-        def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
-            time.sleep(0.05)  # what is sent piles up in flight, unread
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused unread")
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        self._server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE,
-                    {
-                        "ComputeUpload": grpc.stream_unary_rpc_method_handler(refuse),
-                        "ComputeStream": grpc.stream_stream_rpc_method_handler(refuse),
-                    },
-                ),
-            )
-        )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def close(self) -> None:
-        self._server.stop(None)
-
-
 @pytest.mark.parametrize("mode", ["upload", "stream"])
 def test_a_server_ending_calls_early_is_counted_by_its_status(tmp_path: Path, mode: str) -> None:
     """grpc.aio's own writes report some of such calls as INTERNAL (grpc/grpc#36066),
     in every run of this cell here; the load generator writes as the SDK does."""
     out = tmp_path / "r.json"
-    server = _RefusesEarly()
+    server = RefusesUnread(grpc.StatusCode.INVALID_ARGUMENT)
     try:
         code = main(
             [

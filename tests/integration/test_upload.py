@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import ServerThread, server_config
+from helpers.servers import RefusesUnread, ServerThread, server_config
 from prometheus_client import CollectorRegistry
 
 from hingeloss import (
@@ -530,62 +530,6 @@ def test_after_a_refusal_the_sdk_tries_an_upload_again_later(
     assert proxy.asked == ["ComputeUpload", "Compute", "Compute", "ComputeUpload", "Compute"]
 
 
-class _RefusesUnread:
-    """A server whose ComputeUpload ends with `code` a moment after the call starts,
-    without reading its parts (as a server refusing a request on its first part may, or
-    an older one refusing the method, while megabytes more are on their way). Its
-    Compute refuses alike or, given `upstream`, forwards to a real server. It records
-    each method asked."""
-
-    def __init__(self, code: grpc.StatusCode, upstream: str | None = None) -> None:
-        self.asked: list[str] = []
-        large = [("grpc.max_receive_message_length", 1 << 30)]
-        self._upstream = grpc.insecure_channel(upstream, options=large) if upstream else None
-        self._server = grpc.server(futures.ThreadPoolExecutor(4), options=large)
-        self._server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "hingeloss.v1.LossService",
-                    {
-                        "ComputeUpload": grpc.stream_unary_rpc_method_handler(self._upload(code)),
-                        "Compute": grpc.unary_unary_rpc_method_handler(self._compute(code)),
-                    },
-                ),
-            )
-        )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def _upload(self, code: grpc.StatusCode) -> Callable[[Any, grpc.ServicerContext], bytes]:
-        def handle(parts: Any, context: grpc.ServicerContext) -> bytes:
-            self.asked.append("ComputeUpload")
-            time.sleep(0.05)  # the parts pile up in flight, unread
-            context.abort(code, "scores: refused unread")
-
-        return handle
-
-    def _compute(self, code: grpc.StatusCode) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-        forward = (
-            self._upstream.unary_unary("/hingeloss.v1.LossService/Compute")
-            if self._upstream
-            else None
-        )
-
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            self.asked.append("Compute")
-            if forward is None:
-                context.abort(code, "scores: refused unread")
-            answer: bytes = forward(request)
-            return answer
-
-        return handle
-
-    def close(self) -> None:
-        self._server.stop(None)
-        if self._upstream is not None:
-            self._upstream.close()
-
-
 def _sixteen_megabytes() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     rng = np.random.default_rng(5)
     return rng.normal(size=(1024, 4000)).astype(np.float32), rng.integers(0, 4000, 1024)
@@ -597,7 +541,7 @@ def test_a_refused_upload_reports_the_servers_status(flavour: str) -> None:
     the call (grpc/grpc#36066; with this server, in a third to two thirds of the calls):
     the asyncio client writes its parts itself, and the caller gets the server's
     status, as the sync client's caller does."""
-    server = _RefusesUnread(grpc.StatusCode.INVALID_ARGUMENT)
+    server = RefusesUnread(grpc.StatusCode.INVALID_ARGUMENT)
     scores, targets = _sixteen_megabytes()
     target, calls = f"127.0.0.1:{server.port}", 15
     refusals: list[HingelossError] = []
@@ -631,7 +575,7 @@ def test_an_older_server_slow_to_refuse_is_heard(shared_server: Any) -> None:
     """Each client's first upload is refused UNIMPLEMENTED while its parts are being
     written: the asyncio client hears it, answers that request in one message, and
     sends its next one in one message too."""
-    server = _RefusesUnread(grpc.StatusCode.UNIMPLEMENTED, upstream=shared_server.target)
+    server = RefusesUnread(grpc.StatusCode.UNIMPLEMENTED, upstream=shared_server.target)
     scores, targets = _sixteen_megabytes()
     with LossClient(shared_server.target, upload_min_bytes=None) as whole:
         expected = whole.multiclass_hinge(scores, targets)
