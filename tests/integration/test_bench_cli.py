@@ -293,6 +293,17 @@ def _call(target: str, request: bytes) -> bytes:
         return answer
 
 
+def _refusal_of_a_call_without_a_message(target: str) -> grpc.StatusCode:
+    """A call registered as the service's is a request stream: one that ends without a
+    message is refused (INVALID_ARGUMENT), where a unary handler never runs."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_unary(f"/{SERVICE}/Compute")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(iter(()), timeout=10)
+    code: grpc.StatusCode = refused.value.code()
+    return code
+
+
 def _gradient(answer: bytes) -> pb.Gradient:
     (gradient,) = pb.ComputeResponse.FromString(answer).gradients
     return gradient
@@ -309,6 +320,8 @@ def test_replay_serves_the_servers_answer_once_asked_per_shape_and_format(
         again = _call(proxy.target, second)
         dense = _call(proxy.target, _multiclass_request(rng, "dense"))
         taller = _call(proxy.target, _multiclass_request(rng, "factored", rows=7))
+        # A floor for the service: Compute registered as the service's is.
+        refused = _refusal_of_a_call_without_a_message(proxy.target)
 
     # The first answer is the server's (the same gradient as asking it directly) ...
     assert _gradient(replayed) == _gradient(_call(server.target, first))
@@ -319,19 +332,15 @@ def test_replay_serves_the_servers_answer_once_asked_per_shape_and_format(
     assert _gradient(dense).WhichOneof("value") == "dense"
     assert list(_gradient(taller).factored.dense_shape) == [7, 5]
     assert (replay.forwarded, replay.requests) == (3, 4)
+    assert refused is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_echo_as_the_service_registers_compute_answers_as_the_echo_does() -> None:
     request = _multiclass_request(np.random.default_rng(3), "dense")
     with BackgroundServer(Echo()) as echo, BackgroundServer(Echo(as_service=True)) as registered:
         assert _call(registered.target, request) == _call(echo.target, request)
-        # A call registered as the service's is a request stream: one that ends without
-        # a message is refused, where a unary handler never runs.
-        with grpc.insecure_channel(registered.target) as channel:
-            call = channel.stream_unary(f"/{SERVICE}/Compute")
-            with pytest.raises(grpc.RpcError) as refused:
-                call(iter(()), timeout=10)
-    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        refused = _refusal_of_a_call_without_a_message(registered.target)
+    assert refused is grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize("mode", ["upload", "stream"])
