@@ -270,7 +270,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
-        pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
+        pending: _Pending = asyncio.Queue()
         read_error: list[BaseException] = []
         # Set when a request fails: the stream ends there, and what it read after that
         # request is dropped, answered or not.
@@ -306,11 +306,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     answer = await item.task
                 except HingelossError as error:
                     failed.set()
-                    metadata = {
-                        "streamIndex": str(item.index),
-                        "requestId": short_request_id(item.request_id),
-                    }
-                    await abort_call(context, error, metadata)
+                    reader.cancel()
+                    await self._end_at(item, error, pending, context)
                 finally:
                     window.release()
                 self._answered(answer)
@@ -325,6 +322,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
             reader.cancel()
             self._drop_unsent(pending, failed.is_set(), context)
 
+    async def _end_at(
+        self, item: _StreamItem, error: HingelossError, pending: _Pending, context: Any
+    ) -> None:
+        """Ends a stream at its failed `item` (raising), once all it read after is counted."""
+        if stopping := self._drop_unsent(pending, True, context):
+            await asyncio.wait(stopping)
+        metadata = {"streamIndex": str(item.index), "requestId": short_request_id(item.request_id)}
+        await abort_call(context, error, metadata)
+
     async def _refused(self, error: HingelossError) -> _Answer:
         """A stream message refused before any computing (it does not parse), counted as
         the stream's other requests are when they fail: as its task runs."""
@@ -338,11 +344,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._metrics.request_done(answer.loss, grpc.StatusCode.OK, seconds)
 
     def _drop_unsent(
-        self, pending: asyncio.Queue[_StreamItem | None], failed: bool, context: Any
-    ) -> None:
+        self, pending: _Pending, failed: bool, context: Any
+    ) -> list[asyncio.Task[_Answer]]:
         """What a stream read and will not answer: computed answers are dropped and
-        counted (`_unsent_code`), the rest cancelled (counted as they stop)."""
+        counted (`_unsent_code`), the rest cancelled; returns those, counted as they stop."""
         code = _unsent_code(failed, context)
+        stopping = []
         while not pending.empty():
             item = pending.get_nowait()
             if item is None:
@@ -350,8 +357,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             task = item.task
             if task.done() and not task.cancelled() and task.exception() is None:
                 self._metrics.request_done(task.result().loss, code, None)
-            else:
+            elif not task.done():
                 task.cancel()
+                stopping.append(task)
+        return stopping
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -377,6 +386,9 @@ class _StreamItem:
     index: int
     request_id: str
     task: asyncio.Task[_Answer]
+
+
+_Pending = asyncio.Queue[_StreamItem | None]  # None: the stream reads no more
 
 
 def _unsent_code(stream_failed: bool, context: Any) -> grpc.StatusCode:
