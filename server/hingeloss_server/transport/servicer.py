@@ -265,9 +265,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 yield response
 
     async def _stream(
-        self,
-        request_iterator: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext,
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: _Pending = asyncio.Queue()
@@ -326,6 +324,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, item: _StreamItem, error: HingelossError, pending: _Pending, context: Any
     ) -> None:
         """Ends a stream at its failed `item` (raising), once all it read after is counted."""
+        # The reader's new tasks start first: one cancelled before it ran counts nothing.
+        await asyncio.sleep(0)
         if stopping := self._drop_unsent(pending, True, context):
             await asyncio.wait(stopping)
         metadata = {"streamIndex": str(item.index), "requestId": short_request_id(item.request_id)}
