@@ -207,7 +207,27 @@ def spawn_server(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[b
         server.kill()
 
 
-class RefusesUnread:
+class InProcessServer:
+    """A real gRPC server in this process, serving `handler()`; `upstream`, a channel to
+    a real server behind it, where one is given."""
+
+    def __init__(self, upstream: str | None = None, options: Sequence[Any] = ()) -> None:
+        self.upstream = grpc.insecure_channel(upstream, options=options) if upstream else None
+        self._server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
+        self._server.add_generic_rpc_handlers((self.handler(),))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._server.stop(None)
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+class RefusesUnread(InProcessServer):
     """A gRPC server whose ComputeUpload and ComputeStream calls end with `code` a moment
     after they start, without reading what is sent (as a server refusing a request on
     its first part may, or an older one refusing the method, while megabytes more are
@@ -216,55 +236,43 @@ class RefusesUnread:
 
     def __init__(self, code: grpc.StatusCode, upstream: str | None = None) -> None:
         self.asked: list[str] = []
-        large = [("grpc.max_receive_message_length", 1 << 30)]
-        self._upstream = grpc.insecure_channel(upstream, options=large) if upstream else None
-        self._server = grpc.server(futures.ThreadPoolExecutor(4), options=large)
-        self._server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "hingeloss.v1.LossService",
-                    {
-                        "ComputeUpload": grpc.stream_unary_rpc_method_handler(
-                            self._refuse("ComputeUpload", code)
-                        ),
-                        "ComputeStream": grpc.stream_stream_rpc_method_handler(
-                            self._refuse("ComputeStream", code)
-                        ),
-                        "Compute": grpc.unary_unary_rpc_method_handler(self._compute(code)),
-                    },
-                ),
-            )
-        )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
+        self._code = code
+        super().__init__(upstream, options=[("grpc.max_receive_message_length", 1 << 30)])
 
-    def _refuse(
-        self, method: str, code: grpc.StatusCode
-    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "hingeloss.v1.LossService",
+            {
+                "ComputeUpload": grpc.stream_unary_rpc_method_handler(
+                    self._refuse("ComputeUpload")
+                ),
+                "ComputeStream": grpc.stream_stream_rpc_method_handler(
+                    self._refuse("ComputeStream")
+                ),
+                "Compute": grpc.unary_unary_rpc_method_handler(self._compute()),
+            },
+        )
+
+    def _refuse(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handle(requests: Any, context: grpc.ServicerContext) -> Any:
             self.asked.append(method)
             time.sleep(0.05)  # what is sent piles up in flight, unread
-            context.abort(code, "scores: refused unread")
+            context.abort(self._code, "scores: refused unread")
 
         return handle
 
-    def _compute(self, code: grpc.StatusCode) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    def _compute(self) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         forward = (
-            self._upstream.unary_unary("/hingeloss.v1.LossService/Compute")
-            if self._upstream
+            self.upstream.unary_unary("/hingeloss.v1.LossService/Compute")
+            if self.upstream
             else None
         )
 
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             self.asked.append("Compute")
             if forward is None:
-                context.abort(code, "scores: refused unread")
+                context.abort(self._code, "scores: refused unread")
             answer: bytes = forward(request)
             return answer
 
         return handle
-
-    def close(self) -> None:
-        self._server.stop(None)
-        if self._upstream is not None:
-            self._upstream.close()

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from helpers.servers import RefusesUnread, ServerThread, server_config
+from helpers.servers import InProcessServer, RefusesUnread, ServerThread, server_config
 from prometheus_client import CollectorRegistry
 
 from hingeloss import (
@@ -400,25 +400,7 @@ def test_an_upload_reads_the_arrays_when_the_call_is_made(shared_server: Any) ->
     assert asyncio.run(losses(0)) == expected
 
 
-class _Proxy:
-    """A real gRPC server in this process, in front of a real hingeloss server."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = grpc.insecure_channel(upstream)
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        self._server.add_generic_rpc_handlers((self.handler(),))
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._server.stop(None)
-        self.upstream.close()
-
-
-class _FailsFirstUpload(_Proxy):
+class _FailsFirstUpload(InProcessServer):
     """A proxy whose first ComputeUpload reads every part, then fails UNAVAILABLE; later
     ones go to a real server. It records the parts of each call it received."""
 
@@ -458,7 +440,7 @@ def test_a_retried_upload_sends_every_part_again(shared_server: Any) -> None:
     assert len(proxy.calls[1]) == 3  # the request, then 1 MiB and the rest
 
 
-class _ComputeOnlyProxy(_Proxy):
+class _ComputeOnlyProxy(InProcessServer):
     """A server of an older release: Compute only, forwarded to a real server.
 
     It records each method callers asked for, so the test sees which ones the SDK used.

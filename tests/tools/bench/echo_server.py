@@ -149,7 +149,7 @@ def _read_as_the_service_does(
     return handle
 
 
-def _handler(service: Echo | Replay | PerturbingProxy) -> grpc.GenericRpcHandler:
+def _handler(service: Echo | _Forwarder) -> grpc.GenericRpcHandler:
     # No (de)serializers: the handlers see and return raw bytes.
     compute = (
         grpc.stream_unary_rpc_method_handler(_read_as_the_service_does(service.compute))
@@ -165,9 +165,35 @@ def _handler(service: Echo | Replay | PerturbingProxy) -> grpc.GenericRpcHandler
     )
 
 
-class Replay:
-    """Forwards the first request of each shape and answer format to `upstream()` (a
-    host:port, asked for on first use) and answers every later one with that answer.
+class _Forwarder:
+    """A stand-in that asks a real server (`upstream()`, a host:port, on first use)."""
+
+    as_service = False
+
+    def __init__(self, upstream: Callable[[], str]) -> None:
+        self._upstream = upstream
+        self._call: Any = None
+
+    async def _forward(self, request: bytes) -> bytes:
+        if self._call is None:
+            channel = grpc.aio.insecure_channel(self._upstream(), options=_SERVER_OPTIONS[:2])
+            self._call = channel.unary_unary(f"/{SERVICE}/Compute")
+        answer: bytes = await self._call(request)
+        return answer
+
+    async def compute(self, request: bytes, context: Any) -> bytes:
+        raise NotImplementedError
+
+    async def compute_stream(
+        self, requests: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield await self.compute(request, context)
+
+
+class Replay(_Forwarder):
+    """Forwards the first request of each shape and answer format upstream and answers
+    every later one with that answer.
 
     Later requests are not read past their tags and lengths, and their answers are
     another request's: the load generator must not verify them, and the Timing they
@@ -178,8 +204,7 @@ class Replay:
     as_service = True
 
     def __init__(self, upstream: Callable[[], str]) -> None:
-        self._upstream = upstream
-        self._call: Any = None
+        super().__init__(upstream)
         self._cache: dict[tuple[Any, ...], bytes] = {}
         self.forwarded = 0
         self.requests = 0
@@ -199,33 +224,21 @@ class Replay:
         key = self._key(request)
         cached = self._cache.get(key)
         if cached is None:
-            if self._call is None:
-                channel = grpc.aio.insecure_channel(self._upstream(), options=_SERVER_OPTIONS[:2])
-                self._call = channel.unary_unary(f"/{SERVICE}/Compute")
             self.forwarded += 1
-            cached = await self._call(request)
+            cached = await self._forward(request)
             if len(self._cache) < 64:
                 self._cache[key] = cached
         return cached
 
-    async def compute_stream(
-        self, requests: AsyncIterator[bytes], context: Any
-    ) -> AsyncIterator[bytes]:
-        async for request in requests:
-            yield await self.compute(request, context)
 
-
-class PerturbingProxy:
+class PerturbingProxy(_Forwarder):
     """Forwards to `upstream` and adds 1.0 to element 0 of every gradient it returns.
 
     Element 0 of what travels: of a factored gradient, the value of row 0.
     """
 
-    as_service = False
-
     def __init__(self, upstream: str) -> None:
-        self._upstream = upstream
-        self._call: Any = None
+        super().__init__(lambda: upstream)
 
     def _perturb(self, payload: bytes) -> bytes:
         response = pb.ComputeResponse.FromString(payload)
@@ -241,16 +254,7 @@ class PerturbingProxy:
         return response.SerializeToString()
 
     async def compute(self, request: bytes, context: Any) -> bytes:
-        if self._call is None:
-            channel = grpc.aio.insecure_channel(self._upstream, options=_SERVER_OPTIONS[:2])
-            self._call = channel.unary_unary(f"/{SERVICE}/Compute")
-        return self._perturb(await self._call(request))
-
-    async def compute_stream(
-        self, requests: AsyncIterator[bytes], context: Any
-    ) -> AsyncIterator[bytes]:
-        async for request in requests:
-            yield await self.compute(request, context)
+        return self._perturb(await self._forward(request))
 
 
 async def add_health(server: grpc.aio.Server) -> None:
@@ -263,7 +267,7 @@ async def add_health(server: grpc.aio.Server) -> None:
 
 
 async def start(
-    service: Echo | Replay | PerturbingProxy, host: str = "127.0.0.1", port: int = 0
+    service: Echo | _Forwarder, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[Any, int]:
     """Starts a grpc.aio server for `service`; returns (server, bound port)."""
     server = grpc.aio.server(options=_SERVER_OPTIONS)
@@ -277,7 +281,7 @@ async def start(
 class BackgroundServer:
     """Runs one of these servers on a private event loop in a thread (for tests)."""
 
-    def __init__(self, service: Echo | Replay | PerturbingProxy) -> None:
+    def __init__(self, service: Echo | _Forwarder) -> None:
         self.service = service
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -10,14 +10,13 @@ with one intra-op thread, metrics on against off (both with one intra-op thread)
 row-sparse against dense gradients at sparsity 0.9, and factored gradients (decoded
 by the SDK on the clock) against dense ones, the echo, and the replay (the service's
 factored answers served again without computing: the floor for factored answers).
-Every server runs in its
-own process, all of them up at
-once; the load generator (hingeloss-bench's) runs in this one. The servers compared
-in a cell are measured back to back, in rounds whose order rotates, and each figure
-is the median over the rounds: on a machine shared with other work, drift then
-moves both sides of a ratio alike. Prints figures and ratios and writes JSON.
-Nothing here is a test: no figure fails the run; a wrong answer or a failed
-request does (exit 1).
+
+Every server runs in its own process, all of them up at once; the load generator
+(hingeloss-bench's) runs in this one. The servers compared in a cell are measured
+back to back, in rounds whose order rotates, and each figure is the median over the
+rounds: on a machine shared with other work, drift then moves both sides of a ratio
+alike. Prints figures and ratios and writes JSON. Nothing here is a test: no figure
+fails the run; a wrong answer or a failed request does (exit 1).
 """
 
 from __future__ import annotations
