@@ -133,7 +133,11 @@ class HingelossServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         token_file = config.security.auth_token_file
-        guard = CallGuard(self.metrics, None if token_file is None else read_token(token_file))
+        guard = CallGuard(
+            self.metrics,
+            None if token_file is None else read_token(token_file),
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
         server = grpc.aio.server(
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,

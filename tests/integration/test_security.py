@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers.calls import compute_without_a_request
 from helpers.faults import FaultHook
@@ -40,12 +42,15 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.cli import config_from_args
 from hingeloss_server.config import SecurityConfig
+from hingeloss_server.transport.call_guard import OPEN_STREAMS_WITHOUT_TOKEN
 from hingeloss_server.transport.servicer import SERVICE_NAME
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
 LABELS = np.array([1, -1, 1, 1])
 EXPECTED = float(np.maximum(0.0, 1.0 - LABELS * SCORES).mean())
 TOKEN = "s3cr3t-token-for-tests"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+_LIST_SERVICES = reflection_pb2.ServerReflectionRequest(list_services="")
 
 
 @dataclass
@@ -195,6 +200,65 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
     )
     assert rejected is not None
     assert rejected >= 7
+
+
+def test_calls_without_the_token_cannot_take_every_concurrent_call(
+    make_server: Callable[..., Any], token_file: Path
+) -> None:
+    """Health's Watch stays open without the token, but only a few at once: whoever holds
+    the token still finds room among --max-concurrent-rpcs, and probes still get answers."""
+    max_calls = 24
+    server = make_server(
+        server_config(
+            security=SecurityConfig(auth_token_file=token_file), max_concurrent_rpcs=max_calls
+        )
+    )
+    limit = min(OPEN_STREAMS_WITHOUT_TOKEN, max_calls // 4)
+    watch = health_pb2.HealthCheckRequest(service="")
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        # As many as the server takes at once, each opened and answered in turn.
+        held = [health.Watch(watch, timeout=60) for _ in range(max_calls)]
+        firsts = [_first_answer(call) for call in held]
+        assert firsts.count(grpc.StatusCode.OK) == limit, firsts
+        assert firsts.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == max_calls - limit, firsts
+        # While they are open: the token's holders are served, probes are answered.
+        assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
+        authorized = (("authorization", f"Bearer {TOKEN}"),)
+        assert next(health.Watch(watch, timeout=10, metadata=authorized)).status == SERVING
+        assert health.Check(watch, timeout=10).status == SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(reflection.ServerReflectionInfo(iter([_LIST_SERVICES]), timeout=10))
+        assert excinfo.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in held:
+            call.cancel()
+        # Their places come back as they end.
+        assert _watch_answered_within(health, watch, seconds=10)
+
+
+def _first_answer(call: Any) -> grpc.StatusCode:
+    """OK once a Watch call has said SERVING; else the code it ended with."""
+    try:
+        assert next(call).status == SERVING
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _watch_answered_within(
+    health: health_pb2_grpc.HealthStub, request: health_pb2.HealthCheckRequest, seconds: float
+) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        call = health.Watch(request, timeout=10)
+        code = _first_answer(call)
+        call.cancel()
+        if code is grpc.StatusCode.OK:
+            return True
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, code
+        time.sleep(0.05)
+    return False
 
 
 def test_refused_calls_to_made_up_methods_add_no_metric_series(

@@ -10,7 +10,10 @@ costs a dict lookup (with a token, one constant-time compare more).
   excepted) is refused on its headers, before any of its message is read: the refusal
   handlers take a request *stream*, which gRPC hands over without reading it (a unary
   handler would wait for, and hold, the whole message first, however large it claims
-  to be).
+  to be). Health's Watch and reflection's stream stay open without the token, but
+  only a few at once (OPEN_STREAMS_WITHOUT_TOKEN): each holds one of the server's
+  concurrent calls for as long as its caller likes, and callers without the token
+  must not be able to take them all.
 - **Metrics.** Every call is counted by method and status code and timed until its
   last response (`Metrics.rpc_done`).
 - **Parse failures.** gRPC deserializes a message before any handler runs and reports
@@ -22,6 +25,7 @@ costs a dict lookup (with a token, one constant-time compare more).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import time
@@ -42,7 +46,13 @@ OPEN_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 
+# At most this many health Watch and reflection calls without the token are open at once
+# (less where --max-concurrent-rpcs is small: a quarter of it). Probes use the unary
+# Check, which is not counted; SDK channels send their token on their Watch.
+OPEN_STREAMS_WITHOUT_TOKEN = 16
+
 _DENIED = "missing or invalid bearer token"
+_TOO_MANY_OPEN = "too many calls without a token are open; send the bearer token"
 # The metric labels of a refused call to a method that does not exist.
 UNKNOWN_METHOD = "/unknown/unknown"
 
@@ -68,12 +78,23 @@ class CallGuard(grpc.GenericRpcHandler):
     `add_*Servicer_to_server` functions (health and reflection included) call.
     """
 
-    def __init__(self, metrics: Metrics, token: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        token: str | None = None,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
         self._metrics = metrics
         self._expected = None if token is None else f"Bearer {token}".encode()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._denials: dict[str, grpc.RpcMethodHandler] = {}
+        # The open services' streaming methods as a call without the token gets them.
+        self._tokenless: dict[str, grpc.RpcMethodHandler] = {}
+        limit = OPEN_STREAMS_WITHOUT_TOKEN
+        if max_concurrent_rpcs is not None:
+            limit = min(limit, max_concurrent_rpcs // 4)
+        self._tokenless_slots = _Slots(limit)
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -82,17 +103,30 @@ class CallGuard(grpc.GenericRpcHandler):
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
         for name, handler in handlers.items():
-            self._handlers[f"/{service}/{name}"] = self._guarded(f"/{service}/{name}", handler)
+            self._register(f"/{service}/{name}", handler)
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         handler = self._handlers.get(method) or self._resolve(handler_call_details)
-        if self._expected is not None and not self._may_call(method, handler_call_details):
-            self._metrics.request_rejected("unauthenticated")
-            return self._denial(method if handler is not None else UNKNOWN_METHOD, handler)
-        return handler
+        if self._expected is None or self._has_token(handler_call_details):
+            return handler
+        if handler is not None and _split_method(method)[0] in OPEN_SERVICES:
+            return self._tokenless.get(method, handler)
+        self._metrics.request_rejected("unauthenticated")
+        return self._denial(method if handler is not None else UNKNOWN_METHOD, handler)
+
+    def _register(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """Keeps the method's guarded handler, and its counted one for calls without the
+        token where it is an open service's stream."""
+        guarded = self._handlers[method] = self._guarded(method, handler)
+        streaming = handler.request_streaming or handler.response_streaming
+        if streaming and _split_method(method)[0] in OPEN_SERVICES:
+            self._tokenless[method] = self._guarded(
+                method, _counted(handler, self._tokenless_slots)
+            )
+        return guarded
 
     def _denial(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         """The refusal of a call without the token, built once per method.
@@ -114,14 +148,10 @@ class CallGuard(grpc.GenericRpcHandler):
         for generic in self._generic:
             handler = generic.service(details)
             if handler is not None:
-                guarded = self._guarded(details.method, handler)
-                self._handlers[details.method] = guarded
-                return guarded
+                return self._register(details.method, handler)
         return None
 
-    def _may_call(self, method: str, details: grpc.HandlerCallDetails) -> bool:
-        if _split_method(method)[0] in OPEN_SERVICES:
-            return True
+    def _has_token(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value
@@ -286,6 +316,54 @@ def _stream_response(behaviour: Any, record: Record, *, check: bool) -> Any:
                 await _refuse_unparsable(context)
 
     return handle
+
+
+class _Slots:
+    """A count of open calls with a limit; a call past it is refused RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self.taken >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_OPEN)
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
+
+
+def _counted(handler: grpc.RpcMethodHandler, slots: _Slots) -> grpc.RpcMethodHandler:
+    """A streaming method's handler whose calls each hold one of `slots` while open."""
+
+    def count(behaviour: Any) -> Any:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with slots.held(context):
+                    async for response in behaviour(request, context):
+                        yield response
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with slots.held(context):
+                return await behaviour(request, context)
+
+        return call
+
+    options = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(count(handler.unary_stream), **options)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(count(handler.stream_unary), **options)
+    return grpc.stream_stream_rpc_method_handler(count(handler.stream_stream), **options)
 
 
 async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
