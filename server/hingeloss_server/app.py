@@ -136,7 +136,7 @@ class HingelossServer:
         guard = CallGuard(
             self.metrics,
             None if token_file is None else read_token(token_file),
-            max_concurrent_rpcs=config.max_concurrent_rpcs,
+            max_without_token=config.calls_without_token,
         )
         server = grpc.aio.server(
             options=grpc_options(config),

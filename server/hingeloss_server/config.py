@@ -209,6 +209,14 @@ class SecurityConfig:
     auth_token_file: Path | None = settable(
         None, "require 'authorization: Bearer <token>' from this file"
     )
+    # Health and reflection answer without the token (probes carry none), but each call
+    # holds one of --max-concurrent-rpcs while open: those without the token share this
+    # many, so that they can never take the calls of the token's holders.
+    max_calls_without_token: int = settable(
+        64,
+        "with a token: health and reflection calls without it open at once, at most half "
+        "of --max-concurrent-rpcs (more: RESOURCE_EXHAUSTED)",
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -222,6 +230,12 @@ class SecurityConfig:
             "tls_client_ca",
             "used with tls_cert and tls_key",
             self.tls_client_ca,
+        )
+        _require(
+            self.max_calls_without_token >= 1,
+            "max_calls_without_token",
+            ">= 1",
+            self.max_calls_without_token,
         )
 
     @property
@@ -325,3 +339,10 @@ class ServerConfig:
         _require(
             self.log_format in {"text", "json"}, "log_format", "'text' or 'json'", self.log_format
         )
+
+    @property
+    def calls_without_token(self) -> int:
+        """security.max_calls_without_token, at most half of max_concurrent_rpcs (rounded
+        down, at least 1): the token's holders keep the rest."""
+        half = max(1, self.max_concurrent_rpcs // 2)
+        return min(self.security.max_calls_without_token, half)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.cli import config_from_args
 from hingeloss_server.config import SecurityConfig
-from hingeloss_server.transport.call_guard import OPEN_STREAMS_WITHOUT_TOKEN
+from hingeloss_server.transport import call_guard
 from hingeloss_server.transport.servicer import SERVICE_NAME
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
@@ -205,36 +205,74 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
 def test_calls_without_the_token_cannot_take_every_concurrent_call(
     make_server: Callable[..., Any], token_file: Path
 ) -> None:
-    """Health's Watch stays open without the token, but only a few at once: whoever holds
-    the token still finds room among --max-concurrent-rpcs, and probes still get answers."""
-    max_calls = 24
-    server = make_server(
-        server_config(
-            security=SecurityConfig(auth_token_file=token_file), max_concurrent_rpcs=max_calls
-        )
-    )
-    limit = min(OPEN_STREAMS_WITHOUT_TOKEN, max_calls // 4)
+    """Health and reflection answer without the token, but only so many such calls at once,
+    counted from their headers: the token's holders still find room among
+    --max-concurrent-rpcs, whether those calls stream or never send their message."""
+    max_calls, limit = 24, 5
+    security = SecurityConfig(auth_token_file=token_file, max_calls_without_token=limit)
+    server = make_server(server_config(security=security, max_concurrent_rpcs=max_calls))
     watch = health_pb2.HealthCheckRequest(service="")
+    authorized = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        # As many as the server takes at once, each opened and answered in turn.
+        # As many Watch streams as the server takes calls, each opened and answered in turn.
         held = [health.Watch(watch, timeout=60) for _ in range(max_calls)]
         firsts = [_first_answer(call) for call in held]
         assert firsts.count(grpc.StatusCode.OK) == limit, firsts
         assert firsts.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == max_calls - limit, firsts
-        # While they are open: the token's holders are served, probes are answered.
+        # While they are open the token's holders are served, and not counted.
         assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
-        authorized = (("authorization", f"Bearer {TOKEN}"),)
         assert next(health.Watch(watch, timeout=10, metadata=authorized)).status == SERVING
-        assert health.Check(watch, timeout=10).status == SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         with pytest.raises(grpc.RpcError) as excinfo:
             list(reflection.ServerReflectionInfo(iter([_LIST_SERVICES]), timeout=10))
         assert excinfo.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         for call in held:
             call.cancel()
-        # Their places come back as they end.
+        assert _watch_answered_within(health, watch, seconds=10)  # places come back
+
+        # Calls that never send their message: counted too, from their headers.
+        silent = threading.Event()
+        pending = [
+            channel.stream_unary(method).future(_silent_until(silent), timeout=60)
+            for method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+            for _ in range(max_calls)
+        ]
+        try:
+            assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
+            assert _first_answer(health.Watch(watch, timeout=10)) is (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+        finally:
+            silent.set()
         assert _watch_answered_within(health, watch, seconds=10)
+        assert all(call.exception(10) is not None for call in pending)
+
+
+def test_a_call_without_the_token_has_seconds_for_its_message(
+    make_server: Callable[..., Any], token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe sends its message at once; one that does not is refused, its place freed."""
+    monkeypatch.setattr(call_guard, "ARRIVAL_WITHOUT_TOKEN_S", 0.3)
+    security = SecurityConfig(auth_token_file=token_file, max_calls_without_token=1)
+    server = make_server(server_config(security=security))
+    with grpc.insecure_channel(server.target) as channel:
+        started = time.monotonic()
+        call = channel.stream_unary("/grpc.health.v1.Health/Check").future(
+            _silent_until(threading.Event(), seconds=30), timeout=30
+        )
+        assert call.exception(10).code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        probe = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        assert probe.status == SERVING
+
+
+def _silent_until(done: threading.Event, seconds: float = 60) -> Iterator[bytes]:
+    """A request stream that sends nothing, and ends once `done` is set."""
+    done.wait(seconds)
+    yield from ()
 
 
 def _first_answer(call: Any) -> grpc.StatusCode:

@@ -10,10 +10,11 @@ costs a dict lookup (with a token, one constant-time compare more).
   excepted) is refused on its headers, before any of its message is read: the refusal
   handlers take a request *stream*, which gRPC hands over without reading it (a unary
   handler would wait for, and hold, the whole message first, however large it claims
-  to be). Health's Watch and reflection's stream stay open without the token, but
-  only a few at once (OPEN_STREAMS_WITHOUT_TOKEN): each holds one of the server's
-  concurrent calls for as long as its caller likes, and callers without the token
-  must not be able to take them all.
+  to be). Health and reflection answer without the token, for probes, but only so
+  many such calls at once (`max_without_token`): each holds one of the server's
+  concurrent calls (--max-concurrent-rpcs) while open, a Watch or reflection stream
+  for as long as its caller likes, so they are taken on their headers (a request
+  stream again), counted, and given a few seconds for their message.
 - **Metrics.** Every call is counted by method and status code and timed until its
   last response (`Metrics.rpc_done`).
 - **Parse failures.** gRPC deserializes a message before any handler runs and reports
@@ -46,10 +47,8 @@ OPEN_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 
-# At most this many health Watch and reflection calls without the token are open at once
-# (less where --max-concurrent-rpcs is small: a quarter of it). Probes use the unary
-# Check, which is not counted; SDK channels send their token on their Watch.
-OPEN_STREAMS_WITHOUT_TOKEN = 16
+# How long a call without the token has for its request message (probes send it at once).
+ARRIVAL_WITHOUT_TOKEN_S = 5.0
 
 _DENIED = "missing or invalid bearer token"
 _TOO_MANY_OPEN = "too many calls without a token are open; send the bearer token"
@@ -79,22 +78,18 @@ class CallGuard(grpc.GenericRpcHandler):
     """
 
     def __init__(
-        self,
-        metrics: Metrics,
-        token: str | None = None,
-        max_concurrent_rpcs: int | None = None,
+        self, metrics: Metrics, token: str | None = None, max_without_token: int = 64
     ) -> None:
         self._metrics = metrics
         self._expected = None if token is None else f"Bearer {token}".encode()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._denials: dict[str, grpc.RpcMethodHandler] = {}
-        # The open services' streaming methods as a call without the token gets them.
+        # The open services' methods as a call without the token gets them: counted.
         self._tokenless: dict[str, grpc.RpcMethodHandler] = {}
-        limit = OPEN_STREAMS_WITHOUT_TOKEN
-        if max_concurrent_rpcs is not None:
-            limit = min(limit, max_concurrent_rpcs // 4)
-        self._tokenless_slots = _Slots(limit)
+        self._tokenless_slots = _Slots(
+            max_without_token, lambda: metrics.request_rejected("tokenless_full")
+        )
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -112,17 +107,17 @@ class CallGuard(grpc.GenericRpcHandler):
         handler = self._handlers.get(method) or self._resolve(handler_call_details)
         if self._expected is None or self._has_token(handler_call_details):
             return handler
-        if handler is not None and _split_method(method)[0] in OPEN_SERVICES:
-            return self._tokenless.get(method, handler)
+        tokenless = self._tokenless.get(method)
+        if tokenless is not None:
+            return tokenless
         self._metrics.request_rejected("unauthenticated")
         return self._denial(method if handler is not None else UNKNOWN_METHOD, handler)
 
     def _register(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """Keeps the method's guarded handler, and its counted one for calls without the
-        token where it is an open service's stream."""
+        """Keeps the method's guarded handler, and for an open service's method the one
+        that calls without the token get."""
         guarded = self._handlers[method] = self._guarded(method, handler)
-        streaming = handler.request_streaming or handler.response_streaming
-        if streaming and _split_method(method)[0] in OPEN_SERVICES:
+        if _split_method(method)[0] in OPEN_SERVICES:
             self._tokenless[method] = self._guarded(
                 method, _counted(handler, self._tokenless_slots)
             )
@@ -321,13 +316,15 @@ def _stream_response(behaviour: Any, record: Record, *, check: bool) -> Any:
 class _Slots:
     """A count of open calls with a limit; a call past it is refused RESOURCE_EXHAUSTED."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_refused: Callable[[], None]) -> None:
         self.limit = limit
         self.taken = 0
+        self._on_refused = on_refused
 
     @contextlib.asynccontextmanager
     async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         if self.taken >= self.limit:
+            self._on_refused()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_OPEN)
         self.taken += 1
         try:
@@ -337,21 +334,27 @@ class _Slots:
 
 
 def _counted(handler: grpc.RpcMethodHandler, slots: _Slots) -> grpc.RpcMethodHandler:
-    """A streaming method's handler whose calls each hold one of `slots` while open."""
+    """The handler with a request stream, started on the call's headers, each call holding
+    one of `slots` while open; a method of one request reads it within
+    ARRIVAL_WITHOUT_TOKEN_S (gRPC would otherwise hold the call, uncounted, until it came)."""
 
-    def count(behaviour: Any) -> Any:
+    def count(behaviour: Any, one_request: bool) -> Any:
+        async def requests_of(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await _one_request(context) if one_request else requests
+
         if inspect.isasyncgenfunction(behaviour):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with slots.held(context):
+                    request = await requests_of(requests, context)
                     async for response in behaviour(request, context):
                         yield response
 
             return stream
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             async with slots.held(context):
-                return await behaviour(request, context)
+                return await behaviour(await requests_of(requests, context), context)
 
         return call
 
@@ -359,11 +362,28 @@ def _counted(handler: grpc.RpcMethodHandler, slots: _Slots) -> grpc.RpcMethodHan
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+    if handler.unary_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(count(handler.unary_unary, True), **options)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(count(handler.unary_stream), **options)
+        return grpc.stream_stream_rpc_method_handler(count(handler.unary_stream, True), **options)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(count(handler.stream_unary), **options)
-    return grpc.stream_stream_rpc_method_handler(count(handler.stream_stream), **options)
+        return grpc.stream_unary_rpc_method_handler(count(handler.stream_unary, False), **options)
+    return grpc.stream_stream_rpc_method_handler(count(handler.stream_stream, False), **options)
+
+
+async def _one_request(context: grpc.aio.ServicerContext) -> Any:
+    """The call's one request message, within ARRIVAL_WITHOUT_TOKEN_S; refusals abort."""
+    try:
+        async with asyncio.timeout(ARRIVAL_WITHOUT_TOKEN_S):
+            request = await context.read()
+    except TimeoutError:
+        message = f"the request did not arrive within {ARRIVAL_WITHOUT_TOKEN_S:g} s"
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    if request is grpc.aio.EOF:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+    if request is UNPARSABLE:
+        await _refuse_unparsable(context)
+    return request
 
 
 async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
