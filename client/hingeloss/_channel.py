@@ -261,5 +261,9 @@ def health_request(service: str) -> health_pb2.HealthCheckRequest:
 
 
 def serving_status(response: health_pb2.HealthCheckResponse) -> str:
-    """The name of a health answer's status, e.g. "SERVING"."""
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    """The name of a health answer's status, e.g. "SERVING" ("unknown(N)" for a value
+    added to the health contract after this SDK)."""
+    try:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    except ValueError:
+        return f"unknown({response.status})"

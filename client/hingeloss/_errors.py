@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -151,9 +152,11 @@ def _rich_status(call: grpc.Call) -> status_pb2.Status | None:
     """The google.rpc.Status in a finished call's trailers, read by grpcio-status."""
     if not callable(getattr(call, "trailing_metadata", None)):
         return None  # a bare RpcError carries no status
+    # Details whose code or message contradict the call's are not its own; details that
+    # do not parse say nothing. Either way the call's own code and message stand alone.
     try:
         status: status_pb2.Status | None = rpc_status.from_call(call)
-    except ValueError:  # details whose code or message contradict the call's are not its own
+    except (ValueError, DecodeError):
         return None
     return status
 
@@ -162,7 +165,7 @@ async def _aio_rich_status(call: grpc.aio.Call) -> status_pb2.Status | None:
     """`_rich_status` of a finished grpc.aio call, read by grpcio-status's asyncio twin."""
     try:
         status: status_pb2.Status | None = await rpc_status.aio.from_call(call)
-    except ValueError:
+    except (ValueError, DecodeError):
         return None
     return status
 
@@ -198,19 +201,22 @@ def _typed(
     reason = ""
     metadata: dict[str, str] = {}
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_delay = info.retry_delay.ToNanoseconds() / 1e9
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            error_info = error_details_pb2.ErrorInfo()
-            detail.Unpack(error_info)
-            reason = error_info.reason
-            metadata = dict(error_info.metadata)
+        try:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                retry_delay = info.retry_delay.ToNanoseconds() / 1e9
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                error_info = error_details_pb2.ErrorInfo()
+                detail.Unpack(error_info)
+                reason = error_info.reason
+                metadata = dict(error_info.metadata)
+        except DecodeError:  # a detail that does not parse says nothing
+            continue
     cls = _BY_CODE.get(code, HingelossError)
     result: HingelossError
     if cls is InvalidArgumentError:

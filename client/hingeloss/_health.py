@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hingeloss._channel import serving_status
+
 
 def check(
     target: str,
@@ -33,7 +35,7 @@ def check(
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             return str(error.code().name)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return serving_status(response)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -137,7 +137,14 @@ class InputKind:
     is_torch: bool
     device: Any = None
     dtype: Any = None
+    # What the answer must be (_answers.py checks; None and empty: not known): for the
+    # request of this id; of each score input, in declaration order, its gradient's name,
+    # shape and wire dtype; in the gradient format asked.
+    request_id: str | None = None
     shapes: tuple[tuple[int, ...], ...] = ()
+    names: tuple[str, ...] = ()
+    wires: tuple[int, ...] = ()
+    gradient_format: int = 0
     # With a factored gradient: each row's true-class column (0 where ignored), int64,
     # as the caller's targets were (numpy, or torch on their device).
     true_classes: Any = None
@@ -203,8 +210,10 @@ def build_request(
     request = pb.ComputeRequest(request_id=str(rest.pop("request_id", None) or uuid.uuid4().hex))
     message = getattr(request, loss)
     message.SetInParent()
+    wires: dict[str, int] = {}
     for field in SCORE_FIELDS_BY_NUMBER[loss]:
         wire, shape, data = wire_of(inputs[field], field)
+        wires[field] = wire
         if scores_apart is None:
             tensors.fill(getattr(message, field), wire, shape, data)
         else:
@@ -240,23 +249,24 @@ def build_request(
     if rest:
         raise TypeError(f"unknown option(s) for {loss}: {sorted(rest)}")
 
-    shapes = tuple(_shape(inputs[f]) for f in SCORE_FIELDS[loss])
     true_classes = None
     if request.gradient_format == pb.GRADIENT_FORMAT_FACTORED and "targets" in inputs:
         ignore_index = None
         if loss == "multiclass_hinge" and message.HasField("ignore_index"):
             ignore_index = message.ignore_index
         true_classes = _true_classes(inputs["targets"], ignore_index)
-    if _is_torch(first):
-        kind = InputKind(
-            is_torch=True,
-            device=first.device,
-            dtype=first.dtype,
-            shapes=shapes,
-            true_classes=true_classes,
-        )
-    else:
-        kind = InputKind(is_torch=False, shapes=shapes, true_classes=true_classes)
+    torch_input = _is_torch(first)
+    kind = InputKind(
+        is_torch=torch_input,
+        device=first.device if torch_input else None,
+        dtype=first.dtype if torch_input else None,
+        shapes=tuple(_shape(inputs[f]) for f in SCORE_FIELDS[loss]),
+        names=SCORE_FIELDS[loss],
+        wires=tuple(wires[f] for f in SCORE_FIELDS[loss]),
+        request_id=request.request_id,
+        gradient_format=request.gradient_format,
+        true_classes=true_classes,
+    )
     return request, kind
 
 

@@ -23,6 +23,7 @@ from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
+from hingeloss._answers import check_answer
 from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -217,7 +218,12 @@ def _dense_from_factored(
 
 
 def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult:
-    """Builds the LossResult of a response, in the caller's array type."""
+    """Builds the LossResult of a response, in the caller's array type.
+
+    Raises:
+        InternalError: the response cannot be the answer to the request (_answers.py).
+    """
+    check_answer(response, kind)
     grads = []
     sparse = []
     factored_grads = []

@@ -46,8 +46,10 @@ class RetryPolicy:
     itself only when a server ended an upload without a status, so a CANCELLED
     status comes from a server that stopped while the request was still arriving.
     Every call is a pure function of its request, so repeating it is always safe.
-    A server's RetryInfo delay replaces the computed backoff. No attempt starts
-    after the call's deadline.
+    A server's RetryInfo delay replaces the computed backoff (a negative one is
+    taken as 0). No attempt starts after the call's deadline, nor after a wait of
+    more than `max_retry_delay_s`: a server that asks for longer ends the call,
+    its OverloadedError carrying the delay.
 
     Retries are throttled per client like gRPC's `retryThrottling`: the client
     holds `throttle_max_tokens` tokens; each failed attempt that could be retried
@@ -60,6 +62,7 @@ class RetryPolicy:
     max_attempts: int = 3
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 2.0
+    max_retry_delay_s: float = 60.0
     multiplier: float = 2.0
     jitter: float = 0.2
     retryable: frozenset[grpc.StatusCode] = field(
@@ -77,6 +80,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_retry_delay_s <= 0:
+            raise ValueError(f"max_retry_delay_s must be > 0, got {self.max_retry_delay_s}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
         if self.throttle_max_tokens is not None and self.throttle_max_tokens <= 0:
@@ -97,7 +102,7 @@ class RetryPolicy:
     def backoff(self, attempt: int, error: HingelossError) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempts count from 1)."""
         if isinstance(error, OverloadedError) and error.retry_delay is not None:
-            base = error.retry_delay
+            base = max(0.0, error.retry_delay)
         else:
             base = min(
                 self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1)
@@ -111,7 +116,7 @@ class RetryPolicy:
         if attempt >= self.max_attempts or not self.is_retryable(error):
             return None
         delay = self.backoff(attempt, error)
-        if remaining_s is not None and delay >= remaining_s:
+        if delay > self.max_retry_delay_s or (remaining_s is not None and delay >= remaining_s):
             return None
         return delay
 

@@ -10,6 +10,7 @@ import it lazily so that numpy users never need it.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -207,6 +208,8 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
 
     info = dtype_info(wire)
     if not data:
+        if math.prod(shape):  # never memory nobody wrote
+            raise ValueError(f"a tensor of shape {tuple(shape)} without data")
         return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     readonly = memoryview(data).readonly
     if info.numpy is not None:

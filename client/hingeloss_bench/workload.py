@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -251,4 +251,7 @@ def _variant(spec: WorkloadSpec, index: int) -> Variant:
         getattr(message, name).CopyFrom(encode_scores(inputs[name], spec.dtype))
     for name in OTHER_FIELDS[spec.loss]:
         assert inputs[name].dtype == np.int64
+    # The answer comes in the scores' wire dtype, not the placeholders'.
+    wires = tuple(getattr(message, name).dtype for name in SCORE_FIELDS[spec.loss])
+    kind = replace(kind, wires=wires)
     return Variant(payload=request.SerializeToString(), inputs=inputs, kind=kind)

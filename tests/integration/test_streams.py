@@ -519,7 +519,11 @@ class _AnswersOnce(pb_grpc.LossServiceServicer):
         self, request_iterator: Iterator[pb.ComputeRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ComputeResponse]:
         first = next(request_iterator)
-        yield pb.ComputeResponse(request_id=first.request_id, loss=1.0)
+        scores = first.gan_generator.fake_scores  # a gradient that fits them, all zeros
+        gradient = pb.Gradient(input="fake_scores", dense=pb.Tensor(dtype=scores.dtype))
+        gradient.dense.shape.extend(scores.shape)
+        gradient.dense.data = bytes(len(scores.data))
+        yield pb.ComputeResponse(request_id=first.request_id, loss=1.0, gradients=[gradient])
 
 
 @pytest.fixture

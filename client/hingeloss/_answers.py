@@ -1,0 +1,133 @@
+"""Checks a server's answer against the request it answers, before it is decoded.
+
+A server (or anything between it and the caller) that answers with a gradient of
+another shape, dtype or size, with bytes that do not match what they declare, or
+with another request's answer must not hand the caller a wrong array, memory
+nobody wrote, or a numpy error from deep inside the decoding: the call fails with
+`InternalError`, reason MALFORMED_ANSWER, saying what did not fit. Every check
+reads sizes and at most one value per row: a few microseconds an answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from hingeloss import _factored as factored
+from hingeloss import _tensors as tensors
+from hingeloss._errors import InternalError
+from hingeloss._requests import InputKind
+from hingeloss.v1 import loss_service_pb2 as pb
+
+MALFORMED = "MALFORMED_ANSWER"
+
+# The answer form of each gradient format (UNSPECIFIED is dense).
+_FORMS: dict[int, str] = {
+    pb.GRADIENT_FORMAT_ROW_SPARSE: "row_sparse",
+    pb.GRADIENT_FORMAT_FACTORED: "factored",
+}
+
+
+def check_answer(response: pb.ComputeResponse, kind: InputKind) -> None:
+    """Raises InternalError where `response` cannot be the answer to the request of `kind`."""
+    problem = _problem(response, kind)
+    if problem is not None:
+        raise InternalError(
+            f"the server's answer does not fit its request: {problem}", reason=MALFORMED
+        )
+
+
+def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
+    if not isinstance(response, pb.ComputeResponse):  # grpc.aio's None for unparsable bytes
+        return "it is not a ComputeResponse"
+    if kind.request_id is not None and response.request_id != kind.request_id:
+        return f"it answers request {response.request_id!r}, not {kind.request_id!r}"
+    if not kind.names:
+        return None  # a kind made by hand, not by build_request: nothing known to check
+    asked = 0 if kind.gradient_format == pb.GRADIENT_FORMAT_NONE else len(kind.names)
+    if len(response.gradients) != asked:
+        return f"{len(response.gradients)} gradients where {asked} were asked"
+    form = _FORMS.get(kind.gradient_format, "dense")
+    for name, shape, wire, gradient in zip(
+        kind.names, kind.shapes, kind.wires, response.gradients, strict=False
+    ):  # as many gradients as names, when any were asked
+        if gradient.input != name:
+            return f"a gradient of {gradient.input!r} where {name!r}'s was due"
+        if gradient.WhichOneof("value") != form:
+            return f"the gradient of {name!r} is {gradient.WhichOneof('value')}, not {form}"
+        if form == "row_sparse":
+            problem = _row_sparse(gradient.row_sparse, shape, wire)
+        elif form == "factored":
+            problem = _factored(gradient.factored, shape, wire)
+        else:
+            problem = _tensor(gradient.dense, shape, wire)
+        if problem is not None:
+            return f"the gradient of {name!r}: {problem}"
+    if len(response.per_sample_losses) > len(kind.shapes):
+        return f"{len(response.per_sample_losses)} sets of per-sample losses"
+    for k, per_sample in enumerate(response.per_sample_losses):
+        problem = _tensor(per_sample, kind.shapes[k][:1], kind.wires[k])
+        if problem is not None:
+            return f"per-sample losses {k}: {problem}"
+    return None
+
+
+def _tensor(tensor: pb.Tensor, shape: Sequence[int], wire: int) -> str | None:
+    """What is wrong with a tensor that should hold `shape` values of dtype `wire`."""
+    if tensor.dtype != wire:
+        return f"dtype {_dtype(tensor.dtype)}, not {_dtype(wire)}"
+    if tuple(tensor.shape) != tuple(shape):
+        return f"shape {tuple(tensor.shape)}, not {tuple(shape)}"
+    nbytes = math.prod(shape) * tensors.BY_WIRE[wire].itemsize
+    if len(tensor.data) != nbytes:
+        return f"{len(tensor.data)} bytes of data, not {nbytes}"
+    return None
+
+
+def _row_sparse(sparse: pb.RowSparseTensor, shape: Sequence[int], wire: int) -> str | None:
+    """Rows of `shape` in increasing order, each once, with their values."""
+    if tuple(sparse.dense_shape) != tuple(shape):
+        return f"dense shape {tuple(sparse.dense_shape)}, not {tuple(shape)}"
+    if len(sparse.indices.shape) != 1:
+        return f"row indices of shape {tuple(sparse.indices.shape)}"
+    rows = sparse.indices.shape[0]
+    problem = _tensor(sparse.indices, (rows,), pb.DTYPE_INT64) or _tensor(
+        sparse.values, (rows, *shape[1:]), wire
+    )
+    if problem is not None:
+        return problem
+    indices = tensors.to_numpy(sparse.indices)
+    if indices.size and (
+        indices[0] < 0 or indices[-1] >= shape[0] or np.any(np.diff(indices) <= 0)
+    ):
+        return f"row indices not increasing within [0, {shape[0]})"
+    return None
+
+
+def _factored(message: pb.FactoredGradient, shape: Sequence[int], wire: int) -> str | None:
+    """A mask of `shape`'s bits (the padding bits clear) and a value per row."""
+    if len(shape) != 2 or tuple(message.dense_shape) != tuple(shape):
+        return f"dense shape {tuple(message.dense_shape)}, not {tuple(shape)}"
+    if message.dtype != wire:
+        return f"dtype {_dtype(message.dtype)}, not {_dtype(wire)}"
+    rows, columns = shape
+    width = factored.packed_width(columns)
+    if len(message.mask) != rows * width:
+        return f"a mask of {len(message.mask)} bytes, not {rows * width}"
+    compute = pb.DTYPE_FLOAT64 if wire == pb.DTYPE_FLOAT64 else pb.DTYPE_FLOAT32
+    problem = _tensor(message.row_values, (rows,), compute)
+    if problem is not None:
+        return f"row values: {problem}"
+    spare = width * 8 - columns
+    if spare and rows:
+        last = np.frombuffer(message.mask, dtype=np.uint8)[width - 1 :: width]
+        if np.any(last >> (8 - spare)):
+            return "mask bits set past the last class"
+    return None
+
+
+def _dtype(wire: int) -> str:
+    info = tensors.BY_WIRE.get(wire)
+    return info.name if info is not None else f"unknown({wire})"
