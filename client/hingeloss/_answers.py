@@ -65,6 +65,8 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
             problem = _tensor(gradient.dense, shape, wire)
         if problem is not None:
             return f"the gradient of {name!r}: {problem}"
+    if kind.per_sample_asked and not response.per_sample_losses:
+        return "no per-sample losses, though asked"
     if len(response.per_sample_losses) > len(kind.shapes):
         return f"{len(response.per_sample_losses)} sets of per-sample losses"
     for k, per_sample in enumerate(response.per_sample_losses):

@@ -101,7 +101,12 @@ class LossClient(ClientBase["LossStream"], LossMethods[LossResult]):
             raise
 
     def health(self, service: str = "") -> str:
-        """The server's health status name, e.g. "SERVING" or "NOT_SERVING"."""
+        """The server's health status name, e.g. "SERVING".
+
+        Asked over the client's own channel, which checks the server's health itself and
+        sends nothing to a server that says NOT_SERVING: then this raises
+        UnavailableError. `hingeloss-health` asks without that.
+        """
         return serving_status(
             self._call(self._health.Check, health_request(service), self._timeout)
         )

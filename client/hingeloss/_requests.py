@@ -145,6 +145,7 @@ class InputKind:
     names: tuple[str, ...] = ()
     wires: tuple[int, ...] = ()
     gradient_format: int = 0
+    per_sample_asked: bool = False
     # With a factored gradient: each row's true-class column (0 where ignored), int64,
     # as the caller's targets were (numpy, or torch on their device).
     true_classes: Any = None
@@ -265,6 +266,7 @@ def build_request(
         wires=tuple(wires[f] for f in SCORE_FIELDS[loss]),
         request_id=request.request_id,
         gradient_format=request.gradient_format,
+        per_sample_asked=request.return_per_sample or request.reduction == pb.REDUCTION_NONE,
         true_classes=true_classes,
     )
     return request, kind

@@ -147,7 +147,12 @@ def _short_per_sample(response: pb.ComputeResponse) -> None:
     per_sample.shape[0] -= 1
 
 
+def _no_per_sample(response: pb.ComputeResponse) -> None:
+    del response.per_sample_losses[:]
+
+
 DENSE_TAMPERS = [
+    _no_per_sample,
     _short_data,
     _no_data,
     _other_shape,
