@@ -37,7 +37,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client server tests examples
-	$(BIN)/mypy client/hingeloss client/hingeloss_bench server/hingeloss_server
+	$(BIN)/mypy client/hingeloss client/hingeloss_bench server/hingeloss_server tests
 
 test: $(STAMP) lint
 	$(BIN)/pytest

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
 
-class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossResult]]):
+class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Coroutine[Any, Any, LossResult]]):
     """The asyncio twin of LossClient (same arguments); use `async with`."""
 
     _grpc_api = grpc.aio
@@ -36,7 +36,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
-    ) -> Awaitable[LossResult]:
+    ) -> Coroutine[Any, Any, LossResult]:
         request, kind, timeout = self._prepare(loss, inputs, options)
         return self._compute(request, kind, timeout)
 
@@ -129,7 +129,7 @@ class AsyncLossClient(ClientBase["AsyncLossStream"], LossMethods[Awaitable[LossR
         await self.close()
 
 
-class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
+class AsyncLossStream(LossMethods["asyncio.Future[LossResult]"]):
     """Pipelined requests on one ComputeStream call; use `async with`.
 
     Each method returns an `asyncio.Future` at once, without waiting: the
@@ -154,7 +154,7 @@ class AsyncLossStream(LossMethods[Awaitable[LossResult]]):
 
     def _submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
-    ) -> Awaitable[LossResult]:
+    ) -> asyncio.Future[LossResult]:
         return self._core.submit(loss, inputs, options)
 
     async def close(self) -> None:
@@ -204,7 +204,7 @@ class _AsyncStreamCore:
 
     def submit(
         self, loss: str, inputs: dict[str, Any], options: dict[str, Any]
-    ) -> Awaitable[LossResult]:
+    ) -> asyncio.Future[LossResult]:
         request, kind = build_stream_request(loss, inputs, options)
         future: asyncio.Future[LossResult] = self._loop.create_future()
         self.state.submit(future, kind, request, deadline=self.state.deadline())

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers.deploy_files import (
     DOCKER_DIR,
     DOCKERFILES,
-    METRIC_FAMILIES,
     REPO_ROOT,
+    DeployHelpers,
     Dockerfile,
-    base_metric_name,
-    env_pairs,
-    exec_form,
     find_tool,
-    is_known_family,
     load_yaml,
-    load_yaml_all,
-    metric_names_in,
     parse_dockerfile,
-    parse_env,
-    recorded_names_in,
-    run_tool,
 )
 
 
@@ -46,7 +36,8 @@ def dockerfiles() -> dict[str, Dockerfile]:
 
 @pytest.fixture(scope="session")
 def compose() -> dict[str, Any]:
-    return load_yaml(DOCKER_DIR / "compose.yaml")
+    document: dict[str, Any] = load_yaml(DOCKER_DIR / "compose.yaml")
+    return document
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +49,8 @@ def metric_names_file() -> list[str]:
 
 @pytest.fixture(scope="session")
 def prometheus_rules() -> dict[str, Any]:
-    return load_yaml(DOCKER_DIR / "prometheus" / "rules.yml")
+    rules: dict[str, Any] = load_yaml(DOCKER_DIR / "prometheus" / "rules.yml")
+    return rules
 
 
 @pytest.fixture(scope="session")
@@ -80,22 +72,6 @@ def promtool() -> str:
 
 
 @pytest.fixture(scope="session")
-def deploy() -> SimpleNamespace:
+def deploy() -> DeployHelpers:
     """The deployment-file helpers in one namespace, for the test modules."""
-    return SimpleNamespace(
-        REPO_ROOT=REPO_ROOT,
-        DOCKER_DIR=DOCKER_DIR,
-        METRIC_FAMILIES=METRIC_FAMILIES,
-        find_tool=find_tool,
-        run_tool=run_tool,
-        load_yaml=load_yaml,
-        load_yaml_all=load_yaml_all,
-        base_metric_name=base_metric_name,
-        metric_names_in=metric_names_in,
-        recorded_names_in=recorded_names_in,
-        is_known_family=is_known_family,
-        parse_dockerfile=parse_dockerfile,
-        parse_env=parse_env,
-        env_pairs=env_pairs,
-        exec_form=exec_form,
-    )
+    return DeployHelpers()

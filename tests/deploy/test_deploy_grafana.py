@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helpers.deploy_files import DeployHelpers
 
 DASHBOARD = "grafana/dashboards/hingeloss.json"
 
 
 @pytest.fixture(scope="module")
-def dashboard(deploy) -> dict[str, Any]:
-    return json.loads((deploy.DOCKER_DIR / DASHBOARD).read_text(encoding="utf-8"))
+def dashboard(deploy: DeployHelpers) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(
+        (deploy.DOCKER_DIR / DASHBOARD).read_text(encoding="utf-8")
+    )
+    return document
 
 
 @pytest.fixture(scope="module")
-def datasource_uid(deploy) -> str:
+def datasource_uid(deploy: DeployHelpers) -> str:
     path = deploy.DOCKER_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
     (datasource,) = deploy.load_yaml(path)["datasources"]
     assert datasource["type"] == "prometheus"
-    return datasource["uid"]
+    uid: str = datasource["uid"]
+    return uid
 
 
 def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -40,7 +46,7 @@ def _queries(dashboard: dict[str, Any]) -> list[str]:
     return queries
 
 
-def test_dashboard_structure(dashboard):
+def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"]
     assert dashboard["title"]
     assert isinstance(dashboard["schemaVersion"], int)
@@ -55,7 +61,9 @@ def test_dashboard_structure(dashboard):
             assert len(refs) == len(set(refs)), panel["title"]
 
 
-def test_dashboard_uses_the_provisioned_datasource_by_uid(dashboard, datasource_uid):
+def test_dashboard_uses_the_provisioned_datasource_by_uid(
+    dashboard: dict[str, Any], datasource_uid: str
+) -> None:
     for panel in _panels(dashboard):
         if panel["type"] == "row":
             continue
@@ -66,14 +74,19 @@ def test_dashboard_uses_the_provisioned_datasource_by_uid(dashboard, datasource_
         assert variable["datasource"]["uid"] == datasource_uid
 
 
-def test_dashboard_metrics_are_listed(deploy, dashboard, metric_names_file):
+def test_dashboard_metrics_are_listed(
+    deploy: DeployHelpers, dashboard: dict[str, Any], metric_names_file: list[str]
+) -> None:
     used = set().union(*(deploy.metric_names_in(q) for q in _queries(dashboard)))
     assert used <= set(metric_names_file), sorted(used - set(metric_names_file))
 
 
 def test_metric_names_file_is_exactly_what_dashboard_and_rules_read(
-    deploy, dashboard, rule_exprs, metric_names_file
-):
+    deploy: DeployHelpers,
+    dashboard: dict[str, Any],
+    rule_exprs: dict[str, str],
+    metric_names_file: list[str],
+) -> None:
     used = set().union(
         *(deploy.metric_names_in(q) for q in _queries(dashboard)),
         *(deploy.metric_names_in(e) for e in rule_exprs.values()),
@@ -81,7 +94,9 @@ def test_metric_names_file_is_exactly_what_dashboard_and_rules_read(
     assert set(metric_names_file) == used
 
 
-def test_dashboard_covers_red_batching_sparsity_and_devices(deploy, dashboard):
+def test_dashboard_covers_red_batching_sparsity_and_devices(
+    deploy: DeployHelpers, dashboard: dict[str, Any]
+) -> None:
     used = set().union(*(deploy.metric_names_in(q) for q in _queries(dashboard)))
     assert {
         "hingeloss_requests_total",
@@ -106,7 +121,9 @@ def test_dashboard_covers_red_batching_sparsity_and_devices(deploy, dashboard):
     assert margin[0]["options"]["calculate"] is False, "the buckets are already a histogram"
 
 
-def test_dashboard_queries_parse(deploy, dashboard, promtool, tmp_path):
+def test_dashboard_queries_parse(
+    deploy: DeployHelpers, dashboard: dict[str, Any], promtool: str, tmp_path: Path
+) -> None:
     """Each query, with Grafana's variables substituted, is valid PromQL for promtool."""
     rules = []
     for index, query in enumerate(_queries(dashboard)):
@@ -120,7 +137,7 @@ def test_dashboard_queries_parse(deploy, dashboard, promtool, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_provider_is_a_file_provider(deploy):
+def test_dashboard_provider_is_a_file_provider(deploy: DeployHelpers) -> None:
     path = deploy.DOCKER_DIR / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
     (provider,) = deploy.load_yaml(path)["providers"]
     assert provider["type"] == "file"

@@ -17,6 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from helpers.deploy_files import DeployHelpers
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 KUBERNETES_VERSION = "1.30"
@@ -146,20 +147,22 @@ def _validate(obj: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("filename", BASE_FILES)
-def test_base_file_validates(filename):
+def test_base_file_validates(filename: str) -> None:
     for obj in _load_all(K8S_DIR / "base" / filename):
         if obj["kind"] == "Kustomization" or (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
             continue  # no schema offline: rendered and checked by the tests below
         _validate(obj)
 
 
-def test_prometheus_adapter_config_map_validates():
+def test_prometheus_adapter_config_map_validates() -> None:
     for obj in _load_all(K8S_DIR / "prometheus-adapter" / "prometheus-adapter-rules.yaml"):
         _validate(obj)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_rendered_overlay_validates(overlays, overlay):
+def test_rendered_overlay_validates(
+    overlays: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     kinds = [obj["kind"] for obj in overlays[overlay]]
     assert sorted(kinds) == sorted(
         [
@@ -177,7 +180,7 @@ def test_rendered_overlay_validates(overlays, overlay):
             _validate(obj)
 
 
-def test_strict_validation_rejects_unknown_fields(base):
+def test_strict_validation_rejects_unknown_fields(base: list[dict[str, Any]]) -> None:
     """The validator is really strict: a misplaced field fails."""
     deployment = copy.deepcopy(_one(base, "Deployment"))
     deployment["spec"]["template"]["spec"]["containers"][0]["grpcProbe"] = {"port": 50051}
@@ -186,6 +189,7 @@ def test_strict_validation_rejects_unknown_fields(base):
 
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
 
@@ -195,7 +199,9 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_are_grpc_on_the_grpc_port(overlays, overlay):
+def test_probes_are_grpc_on_the_grpc_port(
+    overlays: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     container = _container(_one(overlays[overlay], "Deployment"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9090}
@@ -214,7 +220,9 @@ def test_probes_are_grpc_on_the_grpc_port(overlays, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_termination_grace_covers_shutdown_delay_and_drain(overlays, overlay):
+def test_termination_grace_covers_shutdown_delay_and_drain(
+    overlays: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     deployment = _one(overlays[overlay], "Deployment")
     env = _env(_container(deployment))
     shutdown = int(env["HINGELOSS_SHUTDOWN_DELAY_SECONDS"]) + int(env["HINGELOSS_DRAIN_SECONDS"])
@@ -224,7 +232,9 @@ def test_termination_grace_covers_shutdown_delay_and_drain(overlays, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_security(deploy, overlays, overlay):
+def test_pod_security(
+    deploy: DeployHelpers, overlays: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     spec = _one(overlays[overlay], "Deployment")["spec"]["template"]["spec"]
     container = _container(_one(overlays[overlay], "Deployment"))
     security = container["securityContext"]
@@ -243,12 +253,12 @@ def test_pod_security(deploy, overlays, overlay):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
 
 
-def test_overlay_images(overlays):
+def test_overlay_images(overlays: dict[str, list[dict[str, Any]]]) -> None:
     assert _container(_one(overlays["cpu"], "Deployment"))["image"] == "hingeloss:cpu"
     assert _container(_one(overlays["gpu"], "Deployment"))["image"] == "hingeloss:cuda"
 
 
-def test_gpu_overlay_requests_a_whole_gpu(overlays):
+def test_gpu_overlay_requests_a_whole_gpu(overlays: dict[str, list[dict[str, Any]]]) -> None:
     deployment = _one(overlays["gpu"], "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     resources = _container(deployment)["resources"]
@@ -264,7 +274,7 @@ def test_gpu_overlay_requests_a_whole_gpu(overlays):
     assert _env(cpu)["HINGELOSS_DEVICES"] == "cpu"
 
 
-def test_services_select_the_server_pods(base):
+def test_services_select_the_server_pods(base: list[dict[str, Any]]) -> None:
     deployment = _one(base, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -284,7 +294,7 @@ def test_services_select_the_server_pods(base):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_pod_monitor_scrapes_the_metrics_port(base):
+def test_pod_monitor_scrapes_the_metrics_port(base: list[dict[str, Any]]) -> None:
     """kubernetes-validate has no PodMonitor schema: check what matters by hand."""
     monitor = _one(base, "PodMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -300,12 +310,18 @@ def test_pod_monitor_scrapes_the_metrics_port(base):
         assert endpoint.get("path", "/metrics") == "/metrics"
 
 
-def test_hpa_metric_is_served_by_the_adapter_rule(deploy, overlays, metric_names_file):
+def test_hpa_metric_is_served_by_the_adapter_rule(
+    deploy: DeployHelpers,
+    overlays: dict[str, list[dict[str, Any]]],
+    metric_names_file: list[str],
+) -> None:
     (adapter,) = _load_all(K8S_DIR / "prometheus-adapter" / "prometheus-adapter-rules.yaml")
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
     served = {}
     for rule in rules:
-        series = re.match(r"\s*([a-zA-Z_:][\w:]*)", rule["seriesQuery"]).group(1)
+        query = re.match(r"\s*([a-zA-Z_:][\w:]*)", rule["seriesQuery"])
+        assert query, f"no series in {rule['seriesQuery']!r}"
+        series = query.group(1)
         assert re.fullmatch(rule["name"]["matches"], series)
         served[rule["name"]["as"]] = series
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
@@ -342,14 +358,19 @@ def _normalized(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((walk(o) for o in objects), key=lambda o: (o["kind"], o["metadata"]["name"]))
 
 
-def test_kustomize_agrees_with_the_test_renderer(deploy, overlays):
+def test_kustomize_agrees_with_the_test_renderer(
+    deploy: DeployHelpers, overlays: dict[str, list[dict[str, Any]]]
+) -> None:
     """Where kustomize (or kubectl) is installed, its output equals the renderer's above."""
     kustomize, kubectl = deploy.find_tool("kustomize"), deploy.find_tool("kubectl")
     if not (kustomize or kubectl):
         pytest.skip("neither kustomize nor kubectl installed; the test renderer covers overlays")
     for overlay in OVERLAYS:
         path = str(K8S_DIR / "overlays" / overlay)
-        command = [kustomize, "build", path] if kustomize else [kubectl, "kustomize", path]
+        if kustomize:
+            command = [kustomize, "build", path]
+        elif kubectl:  # one of the two, or the test has skipped
+            command = [kubectl, "kustomize", path]
         result = deploy.run_tool(command)
         assert result.returncode == 0, result.stderr
         rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]

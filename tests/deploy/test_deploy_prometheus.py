@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import re
 
+from helpers.deploy_files import DeployHelpers
+
 PROMETHEUS = "docker/prometheus"
 
 
-def test_promtool_check_config(deploy, promtool):
+def test_promtool_check_config(deploy: DeployHelpers, promtool: str) -> None:
     result = deploy.run_tool([promtool, "check", "config", f"{PROMETHEUS}/prometheus.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_check_rules(deploy, promtool):
+def test_promtool_check_rules(deploy: DeployHelpers, promtool: str) -> None:
     result = deploy.run_tool([promtool, "check", "rules", f"{PROMETHEUS}/rules.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_test_rules(deploy, promtool):
+def test_promtool_test_rules(deploy: DeployHelpers, promtool: str) -> None:
     result = deploy.run_tool([promtool, "test", "rules", f"{PROMETHEUS}/rules_test.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_unit_tests_cover_latency_and_sparsity(deploy):
+def test_rule_unit_tests_cover_latency_and_sparsity(deploy: DeployHelpers) -> None:
     """The unit-test file keeps testing the rules operators read most."""
     suite = deploy.load_yaml(deploy.DOCKER_DIR / "prometheus" / "rules_test.yml")
     tested = {case["expr"] for test in suite["tests"] for case in test.get("promql_expr_test", [])}
@@ -37,7 +39,7 @@ def _compact(expr: str) -> str:
     return re.sub(r"\s+", "", expr)
 
 
-def test_recording_rules_compute_what_the_dashboards_need(rule_exprs):
+def test_recording_rules_compute_what_the_dashboards_need(rule_exprs: dict[str, str]) -> None:
     buckets = _compact(rule_exprs["loss_le:hingeloss_request_duration_seconds_bucket:rate1m"])
     assert buckets == "sumby(loss,le)(rate(hingeloss_request_duration_seconds_bucket[1m]))"
     for name, quantile in (("p50", "0.5"), ("p99", "0.99")):
@@ -60,14 +62,18 @@ def test_recording_rules_compute_what_the_dashboards_need(rule_exprs):
     assert "/sumby(device)(hingeloss_workers)" in utilisation
 
 
-def test_rules_read_only_listed_metrics(deploy, rule_exprs, metric_names_file):
+def test_rules_read_only_listed_metrics(
+    deploy: DeployHelpers, rule_exprs: dict[str, str], metric_names_file: list[str]
+) -> None:
     recorded = set(rule_exprs)
     for name, expr in rule_exprs.items():
         assert deploy.metric_names_in(expr) <= set(metric_names_file), name
         assert deploy.recorded_names_in(expr) <= recorded, f"{name} reads an unknown record"
 
 
-def test_metric_names_file_lists_known_families(deploy, metric_names_file):
+def test_metric_names_file_lists_known_families(
+    deploy: DeployHelpers, metric_names_file: list[str]
+) -> None:
     assert len(metric_names_file) == len(set(metric_names_file)), "duplicate lines"
     assert metric_names_file == sorted(metric_names_file)
     for name in metric_names_file:

@@ -140,8 +140,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             fn()
             end.record()

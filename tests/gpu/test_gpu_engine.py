@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from helpers.cases import random_inputs
@@ -54,13 +55,13 @@ def prepared(loss: str, inputs: dict[str, Any], **options: Any) -> PreparedJob:
 
 
 def computed(jobs: list[PreparedJob], staging: DeviceStaging) -> list[JobResult]:
-    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream(DEVICE)):
+    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream(DEVICE)):  # type: ignore[no-untyped-call]
         results = compute_batch(jobs, DEVICE, 0, staging).results
     assert all(isinstance(r, JobResult) for r in results), results
     return results  # type: ignore[return-value]
 
 
-def as_array(wire: Any, dtype: np.dtype) -> np.ndarray:
+def as_array(wire: Any, dtype: npt.DTypeLike) -> np.ndarray:
     return np.frombuffer(wire.data, dtype=dtype).reshape(wire.shape)
 
 
@@ -143,7 +144,9 @@ def test_pinned_memory_is_reported_per_device(make_server: Any) -> None:
     )
     expected = (1 + DOWNLOAD_BLOCKS) * device_worker.staging_bytes(batching)
     gauge = "hingeloss_pinned_host_bytes"
-    assert registry.get_sample_value(gauge, {"device": "cuda:0"}) >= expected
+    pinned = registry.get_sample_value(gauge, {"device": "cuda:0"})
+    assert pinned is not None
+    assert pinned >= expected
     assert registry.get_sample_value(gauge, {"device": "cpu"}) == 0
     assert server.server.pool.workers[0].staging.pinned_bytes >= expected
 

@@ -374,12 +374,14 @@ def test_kernels_on_device_equal_cpu_float64_at_large_shapes(
             ("per_sample", got.per_sample, want.per_sample),
             ("grads", got.grads, want.grads),
         ):
+
+            def message(m: str, n: str = name) -> str:
+                return f"{n}: {m}"
+
             for x, y in zip(a, b, strict=True):
                 assert x.device == torch.device(DEVICE)
                 assert x.dtype == dtype
-                torch.testing.assert_close(
-                    x.cpu().double(), y, rtol=rtol, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
-                )
+                torch.testing.assert_close(x.cpu().double(), y, rtol=rtol, atol=1e-12, msg=message)
         for x, y in zip(got.active, want.active, strict=True):
             assert torch.equal(x.cpu(), y)
 

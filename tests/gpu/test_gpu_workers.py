@@ -375,7 +375,7 @@ def test_injected_out_of_memory_fails_only_the_culprit(
         }
     )
     server = make_server(device_config(), fault_hook=hook)
-    requests = {
+    requests: dict[str, Request] = {
         request_id: ("multiclass_hinge", random_inputs("multiclass_hinge", rng, 16, 7), {})
         for request_id in ("r0", "r1", "culprit", "r3", "r4")
     }

@@ -152,9 +152,9 @@ def main(seed: int, device: str = "cpu") -> int:
     for dtype, power, kink_one in itertools.product(
         (torch.float32, torch.float64, torch.float16, torch.bfloat16), (1, 2), (False, True)
     ):
-        failed = _binary_mismatch(generator, dtype, power, kink_one, compiled=device != "cpu")
-        if failed:
-            print(f"MISMATCH binary_hinge {dtype} power={power} kink_one={kink_one}: {failed}")
+        mismatch = _binary_mismatch(generator, dtype, power, kink_one, compiled=device != "cpu")
+        if mismatch:
+            print(f"MISMATCH binary_hinge {dtype} power={power} kink_one={kink_one}: {mismatch}")
             return 1
     # A NaN score and a gradient past float16's range are flagged on their rows.
     scores = torch.zeros((3, 300), dtype=torch.float16)

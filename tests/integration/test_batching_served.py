@@ -11,7 +11,7 @@ import numpy as np
 from helpers.cases import positional, random_inputs
 from helpers.servers import server_config
 
-from hingeloss import AsyncLossClient, LossClient
+from hingeloss import AsyncLossClient, LossClient, LossResult
 from hingeloss_server.config import BatchingConfig
 
 MIXED = [
@@ -46,14 +46,13 @@ def test_batching_is_invisible(make_server: Any) -> None:
             )
         )
 
-    async def together() -> list[Any]:
+    async def together() -> list[LossResult]:
         async with AsyncLossClient(server.target) as client:
-            return await asyncio.gather(
-                *(
-                    client.compute(loss, *positional(loss, inputs), return_per_sample=True)
-                    for loss, inputs in cases
-                )
-            )
+            calls = [
+                client.compute(loss, *positional(loss, inputs), return_per_sample=True)
+                for loss, inputs in cases
+            ]
+            return await asyncio.gather(*calls)
 
     batched = asyncio.run(together())
     with LossClient(server.target) as client:

@@ -76,7 +76,7 @@ def held(make_server: Callable[..., Any]) -> Iterator[_Held]:
     hook, registry = FaultHook(), CollectorRegistry()
     server = make_server(server_config(), fault_hook=hook, registry=registry)
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         with HeldWorker(hook, lambda: stub.Compute(_request(BLOCKER), timeout=60)) as worker:
             yield _Held(server, hook, registry, stub, worker)
 
@@ -213,7 +213,7 @@ def test_a_request_that_never_arrives_is_refused_after_the_arrival_limit(
         assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert error.details() == "the request did not arrive within 0.5 s"
         # A request that arrives in time is answered as usual.
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         assert stub.Compute(_request("on-time"), timeout=30).request_id == "on-time"
     rejected = registry.get_sample_value(
         "hingeloss_requests_rejected_total", {"reason": "arrival_timeout"}

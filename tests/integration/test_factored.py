@@ -178,6 +178,7 @@ def _inputs(case: Case, seed: int) -> dict[str, Any]:
     options = dict(case.options)
     ignore = options.get("ignore_index")
     for row in case.ignored_rows:
+        assert ignore is not None, "ignored rows need an ignore_index"
         targets[row] = ignore
     if ignore is not None and ignore >= 0:  # rows of that class are ignored too
         targets[targets == ignore] = (ignore + 1) % case.classes
@@ -371,6 +372,7 @@ def test_autograd_gets_the_dense_gradient(server: ServerThread, loss: str) -> No
             leaf = scores.clone().requires_grad_()
             loss_value = RemoteHingeLoss(client, loss, gradient_format=fmt)(leaf, targets)
             (loss_value * 3.0).backward()
+            assert leaf.grad is not None
             grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
     assert _bytes(grads[0]) == _bytes(grads[1])

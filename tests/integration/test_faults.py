@@ -17,6 +17,7 @@ from helpers.servers import server_config
 
 from hingeloss import (
     NO_RETRY,
+    HingelossError,
     InternalError,
     LossClient,
     LossResult,
@@ -94,7 +95,7 @@ def _check_correct(result: LossResult, inputs: tuple[np.ndarray, np.ndarray]) ->
 def test_failure_in_a_batch_fails_only_the_culprit(
     make_server: Callable[..., Any],
     fault: Callable[[], BaseException],
-    error_type: type[Exception],
+    error_type: type[HingelossError],
     code: grpc.StatusCode,
     reason: str,
 ) -> None:
@@ -206,7 +207,7 @@ def test_watchdog_reports_a_stuck_worker_and_its_recovery(make_server: Callable[
         ThreadPoolExecutor(2) as pool,
     ):
         health = health_pb2_grpc.HealthStub(channel)
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         assert status() == "SERVING"
         send = partial(client.binary_hinge, *_inputs(rng), request_id=BLOCKER)
         with HeldWorker(hook, send) as stuck:

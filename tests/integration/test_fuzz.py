@@ -124,7 +124,7 @@ def _tensor(
     """A tensor meant to be `shape`, mostly well formed, sometimes subtly or badly not."""
     if _rarely(draw, 40):
         return None  # missing field
-    usual = INT_DTYPES if kind == "targets" else FLOAT_DTYPES
+    usual: tuple[pb.DType, ...] = INT_DTYPES if kind == "targets" else FLOAT_DTYPES
     if kind in ("labels", "labels01"):
         usual = FLOAT_DTYPES + INT_DTYPES
     if _rarely(draw):
@@ -242,8 +242,8 @@ def compute_requests(draw: st.DrawFn) -> pb.ComputeRequest:
         _set(message, "labels", tensor((rows,), "labels"))
         _set(message, "margin", draw(_margin()))
         _set(message, "kink_subgradient", draw(_enum(2)))
-    request.reduction = draw(_enum(4))
-    request.gradient_format = draw(_enum(3))
+    request.reduction = draw(_enum(4))  # type: ignore[assignment]
+    request.gradient_format = draw(_enum(3))  # type: ignore[assignment]
     request.return_per_sample = draw(st.booleans())
     weighted = request.reduction == pb.REDUCTION_WEIGHTED_MEAN
     if _rarely(draw, 10) != weighted:  # almost always given when needed, rarely otherwise
@@ -284,7 +284,7 @@ def _check_refusal(error: grpc.RpcError) -> None:
 def test_generated_requests_get_ok_or_invalid_argument(
     channel: grpc.Channel, request: pb.ComputeRequest
 ) -> None:
-    call = pb_grpc.LossServiceStub(channel).Compute.future(request, timeout=30)
+    call = pb_grpc.LossServiceStub(channel).Compute.future(request, timeout=30)  # type: ignore[no-untyped-call]
     error = call.exception()
     if error is None:
         assert call.result().request_id == request.request_id
@@ -297,7 +297,7 @@ def test_generated_requests_get_ok_or_invalid_argument(
 def test_generated_streams_get_ok_or_invalid_argument(
     channel: grpc.Channel, requests: list[pb.ComputeRequest]
 ) -> None:
-    responses = pb_grpc.LossServiceStub(channel).ComputeStream(iter(requests), timeout=30)
+    responses = pb_grpc.LossServiceStub(channel).ComputeStream(iter(requests), timeout=30)  # type: ignore[no-untyped-call]
     answered: list[str] = []
     error = _drain(responses, answered)
     # Answered in order, up to the first refused request, which ends the stream.
@@ -417,7 +417,7 @@ def test_huge_claimed_shapes_allocate_nothing(
 
     before = _rss()
     with grpc.insecure_channel(fuzz_server.target) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         for message in claims:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Compute(pb.ComputeRequest(gan_generator=message), timeout=10)

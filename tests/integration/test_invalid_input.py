@@ -27,7 +27,7 @@ TARGETS = np.array([0, 1, 2, 1])
 
 
 def _raw(channel: grpc.Channel, request: pb.ComputeRequest) -> InvalidArgumentError:
-    stub = pb_grpc.LossServiceStub(channel)
+    stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
     with pytest.raises(grpc.RpcError) as info:
         stub.Compute(request, timeout=10)
     error = from_rpc_error(info.value)
@@ -266,26 +266,28 @@ RAW_CASES: dict[str, tuple[pb.ComputeRequest, str]] = {
     "unknown kink": (
         _request(
             multiclass_hinge=pb.MulticlassHinge(
-                scores=enc(MATRIX), targets=enc(TARGETS), kink_subgradient=5
+                scores=enc(MATRIX),
+                targets=enc(TARGETS),
+                kink_subgradient=5,  # type: ignore[arg-type]
             )
         ),
         "multiclass_hinge.kink_subgradient",
     ),
     "unknown label encoding": (
         _request(
-            binary_hinge=pb.BinaryHinge(scores=enc(SCORES), labels=enc(LABELS), label_encoding=9)
+            binary_hinge=pb.BinaryHinge(scores=enc(SCORES), labels=enc(LABELS), label_encoding=9)  # type: ignore[arg-type]
         ),
         "binary_hinge.label_encoding",
     ),
     "unknown tie break": (
         _request(
-            crammer_singer=pb.CrammerSinger(scores=enc(MATRIX), targets=enc(TARGETS), tie_break=3)
+            crammer_singer=pb.CrammerSinger(scores=enc(MATRIX), targets=enc(TARGETS), tie_break=3)  # type: ignore[arg-type]
         ),
         "crammer_singer.tie_break",
     ),
     "unknown dtype": (
         _request(
-            gan_generator=pb.GanGenerator(fake_scores=pb.Tensor(dtype=42, shape=[1], data=b"1234"))
+            gan_generator=pb.GanGenerator(fake_scores=pb.Tensor(dtype=42, shape=[1], data=b"1234"))  # type: ignore[arg-type]
         ),
         "gan_generator.fake_scores.dtype",
     ),

@@ -87,7 +87,8 @@ class Expected:
 
 
 def binary_margins(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return scores * labels
+    margins: np.ndarray = scores * labels
+    return margins
 
 
 def class_margins(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -96,7 +97,8 @@ def class_margins(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     true = scores[rows, targets]
     others = scores.copy()
     others[rows, targets] = -np.inf
-    return true - others.max(axis=1)
+    margins: np.ndarray = true - others.max(axis=1)
+    return margins
 
 
 def quarters(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -260,7 +260,7 @@ def test_concurrent_rpc_cap(make_server: Callable[..., Any]) -> None:
         "binary_hinge", {"scores": np.zeros(4), "labels": np.ones(4)}, {"request_id": BLOCKER}
     )
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         with HeldWorker(hook, lambda: stub.Compute(blocker_request, timeout=30)) as held:
             queued = [stub.Compute.future(request, timeout=30) for _ in range(3)]
             wait_until(lambda: server.server.batcher.stats.requests == 3, what="cap reached")
@@ -344,7 +344,7 @@ def test_refused_requests_are_freed_at_once(make_server: Callable[..., Any]) -> 
         gan_generator=pb.GanGenerator(
             fake_scores=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1 << 20], data=bytes(4 * MIB))
         ),
-        reduction=99,  # refused at decode: INVALID_ARGUMENT
+        reduction=99,  # type: ignore[arg-type]  # refused at decode: INVALID_ARGUMENT
     ).SerializeToString()
     options = [("grpc.max_send_message_length", 64 * MIB)]
     with grpc.insecure_channel(server.target, options=options) as channel:

@@ -303,6 +303,7 @@ class _Refusing(InProcessServer):
     def _refuse(self, request: bytes, context: Any) -> bytes:
         context.set_trailing_metadata((("grpc-status-details-bin", self.details),))
         context.abort(self.code, "refused")
+        raise AssertionError("abort raises")  # which untyped grpc does not tell mypy
 
     def _refuse_stream(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
         next(requests)
@@ -359,7 +360,8 @@ def _retry_info(seconds: int, nanos: int = 0) -> bytes:
     )
     status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="refused")
     status.details.add().Pack(info)
-    return status.SerializeToString()
+    serialized: bytes = status.SerializeToString()
+    return serialized
 
 
 def test_a_negative_retry_delay_is_no_wait(

@@ -178,8 +178,8 @@ def test_token_auth(make_server: Callable[..., Any], token_file: Path) -> None:
         with pytest.raises(UnauthenticatedError):
             client.server_info()
         with client.stream() as stream:
-            refused = stream.binary_hinge(SCORES, LABELS)
-        assert isinstance(refused.exception(5), UnauthenticatedError)
+            streamed = stream.binary_hinge(SCORES, LABELS)
+        assert isinstance(streamed.exception(5), UnauthenticatedError)
         # Probes carry no credentials: health stays open.
         assert client.health() == "SERVING"
         assert client.health(SERVICE_NAME) == "SERVING"
@@ -360,7 +360,7 @@ def test_token_is_checked_exactly(make_server: Callable[..., Any], token_file: P
         (("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}")),
     ]
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         for metadata in refused:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Compute(request, metadata=metadata, timeout=5)
@@ -386,7 +386,7 @@ def _unauthenticated_upload(target: str, megabytes: int) -> grpc.StatusCode:
     options = [("grpc.max_send_message_length", 1 << 30)]
     with grpc.insecure_channel(target, options=options) as channel:
         try:
-            pb_grpc.LossServiceStub(channel).Compute(request, timeout=60)
+            pb_grpc.LossServiceStub(channel).Compute(request, timeout=60)  # type: ignore[no-untyped-call]
         except grpc.RpcError as error:
             return error.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
@@ -542,12 +542,12 @@ def test_errors_about_structure_stay_short(shared_server: Any) -> None:
                 fake_scores=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], data=bytes(5_000_000))
             )
         ),
-        pb.ComputeRequest(request_id="x" * 1_000_000, reduction=99),
+        pb.ComputeRequest(request_id="x" * 1_000_000, reduction=99),  # type: ignore[arg-type]
     ]
     with grpc.insecure_channel(
         shared_server.target, options=[("grpc.max_send_message_length", 64 << 20)]
     ) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
+        stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         for request in requests:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Compute(request, timeout=10)

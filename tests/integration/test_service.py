@@ -45,7 +45,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _complete(loss: str, options: dict[str, Any], inputs: dict[str, np.ndarray], rng: Any) -> dict:
+def _complete(
+    loss: str, options: dict[str, Any], inputs: dict[str, np.ndarray], rng: Any
+) -> dict[str, Any]:
     options = dict(options)
     if options.get("class_weights") is True:
         options["class_weights"] = rng.uniform(0.1, 2.0, size=inputs["scores"].shape[1])
@@ -69,7 +71,11 @@ def _check(result: Any, expected: Any, rtol: float = 1e-10) -> None:
 )
 @pytest.mark.parametrize("integer_scores", [False, True], ids=["random", "on-margin"])
 def test_loss_matches_reference(
-    shared_server: Any, rng: np.random.Generator, loss: str, options: dict, integer_scores: bool
+    shared_server: Any,
+    rng: np.random.Generator,
+    loss: str,
+    options: dict[str, Any],
+    integer_scores: bool,
 ) -> None:
     rows = int(rng.integers(1, 40))
     inputs = random_inputs(
@@ -120,7 +126,7 @@ def test_divide_by_num_classes_is_torch_multi_margin_loss(
         expected = torch.nn.functional.multi_margin_loss(
             logits, targets, p=power, weight=torch.tensor(weight)
         )
-        expected.backward()
+        expected.backward()  # type: ignore[no-untyped-call]
         with LossClient(shared_server.target) as client:
             result = client.multiclass_hinge(
                 logits.detach(),
@@ -310,7 +316,7 @@ def test_stream_error_names_the_failing_request(shared_server: Any) -> None:
         for rid, inputs in (("a", good), ("b", bad), ("c", good))
     ]
     with grpc.insecure_channel(shared_server.target) as channel:
-        stream = pb_grpc.LossServiceStub(channel).ComputeStream(iter(requests), timeout=10)
+        stream = pb_grpc.LossServiceStub(channel).ComputeStream(iter(requests), timeout=10)  # type: ignore[no-untyped-call]
         first = next(stream)
         with pytest.raises(grpc.RpcError) as info:
             next(stream)
@@ -349,7 +355,7 @@ def test_unary_error_carries_the_request_id(shared_server: Any) -> None:
         grpc.insecure_channel(shared_server.target) as channel,
         pytest.raises(grpc.RpcError) as info,
     ):
-        pb_grpc.LossServiceStub(channel).Compute(request, timeout=10)
+        pb_grpc.LossServiceStub(channel).Compute(request, timeout=10)  # type: ignore[no-untyped-call]
     assert dict(_error_info(info.value).metadata) == {"requestId": "x" * 64}
 
 

@@ -38,6 +38,7 @@ from hingeloss import (
 )
 from hingeloss import _streams as sdk_streams
 from hingeloss._health import check
+from hingeloss._results import decode_response
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -240,7 +241,7 @@ def test_a_response_that_fails_to_decode_fails_only_its_own_future(
     shared_server: ServerThread, monkeypatch: pytest.MonkeyPatch, flavour: str
 ) -> None:
     """The caller-side decode of one answer fails (as a corrupt or too-new answer would)."""
-    real_decode = sdk_streams.decode_response
+    real_decode = decode_response  # what hingeloss._streams calls, patched below
 
     def decode(response: pb.ComputeResponse, kind: Any) -> Any:
         if response.request_id == "r2":

@@ -40,7 +40,7 @@ def test_backward_matches_multi_margin_loss(client: LossClient) -> None:
     loss = criterion(logits, targets)
     (3.0 * loss).backward()  # grad_output scaling is respected
     expected = F.multi_margin_loss(local, targets, p=2, weight=weight)
-    (3.0 * expected).backward()
+    (3.0 * expected).backward()  # type: ignore[no-untyped-call]
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(logits.grad, local.grad, rtol=1e-10, atol=1e-12)
     assert "multiclass_hinge" in repr(criterion)
@@ -50,11 +50,11 @@ def test_gan_discriminator_gives_both_gradients(client: LossClient) -> None:
     real = torch.randn(5, dtype=torch.float64, requires_grad=True)
     fake = torch.randn(9, dtype=torch.float64, requires_grad=True)
     loss = remote_loss(client, "gan_discriminator", real, fake)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     real_local = real.detach().clone().requires_grad_()
     fake_local = fake.detach().clone().requires_grad_()
     expected = F.relu(1 - real_local).mean() + F.relu(1 + fake_local).mean()
-    expected.backward()
+    expected.backward()  # type: ignore[no-untyped-call]
     torch.testing.assert_close(real.grad, real_local.grad, rtol=1e-12, atol=0)
     torch.testing.assert_close(fake.grad, fake_local.grad, rtol=1e-12, atol=0)
 
@@ -83,11 +83,11 @@ def test_reduction_none_scales_rows(client: LossClient, none: str | int) -> None
     y = torch.tensor([1, -1] * 4)
     per_sample = remote_loss(client, "margin_ranking", a, b, y, reduction=none, margin=0.5)
     upstream = torch.rand(8, dtype=torch.float64)
-    per_sample.backward(upstream)
+    per_sample.backward(upstream)  # type: ignore[no-untyped-call]
     a_local = a.detach().clone().requires_grad_()
     b_local = b.detach().clone().requires_grad_()
     expected = F.relu(0.5 - y * (a_local - b_local))
-    expected.backward(upstream)
+    expected.backward(upstream)  # type: ignore[no-untyped-call]
     torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.grad, a_local.grad, rtol=1e-12, atol=0)
     torch.testing.assert_close(b.grad, b_local.grad, rtol=1e-12, atol=0)
@@ -99,11 +99,11 @@ def test_reduction_none_scales_each_sample_set_by_its_own_rows(client: LossClien
     fake = torch.randn(9, dtype=torch.float64, requires_grad=True)
     per_sample = remote_loss(client, "gan_discriminator", real, fake, reduction="none")
     upstream = torch.rand(14, dtype=torch.float64)
-    per_sample.backward(upstream)
+    per_sample.backward(upstream)  # type: ignore[no-untyped-call]
     real_local = real.detach().clone().requires_grad_()
     fake_local = fake.detach().clone().requires_grad_()
     expected = torch.cat([F.relu(1 - real_local), F.relu(1 + fake_local)])
-    expected.backward(upstream)
+    expected.backward(upstream)  # type: ignore[no-untyped-call]
     torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(real.grad, real_local.grad, rtol=1e-12, atol=0)
     torch.testing.assert_close(fake.grad, fake_local.grad, rtol=1e-12, atol=0)
@@ -177,15 +177,18 @@ def _ddp_rank(rank: int, world: int, target: str, init_file: str) -> None:
                     scores = reference(xs)
                     true = scores.gather(1, ys[:, None]).squeeze(1)
                     others = scores.scatter(1, ys[:, None], float("-inf")).amax(1)
-                    (F.relu(0.5 - (true - others)).mean() / world).backward()
+                    (F.relu(0.5 - (true - others)).mean() / world).backward()  # type: ignore[no-untyped-call]
                 for p_ddp, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
                     torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
                 with torch.no_grad():
                     for p_ddp, p_ref in zip(
                         model.parameters(), reference.parameters(), strict=True
                     ):
-                        p_ddp -= 0.1 * p_ddp.grad
-                        p_ref -= 0.1 * p_ref.grad
+                        assert p_ddp.grad is not None
+                        assert p_ref.grad is not None
+                        # torch's stubs type in-place ops as returning Tensor, not the Parameter.
+                        p_ddp -= 0.1 * p_ddp.grad  # type: ignore[misc]
+                        p_ref -= 0.1 * p_ref.grad  # type: ignore[misc]
         dist.barrier()  # neither rank leaves while the other still talks to it
     finally:
         # DDP's reducer holds the group and gloo's threads: released here, before the
@@ -199,6 +202,6 @@ def _ddp_rank(rank: int, world: int, target: str, init_file: str) -> None:
 def test_distributed_data_parallel_gloo(shared_server: ServerThread, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(
+    mp.spawn(  # type: ignore[attr-defined, no-untyped-call]
         _ddp_rank, args=(2, shared_server.target, str(tmp_path / "rendezvous")), nprocs=2, join=True
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -51,14 +51,15 @@ def _inputs(loss: str, rows: int = 33, classes: int = 7) -> tuple[tuple[Any, ...
     signs = RNG.choice([-1, 1], size=rows)
     targets = RNG.integers(0, classes, size=rows)
     weights = RNG.random(rows)
-    return {
+    cases: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
         "multiclass_hinge": ((scores, targets), {"sample_weights": weights}),
         "crammer_singer": ((scores, targets), {"tie_break": "split_evenly"}),
         "binary_hinge": ((vector, signs), {}),
         "gan_discriminator": ((vector, vector[::-1].copy()), {}),
         "gan_generator": ((vector,), {}),
         "margin_ranking": ((vector, vector[::-1].copy(), signs), {}),
-    }[loss]
+    }
+    return cases[loss]
 
 
 def _same(a: LossResult, b: LossResult) -> None:
@@ -142,7 +143,7 @@ def _raw_parts(request: pb.ComputeRequest, apart: list[tuple[str, memoryview]]) 
     return list(make_upload(request, apart).parts)
 
 
-def _upload(target: str, parts: Iterator[bytes] | list[bytes], timeout: float = 30) -> bytes:
+def _upload(target: str, parts: Iterable[bytes], timeout: float = 30) -> bytes:
     with grpc.insecure_channel(target) as channel:
         call = channel.stream_unary(COMPUTE_UPLOAD)
         answer: bytes = call(iter(parts), timeout=timeout)
@@ -153,7 +154,7 @@ def test_parts_may_be_cut_anywhere(shared_server: Any) -> None:
     """Parts of 1 to 13 bytes: inside rows and elements, and across the two score tensors."""
     real = RNG.standard_normal(50).astype(np.float32)
     fake = RNG.standard_normal(30).astype(np.float32)
-    options = {"reduction": "sum", "return_per_sample": True}
+    options: dict[str, Any] = {"reduction": "sum", "return_per_sample": True}
     inputs = {"real_scores": real, "fake_scores": fake}
     with LossClient(shared_server.target, upload_min_bytes=None) as whole:
         expected = whole.gan_discriminator(real, fake, **options)
@@ -409,6 +410,7 @@ class _FailsFirstUpload(InProcessServer):
         super().__init__(upstream)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        assert self.upstream is not None  # __init__ takes one
         forward = self.upstream.stream_unary(COMPUTE_UPLOAD)
 
         def handle(parts: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -451,6 +453,7 @@ class _ComputeOnlyProxy(InProcessServer):
         super().__init__(upstream)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        assert self.upstream is not None  # __init__ takes one
         forward = self.upstream.unary_unary("/hingeloss.v1.LossService/Compute")
         asked = self.asked
 

@@ -125,7 +125,7 @@ def _raw_invalid(rng: np.random.Generator) -> pb.ComputeRequest:
     request, _ = build_request("binary_hinge", {"scores": scores, "labels": np.ones(8)}, {})
     which = rng.integers(0, 4)
     if which == 0:
-        request.reduction = 42
+        request.reduction = 42  # type: ignore[assignment]
     elif which == 1:
         request.binary_hinge.scores.data = request.binary_hinge.scores.data[:-3]
     elif which == 2:
@@ -188,7 +188,8 @@ class SoakReport:
 
 def _code(error: BaseException) -> str:
     if isinstance(error, HingelossError):
-        return error.code.name
+        name: str = error.code.name
+        return name
     if isinstance(error, grpc.RpcError):
         return str(error.code().name)
     if isinstance(error, asyncio.CancelledError):
@@ -212,7 +213,7 @@ async def _user(
         AsyncLossClient(target, retry=NO_RETRY, timeout=30, **channel_args) as client,
         grpc.aio.insecure_channel(target) as raw_channel,
     ):
-        stub = pb_grpc.LossServiceStub(raw_channel)
+        stub = pb_grpc.LossServiceStub(raw_channel)  # type: ignore[no-untyped-call]
         raw = raw_channel.unary_unary("/hingeloss.v1.LossService/Compute")
         while loop.time() < end:
             kind = pick.choices(kinds, weights)[0]

@@ -15,6 +15,7 @@ from helpers.cases import random_job
 from hingeloss_server.config import BatchingConfig, WorkerConfig
 from hingeloss_server.engine import device_worker
 from hingeloss_server.engine.batch_queue import Batcher
+from hingeloss_server.engine.compute import compute_batch
 from hingeloss_server.engine.device_worker import DeviceGate
 from hingeloss_server.engine.workers import WorkerPool
 from hingeloss_server.metrics import NoMetrics
@@ -125,7 +126,7 @@ async def test_a_batch_on_the_loop_short_of_memory_is_retried_alone_on_its_threa
     pool = WorkerPool(WorkerConfig(devices=("cpu",)), batcher, NoMetrics())
     await pool.start()
     ran: list[tuple[int, str]] = []
-    compute = device_worker.compute_batch
+    compute = compute_batch  # what device_worker calls, patched below
 
     def short_of_memory(prepared: list[Any], *args: Any, **kwargs: Any) -> Any:
         ran.append((len(prepared), threading.current_thread().name))

@@ -66,6 +66,7 @@ def test_every_enum_option_of_a_loss_is_decoded_and_echoed(kind: LossKind) -> No
         # The contract's convention: 0 (UNSPECIFIED) means the value numbered 1.
         assert switch.off == 1
         echo = pb.ResolvedOptions.DESCRIPTOR.fields_by_name[switch.echo or switch.field]
+        assert echo.enum_type is not None, echo.name
         assert echo.enum_type.full_name == enum.full_name
 
 

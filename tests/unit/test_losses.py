@@ -327,7 +327,7 @@ def autograd_composite(
     else:
         w = torch.tensor(opt["sample_weights"], dtype=torch.float64) * torch.cat(counted)
         loss = (w * torch.cat(per)).sum() / w.sum()
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     grads = [leaf.grad for leaf in leaves.values()]
     assert all(g is not None for g in grads)
     return float(loss.detach()), [p.detach() for p in per], [g for g in grads if g is not None]
@@ -336,11 +336,12 @@ def autograd_composite(
 # -------------------------------- comparisons
 
 
-def close(actual: torch.Tensor | float, expected: Any, **tol: float) -> None:
+def close(actual: torch.Tensor | float, expected: Any, *, rtol: float, atol: float) -> None:
     if isinstance(actual, float):
         actual = torch.tensor(actual, dtype=torch.float64)  # a Python float is float64
     actual_t = actual.detach().cpu().double()
-    torch.testing.assert_close(actual_t, torch.as_tensor(expected, dtype=torch.float64), **tol)
+    expected_t = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual_t, expected_t, rtol=rtol, atol=atol)
 
 
 def assert_reference(total: float, out: LossOutput, ref: ReferenceResult) -> None:
@@ -522,7 +523,7 @@ def test_multi_margin_loss_is_divide_by_num_classes(
         weight=weight,
         reduction=reduction,
     )
-    torch_loss.sum().backward()
+    torch_loss.sum().backward()  # type: ignore[no-untyped-call]
     total, out = call_kernel("multiclass_hinge", inputs, opt)
     if reduction == "none":
         close(out.per_sample[0], torch_loss.detach(), **F64)
@@ -546,7 +547,7 @@ def test_margin_ranking_loss_is_kink_one(
     torch_loss = F.margin_ranking_loss(
         a, b, torch.tensor(inputs["labels"]), margin=margin, reduction=reduction
     )
-    torch_loss.sum().backward()
+    torch_loss.sum().backward()  # type: ignore[no-untyped-call]
     assert a.grad is not None
     assert b.grad is not None
     total_one, out_one = call_kernel("margin_ranking", inputs, {**opt, "kink": "one"})
@@ -649,6 +650,7 @@ def test_crammer_singer_ties(tie_break: str) -> None:
     _, out = call_kernel("crammer_singer", inputs, {"tie_break": tie_break, "reduction": "sum"})
     # Row 0: z = 1 - (1 - 3) = 3, maxima at 0, 1, 3; row 1: z = 1, maxima at 1, 2, 3;
     # row 2: the target ties with the maximum (index 2): z = 1.
+    expected: list[list[float]]
     if tie_break == "first_index":
         expected = [[1, 0, -1, 0], [-1, 1, 0, 0], [0, -1, 1, 0]]
     else:

@@ -196,7 +196,8 @@ class _FakeRpcError(grpc.RpcError):
         return grpc.StatusCode.INVALID_ARGUMENT
 
     def details(self) -> str:
-        return self._status.message
+        message: str = self._status.message
+        return message
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         return (("grpc-status-details-bin", self._status.SerializeToString()),)

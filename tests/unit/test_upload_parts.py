@@ -41,6 +41,7 @@ def test_the_loss_tensors_by_field_number_then_sample_weights() -> None:
     upload = _assemble([head, pb.UploadPart(data=data).SerializeToString()])
     assert upload.pending == 0
     parsed = upload.finish()
+    assert parsed.data is not None
     assert bytes(parsed.data[("gan_discriminator", "real_scores")]) == real.tobytes()
     assert (
         bytes(parsed.data[("gan_discriminator", "fake_scores")])
@@ -59,6 +60,7 @@ def test_a_tensor_sent_whole_in_the_request_is_not_expected_again() -> None:
     assert len(parts) == 1 + 5  # 24 bytes of scores in parts of 5; targets went whole
     upload = _assemble(parts)
     parsed = upload.finish()
+    assert parsed.data is not None
     assert bytes(parsed.data[("multiclass_hinge", "scores")]) == scores.tobytes()
     targets_message = parsed.message.multiclass_hinge.targets
     assert parsed.tensor_data("multiclass_hinge", "targets", targets_message) == targets.tobytes()

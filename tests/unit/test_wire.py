@@ -49,6 +49,7 @@ def _built_by_the_api(job: LossJob, result: JobResult, encoded: pb.ComputeRespon
             _api_tensor(gradient.row_sparse.indices, grad.indices)
             _api_tensor(gradient.row_sparse.values, grad.values)
         else:
+            assert isinstance(grad, WireArray), type(grad)  # no factored gradients here
             _api_tensor(gradient.dense, grad)
     for per_sample in result.per_sample:
         _api_tensor(expected.per_sample_losses.add(), per_sample)
@@ -65,7 +66,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("loss", "dtype", "options"), CASES)
-def test_spliced_response_equals_the_api_built_one(loss: str, dtype: str, options: dict) -> None:
+def test_spliced_response_equals_the_api_built_one(
+    loss: str, dtype: str, options: dict[str, Any]
+) -> None:
     inputs: dict[str, Any] = random_inputs(loss, np.random.default_rng(), 300, classes=7)
     if dtype == "bfloat16":
         inputs = {
@@ -103,7 +106,12 @@ def test_join_without_gil_builds_the_same_bytes() -> None:
 
     rng = np.random.default_rng(3)
     tensor = rng.normal(size=(1000, 300)).astype(np.float32)
-    pieces = [b"\x0a\x05", memoryview(tensor).cast("B"), b"", b"tail" * 1000]
+    pieces: list[bytes | memoryview] = [
+        b"\x0a\x05",
+        memoryview(tensor).cast("B"),  # type: ignore[arg-type]  # numpy stubs: Buffer from 3.12
+        b"",
+        b"tail" * 1000,
+    ]
     joined = join_without_gil(pieces, sum(memoryview(p).nbytes for p in pieces))
     assert type(joined) is bytes
     assert joined == b"".join(pieces)

@@ -87,14 +87,14 @@ def autograd(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     leaf = scores.detach().requires_grad_()
     index = targets.unsqueeze(1)
     terms = (leaf - leaf.gather(1, index) + 1.0).clamp_min(0.0).scatter(1, index, 0.0)
-    terms.sum(1).mean().backward()
+    terms.sum(1).mean().backward()  # type: ignore[no-untyped-call]
     assert leaf.grad is not None
     return leaf.grad
 
 
 def multi_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     leaf = scores.detach().requires_grad_()
-    F.multi_margin_loss(leaf, targets).backward()
+    F.multi_margin_loss(leaf, targets).backward()  # type: ignore[no-untyped-call]
     assert leaf.grad is not None
     return leaf.grad
 
@@ -108,7 +108,7 @@ def compute_floor(batch: int, classes: int) -> dict[str, Any]:
         closed_form(scores, targets, divide_by_num_classes=True), multi_margin(scores, targets)
     )
     out = torch.empty_like(scores)
-    figures = {
+    figures: dict[str, Any] = {
         "shape": f"{batch}x{classes}",
         "torch_threads": torch.get_num_threads(),
         "closed_form_s": per_call_s(lambda: closed_form(scores, targets)),

@@ -43,12 +43,18 @@ from hingeloss_bench.wire import fields, tensor_header
 from hingeloss_server.config import ServerConfig
 
 SERVICE = "hingeloss.v1.LossService"
+
+
+def _score_numbers(loss: str) -> tuple[int, ...]:
+    """The field numbers of a loss's score tensors, in its message."""
+    message = pb.ComputeRequest.DESCRIPTOR.fields_by_name[loss].message_type
+    assert message is not None, f"{loss} holds no message"
+    return tuple(message.fields_by_name[f].number for f in SCORE_FIELDS[loss])
+
+
 _LOSS_FIELDS = {name: pb.ComputeRequest.DESCRIPTOR.fields_by_name[name] for name in SCORE_FIELDS}
 _LOSS_BY_NUMBER = {field.number: name for name, field in _LOSS_FIELDS.items()}
-_SCORE_NUMBERS = {
-    name: tuple(field.message_type.fields_by_name[f].number for f in SCORE_FIELDS[name])
-    for name, field in _LOSS_FIELDS.items()
-}
+_SCORE_NUMBERS = {name: _score_numbers(name) for name in _LOSS_FIELDS}
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 1 << 30),
     ("grpc.max_send_message_length", 1 << 30),
@@ -98,9 +104,10 @@ class Echo:
         if cached is None:
             response = pb.ComputeResponse()
             for field_name, (dtype, shape) in zip(SCORE_FIELDS.get(loss, ()), headers, strict=True):
-                size = tensors.expected_nbytes(pb.Tensor(dtype=dtype, shape=shape)) if dtype else 0
+                size = tensors.expected_nbytes(pb.Tensor(dtype=dtype, shape=shape)) if dtype else 0  # type: ignore[arg-type]
                 response.gradients.add(
-                    input=field_name, dense=pb.Tensor(dtype=dtype, shape=shape, data=bytes(size))
+                    input=field_name,
+                    dense=pb.Tensor(dtype=dtype, shape=shape, data=bytes(size)),  # type: ignore[arg-type]
                 )
             cached = response.SerializeToString()
             if len(self._cache) < 64:

@@ -49,7 +49,7 @@ class Plain(pb_grpc.LossServiceServicer):
 async def serve(port_file: Path) -> None:
     options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=[*options, ("grpc.max_send_message_length", 1 << 30)])
-    pb_grpc.add_LossServiceServicer_to_server(Plain(), server)
+    pb_grpc.add_LossServiceServicer_to_server(Plain(), server)  # type: ignore[no-untyped-call]
     await add_health(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -44,7 +44,8 @@ from hingeloss_bench.report import render_table, write_json
 HERE = Path(__file__).resolve().parent
 # tests/, for the helpers package: this runs as a script.
 sys.path.insert(0, str(HERE.parents[1]))
-from helpers.servers import ServerProcess, server_argv  # noqa: E402
+from helpers.servers import ServerProcess as ServerProcess  # noqa: E402 - pressure.py's too
+from helpers.servers import server_argv  # noqa: E402
 
 
 @dataclass(frozen=True)
