@@ -4,14 +4,16 @@ A server (or anything between it and the caller) that answers with a gradient of
 another shape, dtype or size, with bytes that do not match what they declare, or
 with another request's answer must not hand the caller a wrong array, memory
 nobody wrote, or a numpy error from deep inside the decoding: the call fails with
-`InternalError`, reason MALFORMED_ANSWER, saying what did not fit. Every check
-reads sizes and at most one value per row: a few microseconds an answer.
+`InternalError`, reason MALFORMED_ANSWER, saying what did not fit. The checks read
+names, dtypes and shapes, and of the small tensors (row indices, factored masks)
+their bytes: tens of microseconds an answer. The size of each large tensor's data
+is checked as it is decoded, which reads it anyway (`malformed`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -30,13 +32,26 @@ _FORMS: dict[int, str] = {
 }
 
 
+@contextmanager
+def malformed() -> Iterator[None]:
+    """Decoding an answer: data of another size than its shape's is the answer's fault."""
+    try:
+        yield
+    except tensors.DataSizeError as error:
+        raise _malformed(str(error)) from error
+
+
+def _malformed(problem: str) -> InternalError:
+    return InternalError(
+        f"the server's answer does not fit its request: {problem}", reason=MALFORMED
+    )
+
+
 def check_answer(response: pb.ComputeResponse, kind: InputKind) -> None:
     """Raises InternalError where `response` cannot be the answer to the request of `kind`."""
     problem = _problem(response, kind)
     if problem is not None:
-        raise InternalError(
-            f"the server's answer does not fit its request: {problem}", reason=MALFORMED
-        )
+        raise _malformed(problem)
 
 
 def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
@@ -77,14 +92,15 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
 
 
 def _tensor(tensor: pb.Tensor, shape: Sequence[int], wire: int) -> str | None:
-    """What is wrong with a tensor that should hold `shape` values of dtype `wire`."""
+    """What is wrong with a tensor that should hold `shape` values of dtype `wire`.
+
+    Not its data's size: reading a bytes field copies it (upb), megabytes for a dense
+    gradient; the decoding reads it once and checks the size then (tensors.check_size).
+    """
     if tensor.dtype != wire:
         return f"dtype {_dtype(tensor.dtype)}, not {_dtype(wire)}"
     if tuple(tensor.shape) != tuple(shape):
         return f"shape {tuple(tensor.shape)}, not {tuple(shape)}"
-    nbytes = math.prod(shape) * tensors.BY_WIRE[wire].itemsize
-    if len(tensor.data) != nbytes:
-        return f"{len(tensor.data)} bytes of data, not {nbytes}"
     return None
 
 
@@ -116,15 +132,16 @@ def _factored(message: pb.FactoredGradient, shape: Sequence[int], wire: int) -> 
         return f"dtype {_dtype(message.dtype)}, not {_dtype(wire)}"
     rows, columns = shape
     width = factored.packed_width(columns)
-    if len(message.mask) != rows * width:
-        return f"a mask of {len(message.mask)} bytes, not {rows * width}"
+    mask = message.mask  # a 32nd of a dense gradient's bytes
+    if len(mask) != rows * width:
+        return f"a mask of {len(mask)} bytes, not {rows * width}"
     compute = pb.DTYPE_FLOAT64 if wire == pb.DTYPE_FLOAT64 else pb.DTYPE_FLOAT32
     problem = _tensor(message.row_values, (rows,), compute)
     if problem is not None:
         return f"row values: {problem}"
     spare = width * 8 - columns
     if spare and rows:
-        last = np.frombuffer(message.mask, dtype=np.uint8)[width - 1 :: width]
+        last = np.frombuffer(mask, dtype=np.uint8)[width - 1 :: width]
         if np.any(last >> (8 - spare)):
             return "mask bits set past the last class"
     return None

@@ -23,7 +23,7 @@ from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._answers import check_answer
+from hingeloss._answers import check_answer, malformed
 from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -227,24 +227,26 @@ def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult
     grads = []
     sparse = []
     factored_grads = []
-    for gradient in response.gradients:
-        value = gradient.WhichOneof("value")
-        if value == "row_sparse":
-            dense, indices, values = _dense_from_rows(gradient.row_sparse, kind)
-            grads.append(dense)
-            sparse.append((indices, values))
-        elif value == "factored":
-            dense, parts = _dense_from_factored(gradient.factored, response.resolved, kind)
-            grads.append(dense)
-            factored_grads.append(parts)
-        else:
-            grads.append(_to_caller(gradient.dense, kind))
+    with malformed():  # data of another size than its shape's
+        for gradient in response.gradients:
+            value = gradient.WhichOneof("value")
+            if value == "row_sparse":
+                dense, indices, values = _dense_from_rows(gradient.row_sparse, kind)
+                grads.append(dense)
+                sparse.append((indices, values))
+            elif value == "factored":
+                dense, parts = _dense_from_factored(gradient.factored, response.resolved, kind)
+                grads.append(dense)
+                factored_grads.append(parts)
+            else:
+                grads.append(_to_caller(gradient.dense, kind))
+        per_sample = tuple(_to_caller(t, kind) for t in response.per_sample_losses)
     timing = response.timing
     return LossResult(
         request_id=response.request_id,
         loss=response.loss,
         grads=tuple(grads),
-        per_sample=tuple(_to_caller(t, kind) for t in response.per_sample_losses),
+        per_sample=per_sample,
         samples=response.sparsity.samples,
         active_samples=response.sparsity.active_samples,
         timing=Timing(

@@ -101,8 +101,9 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, error: HingelossError) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempts count from 1)."""
-        if isinstance(error, OverloadedError) and error.retry_delay is not None:
-            base = max(0.0, error.retry_delay)
+        asked = _asked_delay(error)
+        if asked is not None:
+            base = max(0.0, asked)
         else:
             base = min(
                 self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1)
@@ -115,10 +116,18 @@ class RetryPolicy:
         """The wait before retrying, or None when the error is final (throttling aside)."""
         if attempt >= self.max_attempts or not self.is_retryable(error):
             return None
+        asked = _asked_delay(error)
+        if asked is not None and asked > self.max_retry_delay_s:
+            return None
         delay = self.backoff(attempt, error)
-        if delay > self.max_retry_delay_s or (remaining_s is not None and delay >= remaining_s):
+        if remaining_s is not None and delay >= remaining_s:
             return None
         return delay
+
+
+def _asked_delay(error: HingelossError) -> float | None:
+    """The server's RetryInfo delay, where it sent one."""
+    return error.retry_delay if isinstance(error, OverloadedError) else None
 
 
 class RetryThrottle:

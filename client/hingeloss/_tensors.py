@@ -122,17 +122,33 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     """
     info = dtype_info(tensor.dtype)
     shape = tuple(tensor.shape)
+    data = tensor.data  # one read: upb copies a bytes field on each
     if info.numpy is None:
-        raw = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
+        check_size(data, info.itemsize, shape)
+        raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(shape)
-    return _numpy_view(tensor.data, info.numpy, shape)
+    return _numpy_view(data, info.numpy, shape)
+
+
+class DataSizeError(ValueError):
+    """A tensor's data is not the size its shape and dtype call for."""
+
+
+def check_size(data: bytes | memoryview, itemsize: int, shape: Sequence[int]) -> None:
+    """Raises DataSizeError unless `data` holds exactly the bytes of `shape` items."""
+    nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
+    expected = math.prod(shape) * itemsize
+    if nbytes != expected:
+        raise DataSizeError(f"{nbytes} bytes of data for shape {tuple(shape)}, not {expected}")
 
 
 def _numpy_view(
     data: bytes | memoryview, numpy_dtype: str, shape: Sequence[int]
 ) -> np.ndarray[Any, Any]:
     """A read-only numpy array viewing little-endian `data` (no copy)."""
-    return np.frombuffer(data, dtype=np.dtype(numpy_dtype).newbyteorder("<")).reshape(shape)
+    dtype = np.dtype(numpy_dtype).newbyteorder("<")
+    check_size(data, dtype.itemsize, shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def round_to_bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -169,9 +185,13 @@ def torch_wire(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], memoryview]:
     wire = wire_dtype_of_torch(tensor.dtype)
     host = tensor.detach().to("cpu").contiguous()
     # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy lacks it),
-    # once flattened: a 0-d tensor has no dimension to reinterpret.
-    flat = host.reshape(-1).view(torch.uint8).numpy()
-    return wire, tuple(int(d) for d in host.shape), flat.data
+    # once flattened: a 0-d tensor has no dimension to reinterpret. It needs a unit
+    # stride, which `contiguous` leaves alone on a dimension of one element.
+    flat = host.reshape(-1)
+    if flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    data = flat.view(torch.uint8).numpy().data
+    return wire, tuple(int(d) for d in host.shape), data
 
 
 def fill_from_torch(message: pb.Tensor, tensor: torch.Tensor) -> None:
@@ -207,9 +227,8 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
     import torch
 
     info = dtype_info(wire)
+    check_size(data, info.itemsize, shape)  # never memory nobody wrote
     if not data:
-        if math.prod(shape):  # never memory nobody wrote
-            raise ValueError(f"a tensor of shape {tuple(shape)} without data")
         return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     readonly = memoryview(data).readonly
     if info.numpy is not None:

@@ -129,3 +129,12 @@ def test_wire_primitives_round_trip_and_follow_the_descriptors() -> None:
         length_delimited_key(pb.ComputeResponse, "loss")
     with pytest.raises(ValueError, match="malformed varint"):
         read_varint(b"\xff" * 11, 0)
+
+
+def test_a_one_element_tensor_of_any_stride_goes_on_the_wire() -> None:
+    """`contiguous` leaves a dimension of one element with its stride; bytes need a unit one."""
+    strided = torch.randn(1, 2, dtype=torch.float64)[:, 0]
+    assert strided.stride() == (2,)
+    wire, shape, data = tensors.torch_wire(strided)
+    assert (wire, shape) == (pb.DTYPE_FLOAT64, (1,))
+    assert bytes(data) == strided.numpy().tobytes()
