@@ -41,6 +41,7 @@ from hingeloss._requests import SCORE_FIELDS
 from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss_bench.wire import fields, tensor_header
 from hingeloss_server.config import ServerConfig
+from hingeloss_server.engine.allocator import keep_freed_memory
 
 SERVICE = "hingeloss.v1.LossService"
 
@@ -355,6 +356,9 @@ def main() -> None:
         help="serve a Replay of the server whose port this file holds (read on first use)",
     )
     args = parser.parse_args()
+    # As hingeloss-server does: a floor's speed must not hang on where glibc's moving
+    # mmap threshold settles (docs/benchmarks.md, "One caller, without the load generator").
+    keep_freed_memory()
     replayed: Path | None = args.replay_port_file
     service: Echo | Replay = (
         Replay(lambda: f"127.0.0.1:{replayed.read_text().strip()}")
