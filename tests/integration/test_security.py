@@ -210,7 +210,10 @@ def test_calls_without_the_token_cannot_take_every_concurrent_call(
     --max-concurrent-rpcs, whether those calls stream or never send their message."""
     max_calls, limit = 24, 5
     security = SecurityConfig(auth_token_file=token_file, max_calls_without_token=limit)
-    server = make_server(server_config(security=security, max_concurrent_rpcs=max_calls))
+    registry = CollectorRegistry()
+    server = make_server(
+        server_config(security=security, max_concurrent_rpcs=max_calls), registry=registry
+    )
     watch = health_pb2.HealthCheckRequest(service="")
     authorized = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(server.target) as channel:
@@ -220,6 +223,10 @@ def test_calls_without_the_token_cannot_take_every_concurrent_call(
         firsts = [_first_answer(call) for call in held]
         assert firsts.count(grpc.StatusCode.OK) == limit, firsts
         assert firsts.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == max_calls - limit, firsts
+        refused = registry.get_sample_value(
+            "hingeloss_requests_rejected_total", {"reason": "tokenless_full"}
+        )
+        assert refused == max_calls - limit
         # While they are open the token's holders are served, and not counted.
         assert _call(server.target, token=TOKEN, local_token=True) == pytest.approx(EXPECTED)
         assert next(health.Watch(watch, timeout=10, metadata=authorized)).status == SERVING
