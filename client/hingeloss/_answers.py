@@ -75,7 +75,7 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
         if form == "row_sparse":
             problem = _row_sparse(gradient.row_sparse, shape, wire)
         elif form == "factored":
-            problem = _factored(gradient.factored, shape, wire)
+            problem = _factored(gradient.factored, shape, wire, response.resolved.compute_dtype)
         else:
             problem = _tensor(gradient.dense, shape, wire)
         if problem is not None:
@@ -124,7 +124,9 @@ def _row_sparse(sparse: pb.RowSparseTensor, shape: Sequence[int], wire: int) -> 
     return None
 
 
-def _factored(message: pb.FactoredGradient, shape: Sequence[int], wire: int) -> str | None:
+def _factored(
+    message: pb.FactoredGradient, shape: Sequence[int], wire: int, resolved_compute: int
+) -> str | None:
     """A mask of `shape`'s bits (the padding bits clear) and a value per row."""
     if len(shape) != 2 or tuple(message.dense_shape) != tuple(shape):
         return f"dense shape {tuple(message.dense_shape)}, not {tuple(shape)}"
@@ -135,7 +137,11 @@ def _factored(message: pb.FactoredGradient, shape: Sequence[int], wire: int) -> 
     mask = message.mask  # a 32nd of a dense gradient's bytes
     if len(mask) != rows * width:
         return f"a mask of {len(mask)} bytes, not {rows * width}"
-    compute = pb.DTYPE_FLOAT64 if wire == pb.DTYPE_FLOAT64 else pb.DTYPE_FLOAT32
+    # Row values come in the compute dtype the answer resolves (FactoredGradient.row_values);
+    # a server that names none computes float64 scores in float64, others in float32.
+    compute = resolved_compute or (
+        pb.DTYPE_FLOAT64 if wire == pb.DTYPE_FLOAT64 else pb.DTYPE_FLOAT32
+    )
     problem = _tensor(message.row_values, (rows,), compute)
     if problem is not None:
         return f"row values: {problem}"

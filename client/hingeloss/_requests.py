@@ -204,7 +204,6 @@ def build_request(
     """
     if loss not in _LOSS_MESSAGES:
         raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_LOSS_MESSAGES)}")
-    first = inputs[SCORE_FIELDS[loss][0]]
     rest = dict(options)
     # Every field is written where it lives in the request: a Tensor built apart and
     # then CopyFrom'd into its parent would copy its bytes again at each level.
@@ -250,6 +249,15 @@ def build_request(
     if rest:
         raise TypeError(f"unknown option(s) for {loss}: {sorted(rest)}")
 
+    return request, _input_kind(loss, inputs, request, wires)
+
+
+def _input_kind(
+    loss: str, inputs: Mapping[str, Any], request: pb.ComputeRequest, wires: Mapping[str, int]
+) -> InputKind:
+    """What the caller passed (so results come back alike), and what the answer must be."""
+    first = inputs[SCORE_FIELDS[loss][0]]
+    message = getattr(request, loss)
     true_classes = None
     if request.gradient_format == pb.GRADIENT_FORMAT_FACTORED and "targets" in inputs:
         ignore_index = None
@@ -257,7 +265,7 @@ def build_request(
             ignore_index = message.ignore_index
         true_classes = _true_classes(inputs["targets"], ignore_index)
     torch_input = _is_torch(first)
-    kind = InputKind(
+    return InputKind(
         is_torch=torch_input,
         device=first.device if torch_input else None,
         dtype=first.dtype if torch_input else None,
@@ -269,7 +277,6 @@ def build_request(
         per_sample_asked=request.return_per_sample or request.reduction == pb.REDUCTION_NONE,
         true_classes=true_classes,
     )
-    return request, kind
 
 
 def _true_classes(targets: Any, ignore_index: int | None) -> Any:

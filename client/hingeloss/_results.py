@@ -223,11 +223,11 @@ def decode_response(response: pb.ComputeResponse, kind: InputKind) -> LossResult
     Raises:
         InternalError: the response cannot be the answer to the request (_answers.py).
     """
-    check_answer(response, kind)
     grads = []
     sparse = []
     factored_grads = []
     with malformed():  # data of another size than its shape's
+        check_answer(response, kind)
         for gradient in response.gradients:
             value = gradient.WhichOneof("value")
             if value == "row_sparse":

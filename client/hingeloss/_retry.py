@@ -62,7 +62,6 @@ class RetryPolicy:
     max_attempts: int = 3
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 2.0
-    max_retry_delay_s: float = 60.0
     multiplier: float = 2.0
     jitter: float = 0.2
     retryable: frozenset[grpc.StatusCode] = field(
@@ -76,6 +75,7 @@ class RetryPolicy:
     )
     throttle_max_tokens: float | None = 10.0
     throttle_token_ratio: float = 0.1
+    max_retry_delay_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -120,6 +120,8 @@ class RetryPolicy:
         if asked is not None and asked > self.max_retry_delay_s:
             return None
         delay = self.backoff(attempt, error)
+        if asked is not None:
+            delay = min(delay, self.max_retry_delay_s)  # jitter takes it no further
         if remaining_s is not None and delay >= remaining_s:
             return None
         return delay

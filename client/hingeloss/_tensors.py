@@ -69,10 +69,7 @@ def dtype_info(wire: int) -> DTypeInfo:
 
 def expected_nbytes(tensor: pb.Tensor) -> int:
     """Bytes that `tensor.data` must hold according to its dtype and shape."""
-    count = 1
-    for dim in tensor.shape:
-        count *= dim
-    return count * BY_WIRE[tensor.dtype].itemsize
+    return math.prod(tensor.shape) * BY_WIRE[tensor.dtype].itemsize
 
 
 def numpy_wire(array: np.ndarray[Any, Any]) -> tuple[int, tuple[int, ...], memoryview]:
@@ -227,13 +224,13 @@ def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> tor
     import torch
 
     info = dtype_info(wire)
-    check_size(data, info.itemsize, shape)  # never memory nobody wrote
-    if not data:
-        return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     readonly = memoryview(data).readonly
     if info.numpy is not None:
-        array = _numpy_view(data, info.numpy, tuple(shape))
+        array = _numpy_view(data, info.numpy, tuple(shape))  # its size checked there
         return _from_readonly(readonly, torch.from_numpy, array)
+    check_size(data, info.itemsize, shape)  # never memory nobody wrote
+    if not data:  # torch.frombuffer takes no empty buffer
+        return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     flat = _from_readonly(readonly, torch.frombuffer, data, dtype=torch_dtype(wire))
     return flat.view(tuple(shape))
 

@@ -211,7 +211,7 @@ class SecurityConfig:
     )
     # Health and reflection answer without the token (probes carry none), but each call
     # holds one of --max-concurrent-rpcs while open: those without the token share this
-    # many, so that they can never take the calls of the token's holders.
+    # many, never more than half of them (transport/tokenless.py).
     max_calls_without_token: int = settable(
         64,
         "with a token: health and reflection calls without it open at once, at most half "
@@ -343,6 +343,7 @@ class ServerConfig:
     @property
     def calls_without_token(self) -> int:
         """security.max_calls_without_token, at most half of max_concurrent_rpcs (rounded
-        down, at least 1): the token's holders keep the rest."""
+        down): the token's holders keep the rest. At least 1, so that probes are answered;
+        with a single concurrent call, that is all of it."""
         half = max(1, self.max_concurrent_rpcs // 2)
         return min(self.security.max_calls_without_token, half)

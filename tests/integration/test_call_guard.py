@@ -26,7 +26,7 @@ async def _count(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
 
 
 async def test_an_unparsable_message_in_a_client_stream_refuses_the_call() -> None:
-    guard = CallGuard(NoMetrics())
+    guard = CallGuard(NoMetrics(), max_without_token=1)
     handler = grpc.stream_unary_rpc_method_handler(
         _count,
         request_deserializer=health_pb2.HealthCheckRequest.FromString,

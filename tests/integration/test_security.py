@@ -42,7 +42,7 @@ from hingeloss.v1 import loss_service_pb2 as pb
 from hingeloss.v1 import loss_service_pb2_grpc as pb_grpc
 from hingeloss_server.cli import config_from_args
 from hingeloss_server.config import SecurityConfig
-from hingeloss_server.transport import call_guard
+from hingeloss_server.transport import tokenless
 from hingeloss_server.transport.servicer import SERVICE_NAME
 
 SCORES = np.array([0.5, -1.0, 2.0, 0.0])
@@ -259,17 +259,25 @@ def test_calls_without_the_token_cannot_take_every_concurrent_call(
 def test_a_call_without_the_token_has_seconds_for_its_message(
     make_server: Callable[..., Any], token_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A probe sends its message at once; one that does not is refused, its place freed."""
-    monkeypatch.setattr(call_guard, "ARRIVAL_WITHOUT_TOKEN_S", 0.3)
+    """A probe sends its message at once; one that does not is refused as a late Compute
+    request is (REQUEST_ARRIVAL_TIMEOUT, counted), its place freed."""
+    monkeypatch.setattr(tokenless, "ARRIVAL_WITHOUT_TOKEN_S", 0.3)
     security = SecurityConfig(auth_token_file=token_file, max_calls_without_token=1)
-    server = make_server(server_config(security=security))
+    registry = CollectorRegistry()
+    server = make_server(server_config(security=security), registry=registry)
     with grpc.insecure_channel(server.target) as channel:
         started = time.monotonic()
         call = channel.stream_unary("/grpc.health.v1.Health/Check").future(
             _silent_until(threading.Event(), seconds=30), timeout=30
         )
-        assert call.exception(10).code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        late = from_rpc_error(call.exception(10))
+        assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert late.reason == "REQUEST_ARRIVAL_TIMEOUT"
         assert time.monotonic() - started < 5
+        counted = registry.get_sample_value(
+            "hingeloss_requests_rejected_total", {"reason": "arrival_timeout"}
+        )
+        assert counted == 1
         probe = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
@@ -280,6 +288,19 @@ def _silent_until(done: threading.Event, seconds: float = 60) -> Iterator[bytes]
     """A request stream that sends nothing, and ends once `done` is set."""
     done.wait(seconds)
     yield from ()
+
+
+def test_an_open_service_not_served_is_unimplemented_without_the_token_too(
+    make_server: Callable[..., Any], token_file: Path
+) -> None:
+    """Reflection turned off: a call without the token learns that, as one with it does."""
+    security = SecurityConfig(auth_token_file=token_file)
+    server = make_server(server_config(security=security, reflection=False))
+    with grpc.insecure_channel(server.target) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(reflection.ServerReflectionInfo(iter([_LIST_SERVICES]), timeout=10))
+    assert excinfo.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
 def _first_answer(call: Any) -> grpc.StatusCode:

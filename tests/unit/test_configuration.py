@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from hingeloss_server.cli import build_parser
-from hingeloss_server.config import LimitsConfig, ServerConfig
+from hingeloss_server.config import LimitsConfig, SecurityConfig, ServerConfig
 from hingeloss_server.config_table import flag_table, table_in, with_table
 from hingeloss_server.settings import Setting, build, sections, settings
 
@@ -120,3 +120,19 @@ def test_regenerating_rewrites_only_the_table() -> None:
     stale = page.replace(flag_table(), "| stale |\n")
     assert stale != page
     assert with_table(stale) == page
+
+
+@pytest.mark.parametrize(
+    ("asked", "concurrent", "granted"),
+    [(64, 4096, 64), (64, 100, 50), (5, 11, 5), (64, 3, 1), (64, 1, 1)],
+)
+def test_calls_without_the_token_get_at_most_half_the_concurrent_calls(
+    asked: int, concurrent: int, granted: int
+) -> None:
+    config = ServerConfig(
+        max_concurrent_rpcs=concurrent,
+        security=SecurityConfig(max_calls_without_token=asked),
+    )
+    assert config.calls_without_token == granted
+    with pytest.raises(ValueError, match="max_calls_without_token"):
+        SecurityConfig(max_calls_without_token=0)

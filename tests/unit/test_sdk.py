@@ -131,11 +131,11 @@ def test_resource_exhausted_is_retried_only_when_the_server_sheds_load() -> None
 
 def test_only_the_servers_own_delay_past_the_longest_wait_ends_a_call() -> None:
     """Compared before jitter: a RetryInfo under max_retry_delay_s is always waited for,
-    and the computed backoff is never cut short by it."""
+    never longer than that, and the computed backoff is never cut short by it."""
     policy = RetryPolicy(max_attempts=10, max_retry_delay_s=60, jitter=1.0, max_backoff_s=100)
     asked = OverloadedError("busy", retry_delay=55.0)
     waits = [policy.next_delay(1, asked, None) for _ in range(200)]
-    assert all(wait is not None and 0 <= wait <= 110 for wait in waits)
+    assert all(wait is not None and 0 <= wait <= 60 for wait in waits)
     assert policy.next_delay(1, OverloadedError("busy", retry_delay=61.0), None) is None
     assert policy.next_delay(1, OverloadedError("busy", retry_delay=-5.0), None) == 0.0
     unavailable = UnavailableError("down")

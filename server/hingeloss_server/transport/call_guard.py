@@ -11,22 +11,16 @@ costs a dict lookup (with a token, one constant-time compare more).
   handlers take a request *stream*, which gRPC hands over without reading it (a unary
   handler would wait for, and hold, the whole message first, however large it claims
   to be). Health and reflection answer without the token, for probes, but only so
-  many such calls at once (`max_without_token`): each holds one of the server's
-  concurrent calls (--max-concurrent-rpcs) while open, a Watch or reflection stream
-  for as long as its caller likes, so they are taken on their headers (a request
-  stream again), counted, and given a few seconds for their message.
+  many such calls at once, counted from their headers (tokenless.py).
 - **Metrics.** Every call is counted by method and status code and timed until its
   last response (`Metrics.rpc_done`).
-- **Parse failures.** gRPC deserializes a message before any handler runs and reports
-  a failure as UNKNOWN, the code of a server bug; here the deserializer returns a
-  marker instead, and the handler refuses it with INVALID_ARGUMENT and a BadRequest
-  detail, never echoing its bytes.
+- **Parse failures.** The deserializers return a marker for a message that does not
+  parse, which the handlers refuse with INVALID_ARGUMENT (unparsable.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import inspect
 import time
@@ -36,9 +30,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hingeloss_server.engine.errors import InvalidInputError
 from hingeloss_server.metrics import Metrics
-from hingeloss_server.transport.status import error_status, gave_up_code
+from hingeloss_server.transport.status import gave_up_code
+from hingeloss_server.transport.tokenless import TokenlessCalls
+from hingeloss_server.transport.unparsable import UNPARSABLE, refuse_unparsable
 
 # Probes must work without credentials (Kubernetes and Docker health checks carry none).
 OPEN_SERVICES = (
@@ -47,27 +42,11 @@ OPEN_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 
-# How long a call without the token has for its request message (probes send it at once).
-ARRIVAL_WITHOUT_TOKEN_S = 5.0
-
 _DENIED = "missing or invalid bearer token"
-_TOO_MANY_OPEN = "too many calls without a token are open; send the bearer token"
 # The metric labels of a refused call to a method that does not exist.
 UNKNOWN_METHOD = "/unknown/unknown"
 
 Record = Callable[[grpc.aio.ServicerContext, float, "BaseException | None"], None]
-
-
-class _Unparsable:
-    """Stands in for a request message whose bytes did not parse."""
-
-
-UNPARSABLE = _Unparsable()
-
-
-def unparsable_error() -> InvalidInputError:
-    """The refusal of a message that is not valid protobuf (its bytes are not echoed)."""
-    return InvalidInputError("request", "is not a valid protobuf message of this method's type")
 
 
 class CallGuard(grpc.GenericRpcHandler):
@@ -78,7 +57,7 @@ class CallGuard(grpc.GenericRpcHandler):
     """
 
     def __init__(
-        self, metrics: Metrics, token: str | None = None, max_without_token: int = 64
+        self, metrics: Metrics, token: str | None = None, *, max_without_token: int
     ) -> None:
         self._metrics = metrics
         self._expected = None if token is None else f"Bearer {token}".encode()
@@ -87,9 +66,7 @@ class CallGuard(grpc.GenericRpcHandler):
         self._denials: dict[str, grpc.RpcMethodHandler] = {}
         # The open services' methods as a call without the token gets them: counted.
         self._tokenless: dict[str, grpc.RpcMethodHandler] = {}
-        self._tokenless_slots = _Slots(
-            max_without_token, lambda: metrics.request_rejected("tokenless_full")
-        )
+        self._tokenless_calls = TokenlessCalls(max_without_token, metrics)
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -107,9 +84,8 @@ class CallGuard(grpc.GenericRpcHandler):
         handler = self._handlers.get(method) or self._resolve(handler_call_details)
         if self._expected is None or self._has_token(handler_call_details):
             return handler
-        tokenless = self._tokenless.get(method)
-        if tokenless is not None:
-            return tokenless
+        if _split_method(method)[0] in OPEN_SERVICES:
+            return self._tokenless.get(method)  # None where not served: UNIMPLEMENTED
         self._metrics.request_rejected("unauthenticated")
         return self._denial(method if handler is not None else UNKNOWN_METHOD, handler)
 
@@ -118,9 +94,7 @@ class CallGuard(grpc.GenericRpcHandler):
         that calls without the token get."""
         guarded = self._handlers[method] = self._guarded(method, handler)
         if _split_method(method)[0] in OPEN_SERVICES:
-            self._tokenless[method] = self._guarded(
-                method, _counted(handler, self._tokenless_slots)
-            )
+            self._tokenless[method] = self._guarded(method, self._tokenless_calls.counted(handler))
         return guarded
 
     def _denial(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
@@ -233,17 +207,13 @@ def _guard(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return guarded
 
 
-async def _refuse_unparsable(context: grpc.aio.ServicerContext) -> None:
-    await context.abort_with_status(error_status(unparsable_error()))
-
-
 def _unary_response(behaviour: Any, record: Record, *, check: bool) -> Any:
     """A handler with one response; `check`: its one request may be UNPARSABLE."""
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         with _Timed(record, context):
             if check and request is UNPARSABLE:
-                await _refuse_unparsable(context)
+                await refuse_unparsable(context)
             return await behaviour(request, context)
 
     return handle
@@ -257,7 +227,7 @@ def _refusing_unparsable(behaviour: Any) -> Any:
         async def parsed() -> AsyncIterator[Any]:
             async for message in requests:
                 if message is UNPARSABLE:
-                    await _refuse_unparsable(context)
+                    await refuse_unparsable(context)
                 yield message
 
         return await behaviour(parsed(), context)
@@ -293,10 +263,10 @@ def _stream_response(behaviour: Any, record: Record, *, check: bool) -> Any:
             unparsable: list[bool] = []
             with _Timed(record, context):
                 if check and request is UNPARSABLE:
-                    await _refuse_unparsable(context)
+                    await refuse_unparsable(context)
                 await behaviour(requests_of(request, unparsable), context)
                 if unparsable:
-                    await _refuse_unparsable(context)
+                    await refuse_unparsable(context)
 
         return handle_writer
 
@@ -304,86 +274,13 @@ def _stream_response(behaviour: Any, record: Record, *, check: bool) -> Any:
         unparsable: list[bool] = []
         with _Timed(record, context):
             if check and request is UNPARSABLE:
-                await _refuse_unparsable(context)
+                await refuse_unparsable(context)
             async for response in behaviour(requests_of(request, unparsable), context):
                 yield response
             if unparsable:
-                await _refuse_unparsable(context)
+                await refuse_unparsable(context)
 
     return handle
-
-
-class _Slots:
-    """A count of open calls with a limit; a call past it is refused RESOURCE_EXHAUSTED."""
-
-    def __init__(self, limit: int, on_refused: Callable[[], None]) -> None:
-        self.limit = limit
-        self.taken = 0
-        self._on_refused = on_refused
-
-    @contextlib.asynccontextmanager
-    async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        if self.taken >= self.limit:
-            self._on_refused()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_OPEN)
-        self.taken += 1
-        try:
-            yield
-        finally:
-            self.taken -= 1
-
-
-def _counted(handler: grpc.RpcMethodHandler, slots: _Slots) -> grpc.RpcMethodHandler:
-    """The handler with a request stream, started on the call's headers, each call holding
-    one of `slots` while open; a method of one request reads it within
-    ARRIVAL_WITHOUT_TOKEN_S (gRPC would otherwise hold the call, uncounted, until it came)."""
-
-    def count(behaviour: Any, one_request: bool) -> Any:
-        async def requests_of(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _one_request(context) if one_request else requests
-
-        if inspect.isasyncgenfunction(behaviour):
-
-            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with slots.held(context):
-                    request = await requests_of(requests, context)
-                    async for response in behaviour(request, context):
-                        yield response
-
-            return stream
-
-        async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with slots.held(context):
-                return await behaviour(await requests_of(requests, context), context)
-
-        return call
-
-    options = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(count(handler.unary_unary, True), **options)
-    if handler.unary_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(count(handler.unary_stream, True), **options)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(count(handler.stream_unary, False), **options)
-    return grpc.stream_stream_rpc_method_handler(count(handler.stream_stream, False), **options)
-
-
-async def _one_request(context: grpc.aio.ServicerContext) -> Any:
-    """The call's one request message, within ARRIVAL_WITHOUT_TOKEN_S; refusals abort."""
-    try:
-        async with asyncio.timeout(ARRIVAL_WITHOUT_TOKEN_S):
-            request = await context.read()
-    except TimeoutError:
-        message = f"the request did not arrive within {ARRIVAL_WITHOUT_TOKEN_S:g} s"
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-    if request is grpc.aio.EOF:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
-    if request is UNPARSABLE:
-        await _refuse_unparsable(context)
-    return request
 
 
 async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:

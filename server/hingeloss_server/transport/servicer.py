@@ -29,7 +29,6 @@ from hingeloss_server.engine.errors import (
 )
 from hingeloss_server.metrics import Metrics
 from hingeloss_server.transport.budget import ByteBudget, held_bytes, inflight_full
-from hingeloss_server.transport.call_guard import unparsable_error
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
 from hingeloss_server.transport.response_codec import encode_response, payload_bytes
@@ -42,6 +41,7 @@ from hingeloss_server.transport.status import (
     short_request_id,
     status_mapping,
 )
+from hingeloss_server.transport.unparsable import unparsable_error
 from hingeloss_server.transport.upload import receive_upload
 
 logger = logging.getLogger(__name__)
