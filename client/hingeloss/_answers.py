@@ -20,7 +20,7 @@ import numpy as np
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
 from hingeloss._errors import InternalError
-from hingeloss._requests import InputKind
+from hingeloss._requests import InputKind, SentScores
 from hingeloss.v1 import loss_service_pb2 as pb
 
 MALFORMED = "MALFORMED_ANSWER"
@@ -59,36 +59,41 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
         return "it is not a ComputeResponse"
     if kind.request_id is not None and response.request_id != kind.request_id:
         return f"it answers request {response.request_id!r}, not {kind.request_id!r}"
-    if not kind.names:
+    if not kind.scores:
         return None  # a kind made by hand, not by build_request: nothing known to check
-    asked = 0 if kind.gradient_format == pb.GRADIENT_FORMAT_NONE else len(kind.names)
+    asked = 0 if kind.gradient_format == pb.GRADIENT_FORMAT_NONE else len(kind.scores)
     if len(response.gradients) != asked:
         return f"{len(response.gradients)} gradients where {asked} were asked"
     form = _FORMS.get(kind.gradient_format, "dense")
-    for name, shape, wire, gradient in zip(
-        kind.names, kind.shapes, kind.wires, response.gradients, strict=False
-    ):  # as many gradients as names, when any were asked
-        if gradient.input != name:
-            return f"a gradient of {gradient.input!r} where {name!r}'s was due"
-        if gradient.WhichOneof("value") != form:
-            return f"the gradient of {name!r} is {gradient.WhichOneof('value')}, not {form}"
-        if form == "row_sparse":
-            problem = _row_sparse(gradient.row_sparse, shape, wire)
-        elif form == "factored":
-            problem = _factored(gradient.factored, shape, wire, response.resolved.compute_dtype)
-        else:
-            problem = _tensor(gradient.dense, shape, wire)
+    # As many gradients as score inputs, when any were asked (checked above).
+    for scores, gradient in zip(kind.scores, response.gradients, strict=False):
+        problem = _gradient(gradient, scores, form, response.resolved.compute_dtype)
         if problem is not None:
-            return f"the gradient of {name!r}: {problem}"
+            return problem
     if kind.per_sample_asked and not response.per_sample_losses:
         return "no per-sample losses, though asked"
-    if len(response.per_sample_losses) > len(kind.shapes):
+    if len(response.per_sample_losses) > len(kind.scores):
         return f"{len(response.per_sample_losses)} sets of per-sample losses"
     for k, per_sample in enumerate(response.per_sample_losses):
-        problem = _tensor(per_sample, kind.shapes[k][:1], kind.wires[k])
+        problem = _tensor(per_sample, kind.scores[k].shape[:1], kind.scores[k].wire)
         if problem is not None:
             return f"per-sample losses {k}: {problem}"
     return None
+
+
+def _gradient(gradient: pb.Gradient, scores: SentScores, form: str, compute: int) -> str | None:
+    """What is wrong with the gradient of `scores`, in the answer form `form`."""
+    if gradient.input != scores.name:
+        return f"a gradient of {gradient.input!r} where {scores.name!r}'s was due"
+    if gradient.WhichOneof("value") != form:
+        return f"the gradient of {scores.name!r} is {gradient.WhichOneof('value')}, not {form}"
+    if form == "row_sparse":
+        problem = _row_sparse(gradient.row_sparse, scores.shape, scores.wire)
+    elif form == "factored":
+        problem = _factored(gradient.factored, scores.shape, scores.wire, compute)
+    else:
+        problem = _tensor(gradient.dense, scores.shape, scores.wire)
+    return None if problem is None else f"the gradient of {scores.name!r}: {problem}"
 
 
 def _tensor(tensor: pb.Tensor, shape: Sequence[int], wire: int) -> str | None:

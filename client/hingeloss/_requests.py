@@ -131,6 +131,15 @@ def enum_name(prefix: str, number: int) -> str:
 
 
 @dataclass(frozen=True)
+class SentScores:
+    """One score input as the request carried it: what its gradient must match."""
+
+    name: str
+    shape: tuple[int, ...]
+    wire: int
+
+
+@dataclass(frozen=True)
 class InputKind:
     """What the caller passed, so that results come back as the same type."""
 
@@ -138,12 +147,10 @@ class InputKind:
     device: Any = None
     dtype: Any = None
     # What the answer must be (_answers.py checks; None and empty: not known): for the
-    # request of this id; of each score input, in declaration order, its gradient's name,
-    # shape and wire dtype; in the gradient format asked.
+    # request of this id; a gradient for each score input, in declaration order; in the
+    # gradient format asked.
     request_id: str | None = None
-    shapes: tuple[tuple[int, ...], ...] = ()
-    names: tuple[str, ...] = ()
-    wires: tuple[int, ...] = ()
+    scores: tuple[SentScores, ...] = ()
     gradient_format: int = 0
     per_sample_asked: bool = False
     # With a factored gradient: each row's true-class column (0 where ignored), int64,
@@ -269,9 +276,7 @@ def _input_kind(
         is_torch=torch_input,
         device=first.device if torch_input else None,
         dtype=first.dtype if torch_input else None,
-        shapes=tuple(_shape(inputs[f]) for f in SCORE_FIELDS[loss]),
-        names=SCORE_FIELDS[loss],
-        wires=tuple(wires[f] for f in SCORE_FIELDS[loss]),
+        scores=tuple(SentScores(f, _shape(inputs[f]), wires[f]) for f in SCORE_FIELDS[loss]),
         request_id=request.request_id,
         gradient_format=request.gradient_format,
         per_sample_asked=request.return_per_sample or request.reduction == pb.REDUCTION_NONE,

@@ -252,6 +252,6 @@ def _variant(spec: WorkloadSpec, index: int) -> Variant:
     for name in OTHER_FIELDS[spec.loss]:
         assert inputs[name].dtype == np.int64
     # The answer comes in the scores' wire dtype, not the placeholders'.
-    wires = tuple(getattr(message, name).dtype for name in SCORE_FIELDS[spec.loss])
-    kind = replace(kind, wires=wires)
+    sent = tuple(replace(s, wire=getattr(message, s.name).dtype) for s in kind.scores)
+    kind = replace(kind, scores=sent)
     return Variant(payload=request.SerializeToString(), inputs=inputs, kind=kind)
