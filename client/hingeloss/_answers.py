@@ -4,16 +4,19 @@ A server (or anything between it and the caller) that answers with a gradient of
 another shape, dtype or size, with bytes that do not match what they declare, or
 with another request's answer must not hand the caller a wrong array, memory
 nobody wrote, or a numpy error from deep inside the decoding: the call fails with
-`InternalError`, reason MALFORMED_ANSWER, saying what did not fit. The checks read
-names, dtypes and shapes, and of the small tensors (row indices, factored masks)
-their bytes: tens of microseconds an answer. The size of each large tensor's data
-is checked as it is decoded, which reads it anyway (`malformed`).
+`InternalError`, reason MALFORMED_ANSWER, saying what did not fit.
+
+`check_answer` reads names, dtypes and shapes only: reading a bytes field copies it
+(upb). What the data holds (its size, row indices, mask bits) is checked as it is
+decoded, which reads it once anyway (`check_rows`, `mask_bits`, and DataSizeError
+from the tensors), inside `malformed`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -32,13 +35,36 @@ _FORMS: dict[int, str] = {
 }
 
 
+class MisfitError(ValueError):
+    """An answer's data does not fit what it declares (found as it is decoded)."""
+
+
 @contextmanager
 def malformed() -> Iterator[None]:
-    """Decoding an answer: data of another size than its shape's is the answer's fault."""
+    """Decoding an answer: data that does not fit its declaration is the answer's fault."""
     try:
         yield
-    except tensors.DataSizeError as error:
+    except (tensors.DataSizeError, MisfitError) as error:
         raise _malformed(str(error)) from error
+
+
+def check_rows(indices: np.ndarray[Any, Any], rows: int) -> None:
+    """MisfitError unless a row-sparse gradient's row indices increase within [0, rows)."""
+    if indices.size and (indices[0] < 0 or indices[-1] >= rows or np.any(np.diff(indices) <= 0)):
+        raise MisfitError(f"row indices not increasing within [0, {rows})")
+
+
+def mask_bits(mask: bytes, rows: int, columns: int) -> np.ndarray[Any, Any]:
+    """A factored gradient's mask as (rows, bytes a row), or MisfitError: bytes of another size,
+    or bits set past the last class."""
+    width = factored.packed_width(columns)
+    if len(mask) != rows * width:
+        raise MisfitError(f"a mask of {len(mask)} bytes, not {rows * width}")
+    bits = np.frombuffer(mask, dtype=np.uint8).reshape(rows, width)
+    spare = width * 8 - columns
+    if spare and rows and np.any(bits[:, -1] >> (8 - spare)):
+        raise MisfitError("mask bits set past the last class")
+    return bits
 
 
 def _malformed(problem: str) -> InternalError:
@@ -100,7 +126,7 @@ def _tensor(tensor: pb.Tensor, shape: Sequence[int], wire: int) -> str | None:
     """What is wrong with a tensor that should hold `shape` values of dtype `wire`.
 
     Not its data's size: reading a bytes field copies it (upb), megabytes for a dense
-    gradient; the decoding reads it once and checks the size then (tensors.check_size).
+    gradient; the decoding reads it once and checks the size then (DataSizeError).
     """
     if tensor.dtype != wire:
         return f"dtype {_dtype(tensor.dtype)}, not {_dtype(wire)}"
@@ -116,17 +142,9 @@ def _row_sparse(sparse: pb.RowSparseTensor, shape: Sequence[int], wire: int) -> 
     if len(sparse.indices.shape) != 1:
         return f"row indices of shape {tuple(sparse.indices.shape)}"
     rows = sparse.indices.shape[0]
-    problem = _tensor(sparse.indices, (rows,), pb.DTYPE_INT64) or _tensor(
+    return _tensor(sparse.indices, (rows,), pb.DTYPE_INT64) or _tensor(
         sparse.values, (rows, *shape[1:]), wire
     )
-    if problem is not None:
-        return problem
-    indices = tensors.to_numpy(sparse.indices)
-    if indices.size and (
-        indices[0] < 0 or indices[-1] >= shape[0] or np.any(np.diff(indices) <= 0)
-    ):
-        return f"row indices not increasing within [0, {shape[0]})"
-    return None
 
 
 def _factored(
@@ -137,25 +155,13 @@ def _factored(
         return f"dense shape {tuple(message.dense_shape)}, not {tuple(shape)}"
     if message.dtype != wire:
         return f"dtype {_dtype(message.dtype)}, not {_dtype(wire)}"
-    rows, columns = shape
-    width = factored.packed_width(columns)
-    mask = message.mask  # a 32nd of a dense gradient's bytes
-    if len(mask) != rows * width:
-        return f"a mask of {len(mask)} bytes, not {rows * width}"
     # Row values come in the compute dtype the answer resolves (FactoredGradient.row_values);
     # a server that names none computes float64 scores in float64, others in float32.
     compute = resolved_compute or (
         pb.DTYPE_FLOAT64 if wire == pb.DTYPE_FLOAT64 else pb.DTYPE_FLOAT32
     )
-    problem = _tensor(message.row_values, (rows,), compute)
-    if problem is not None:
-        return f"row values: {problem}"
-    spare = width * 8 - columns
-    if spare and rows:
-        last = np.frombuffer(mask, dtype=np.uint8)[width - 1 :: width]
-        if np.any(last >> (8 - spare)):
-            return "mask bits set past the last class"
-    return None
+    problem = _tensor(message.row_values, (shape[0],), compute)
+    return None if problem is None else f"row values: {problem}"
 
 
 def _dtype(wire: int) -> str:

@@ -23,7 +23,7 @@ from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._answers import check_answer, malformed
+from hingeloss._answers import check_answer, check_rows, malformed, mask_bits
 from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -148,6 +148,7 @@ def _to_caller(tensor: pb.Tensor, kind: InputKind) -> Any:
 def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, Any, Any]:
     indices = tensors.to_numpy(sparse.indices)
     shape = tuple(sparse.dense_shape)
+    check_rows(indices, shape[0])
     if kind.is_torch:
         import torch
 
@@ -185,7 +186,7 @@ def _dense_from_factored(
     if kind.true_classes is None:
         raise ValueError("a factored gradient needs the request's targets to expand")
     rows, columns = (int(d) for d in message.dense_shape)
-    bits = np.frombuffer(message.mask, dtype=np.uint8).reshape(rows, factored.packed_width(columns))
+    bits = mask_bits(message.mask, rows, columns)
     rule = _factored_rule(resolved)
     wire = tensors.dtype_info(message.dtype)
     if not kind.is_torch:

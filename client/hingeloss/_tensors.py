@@ -119,9 +119,8 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     """
     info = dtype_info(tensor.dtype)
     shape = tuple(tensor.shape)
-    data = tensor.data  # one read: upb copies a bytes field on each
+    data = _sized_data(tensor)
     if info.numpy is None:
-        check_size(data, info.itemsize, shape)
         raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(shape)
     return _numpy_view(data, info.numpy, shape)
@@ -131,21 +130,23 @@ class DataSizeError(ValueError):
     """A tensor's data is not the size its shape and dtype call for."""
 
 
-def check_size(data: bytes | memoryview, itemsize: int, shape: Sequence[int]) -> None:
-    """Raises DataSizeError unless `data` holds exactly the bytes of `shape` items."""
-    nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
-    expected = math.prod(shape) * itemsize
-    if nbytes != expected:
-        raise DataSizeError(f"{nbytes} bytes of data for shape {tuple(shape)}, not {expected}")
+def _sized_data(tensor: pb.Tensor) -> bytes:
+    """`tensor.data`, read once (upb copies a bytes field on each read), or DataSizeError
+    where it is not the size its dtype and shape call for (never a view of memory nobody
+    wrote). The server's decoder checks its requests' sizes itself (tensor_decoder.py)."""
+    data = tensor.data
+    expected = expected_nbytes(tensor)
+    if len(data) != expected:
+        shape = tuple(tensor.shape)
+        raise DataSizeError(f"{len(data)} bytes of data for shape {shape}, not {expected}")
+    return data
 
 
 def _numpy_view(
     data: bytes | memoryview, numpy_dtype: str, shape: Sequence[int]
 ) -> np.ndarray[Any, Any]:
     """A read-only numpy array viewing little-endian `data` (no copy)."""
-    dtype = np.dtype(numpy_dtype).newbyteorder("<")
-    check_size(data, dtype.itemsize, shape)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=np.dtype(numpy_dtype).newbyteorder("<")).reshape(shape)
 
 
 def round_to_bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -211,26 +212,27 @@ def to_torch(tensor: pb.Tensor) -> torch.Tensor:
     that copy. The view is read-only in spirit: torch cannot mark it so, and callers
     never write it.
     """
-    return torch_view(tensor.data, tensor.dtype, tuple(tensor.shape))
+    dtype_info(tensor.dtype)  # an unknown dtype says so before anything is read
+    return torch_view(_sized_data(tensor), tensor.dtype, tuple(tensor.shape))
 
 
 def torch_view(data: bytes | memoryview, wire: int, shape: Sequence[int]) -> torch.Tensor:
     """A CPU torch tensor viewing `data` (no copy), of wire dtype `wire` and `shape`.
 
-    Made through numpy where numpy has the dtype: neither numpy's view nor
+    `data` holds exactly the bytes of `shape` (its callers check: `to_torch`, the
+    server's decoder). Made through numpy where numpy has the dtype: neither numpy's view nor
     `torch.from_numpy` releases the GIL, where torch's `view` would, so a server's
     event loop decoding a request does not hand the GIL to another thread midway.
     """
     import torch
 
     info = dtype_info(wire)
+    if not data:  # no elements: torch.frombuffer takes no empty buffer
+        return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     readonly = memoryview(data).readonly
     if info.numpy is not None:
-        array = _numpy_view(data, info.numpy, tuple(shape))  # its size checked there
+        array = _numpy_view(data, info.numpy, tuple(shape))
         return _from_readonly(readonly, torch.from_numpy, array)
-    check_size(data, info.itemsize, shape)  # never memory nobody wrote
-    if not data:  # torch.frombuffer takes no empty buffer
-        return torch.empty(tuple(shape), dtype=torch_dtype(wire))
     flat = _from_readonly(readonly, torch.frombuffer, data, dtype=torch_dtype(wire))
     return flat.view(tuple(shape))
 

@@ -22,12 +22,12 @@ from hingeloss_server.config import LimitsConfig
 from hingeloss_server.drain import CallTracker
 from hingeloss_server.engine.batch_queue import Batcher
 from hingeloss_server.engine.errors import (
-    ArrivalTimeoutError,
     ComputeFailedError,
     DrainingError,
     HingelossError,
 )
 from hingeloss_server.metrics import Metrics
+from hingeloss_server.transport.arrival import arrival_limit
 from hingeloss_server.transport.budget import ByteBudget, held_bytes, inflight_full
 from hingeloss_server.transport.request_codec import decode_request
 from hingeloss_server.transport.request_wire import ParsedRequest, parse_request
@@ -96,18 +96,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if mapping.rejected is not None:
             self._metrics.request_rejected(mapping.rejected)
 
-    @contextlib.asynccontextmanager
-    async def _arriving(self) -> AsyncIterator[None]:
+    def _arriving(self) -> contextlib.AbstractAsyncContextManager[None]:
         """The arrival limit: what is read inside must have come within it."""
-        try:
-            # asyncio.timeout, not wait_for: wait_for runs the read in a task of its own,
-            # a task per request on the event loop that every caller shares.
-            async with asyncio.timeout(self._arrival_seconds):
-                yield
-        except TimeoutError:
-            raise ArrivalTimeoutError(
-                f"the request did not arrive within {self._arrival_seconds:g} s"
-            ) from None
+        return arrival_limit(self._arrival_seconds)
 
     async def _receive(self, context: grpc.aio.ServicerContext) -> ParsedRequest:
         """The call's one request message, within the arrival limit.

@@ -12,7 +12,6 @@ those with it keep the other calls.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import grpc
 
 from hingeloss_server.engine.errors import ArrivalTimeoutError
 from hingeloss_server.metrics import Metrics
+from hingeloss_server.transport.arrival import arrival_limit
 from hingeloss_server.transport.status import error_status, status_mapping
 from hingeloss_server.transport.unparsable import UNPARSABLE, refuse_unparsable
 
@@ -100,12 +100,9 @@ class TokenlessCalls:
         """The call's one request message, within ARRIVAL_WITHOUT_TOKEN_S; refusals abort,
         a late message as a Compute's does (REQUEST_ARRIVAL_TIMEOUT, counted)."""
         try:
-            async with asyncio.timeout(ARRIVAL_WITHOUT_TOKEN_S):
+            async with arrival_limit(ARRIVAL_WITHOUT_TOKEN_S):
                 request = await context.read()
-        except TimeoutError:
-            late = ArrivalTimeoutError(
-                f"the request did not arrive within {ARRIVAL_WITHOUT_TOKEN_S:g} s"
-            )
+        except ArrivalTimeoutError as late:
             rejected = status_mapping(late).rejected
             if rejected is not None:
                 self._metrics.request_rejected(rejected)
