@@ -87,6 +87,8 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
         return f"it answers request {response.request_id!r}, not {kind.request_id!r}"
     if not kind.scores:
         return None  # a kind made by hand, not by build_request: nothing known to check
+    if kind.loss is not None and response.resolved.loss != kind.loss:
+        return f"it answers a {response.resolved.loss!r} request, not {kind.loss!r}"
     asked = 0 if kind.gradient_format == pb.GRADIENT_FORMAT_NONE else len(kind.scores)
     if len(response.gradients) != asked:
         return f"{len(response.gradients)} gradients where {asked} were asked"
@@ -96,10 +98,11 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
         problem = _gradient(gradient, scores, form, response.resolved.compute_dtype)
         if problem is not None:
             return problem
-    if kind.per_sample_asked and not response.per_sample_losses:
+    sets = len(response.per_sample_losses)
+    if kind.per_sample_asked and not sets:
         return "no per-sample losses, though asked"
-    if len(response.per_sample_losses) > len(kind.scores):
-        return f"{len(response.per_sample_losses)} sets of per-sample losses"
+    if sets and sets != kind.per_sample_sets:
+        return f"{sets} sets of per-sample losses, not {kind.per_sample_sets}"
     for k, per_sample in enumerate(response.per_sample_losses):
         problem = _tensor(per_sample, kind.scores[k].shape[:1], kind.scores[k].wire)
         if problem is not None:

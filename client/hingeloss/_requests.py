@@ -83,6 +83,10 @@ SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     )
     for loss, message in _LOSS_MESSAGES.items()
 }
+# Sets of per-sample losses an answer holds, where a loss has more than one
+# (ComputeResponse.per_sample_losses): gan_discriminator's real and fake samples.
+# margin_ranking's two score inputs share their samples: one set.
+PER_SAMPLE_SETS: dict[str, int] = {"gan_discriminator": 2}
 # The same by field number: the order in which ComputeUpload sends their bytes.
 SCORE_FIELDS_BY_NUMBER: dict[str, tuple[str, ...]] = {
     loss: tuple(sorted(SCORE_FIELDS[loss], key=lambda field: message.fields_by_name[field].number))
@@ -147,12 +151,14 @@ class InputKind:
     device: Any = None
     dtype: Any = None
     # What the answer must be (_answers.py checks; None and empty: not known): for the
-    # request of this id; a gradient for each score input, in declaration order; in the
-    # gradient format asked.
+    # request of this id and loss; a gradient for each score input, in declaration
+    # order; in the gradient format asked; this many sets of per-sample losses, if asked.
     request_id: str | None = None
     scores: tuple[SentScores, ...] = ()
     gradient_format: int = 0
     per_sample_asked: bool = False
+    loss: str | None = None
+    per_sample_sets: int = 1
     # With a factored gradient: each row's true-class column (0 where ignored), int64,
     # as the caller's targets were (numpy, or torch on their device).
     true_classes: Any = None
@@ -280,6 +286,8 @@ def _input_kind(
         request_id=request.request_id,
         gradient_format=request.gradient_format,
         per_sample_asked=request.return_per_sample or request.reduction == pb.REDUCTION_NONE,
+        loss=loss,
+        per_sample_sets=PER_SAMPLE_SETS.get(loss, 1),
         true_classes=true_classes,
     )
 

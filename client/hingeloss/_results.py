@@ -23,7 +23,7 @@ from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._answers import check_answer, check_rows, malformed, mask_bits
+from hingeloss._answers import MisfitError, check_answer, check_rows, malformed, mask_bits
 from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -170,7 +170,7 @@ def _factored_rule(resolved: pb.ResolvedOptions) -> factored.FactoredRule:
         if resolved.tie_break == pb.TIE_BREAK_SPLIT_EVENLY:
             return factored.FactoredRule.SPLIT_EVENLY
         return factored.FactoredRule.FIRST_INDEX
-    raise ValueError(f"a factored gradient for {resolved.loss!r} is unknown to this SDK version")
+    raise MisfitError(f"a factored gradient of {resolved.loss!r}, which has none")
 
 
 def _numpy(array: Any) -> np.ndarray[Any, Any]:

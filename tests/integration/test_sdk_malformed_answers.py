@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from helpers.cases import positional, random_inputs
 from helpers.servers import InProcessServer, ServerThread
 
 from hingeloss import (
@@ -130,6 +131,10 @@ def _other_request(response: pb.ComputeResponse) -> None:
     response.request_id = "someone-else"
 
 
+def _other_loss(response: pb.ComputeResponse) -> None:
+    response.resolved.loss = "crammer_singer"
+
+
 def _short_per_sample(response: pb.ComputeResponse) -> None:
     per_sample = response.per_sample_losses[0]
     per_sample.data = per_sample.data[:-4]
@@ -150,6 +155,7 @@ DENSE_TAMPERS = [
     _two_gradients,
     _other_name,
     _other_request,
+    _other_loss,
     _short_per_sample,
 ]
 
@@ -241,7 +247,7 @@ def _one_row_value(response: pb.ComputeResponse) -> None:
 
 
 @pytest.mark.parametrize(
-    "tamper", [_short_mask, _padding_bit, _one_row_value], ids=lambda t: t.__name__
+    "tamper", [_short_mask, _padding_bit, _one_row_value, _other_loss], ids=lambda t: t.__name__
 )
 def test_a_factored_answer_that_does_not_fit_fails_the_call(
     tampering: Callable[[Tamper], str], tamper: Tamper
@@ -252,6 +258,40 @@ def test_a_factored_answer_that_does_not_fit_fails_the_call(
     ):
         client.multiclass_hinge(SCORES, TARGETS, gradient_format="factored")
     assert excinfo.value.reason == MALFORMED
+
+
+def _one_set_fewer(response: pb.ComputeResponse) -> None:
+    del response.per_sample_losses[-1]
+
+
+def _one_set_more(response: pb.ComputeResponse) -> None:
+    response.per_sample_losses.add().CopyFrom(response.per_sample_losses[0])
+
+
+@pytest.mark.parametrize(
+    ("loss", "tamper"),
+    [
+        ("gan_discriminator", _one_set_fewer),  # its real and fake samples: two sets
+        ("margin_ranking", _one_set_more),  # its two score inputs share one set
+        ("binary_hinge", _one_set_more),
+    ],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_an_answer_with_other_sets_of_per_sample_losses_fails_the_call(
+    shared_server: ServerThread, tampering: Callable[[Tamper], str], loss: str, tamper: Tamper
+) -> None:
+    inputs = positional(loss, random_inputs(loss, rng, 6))
+    with LossClient(shared_server.target, retry=NO_RETRY, timeout=10) as client:
+        untouched = client.compute(loss, *inputs, reduction="none").per_sample
+    assert untouched is not None
+    assert len(untouched) == (2 if loss == "gan_discriminator" else 1)
+    with (
+        LossClient(tampering(tamper), retry=NO_RETRY, timeout=10) as client,
+        pytest.raises(InternalError) as excinfo,
+    ):
+        client.compute(loss, *inputs, reduction="none")
+    assert excinfo.value.reason == MALFORMED
+    assert "sets of per-sample losses" in excinfo.value.message
 
 
 def _swap_ids(answers: list[pb.ComputeResponse]) -> None:

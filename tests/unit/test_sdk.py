@@ -21,6 +21,7 @@ import hingeloss
 from hingeloss import (
     NO_RETRY,
     DeadlineExceededError,
+    InternalError,
     InvalidArgumentError,
     LossClient,
     OverloadedError,
@@ -316,6 +317,22 @@ def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
     response.gradients[0].dense.dtype = 42  # type: ignore[assignment]
     with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
         decode_response(response, InputKind(is_torch=False))
+
+
+def test_a_factored_gradient_of_a_loss_without_one_is_a_malformed_answer() -> None:
+    """Only the multi-class hinges factor: no rule expands another loss's mask."""
+    response = pb.ComputeResponse(request_id="r", loss=0.5)
+    response.resolved.loss = "margin_ranking"
+    factored = response.gradients.add(input="scores").factored
+    factored.dense_shape.extend([2, 3])
+    factored.dtype = pb.DTYPE_FLOAT32
+    factored.mask = bytes([0b011, 0b101])
+    tensors.fill_from_numpy(factored.row_values, np.ones(2, dtype=np.float32))
+    kind = InputKind(is_torch=False, true_classes=np.zeros(2, dtype=np.int64))
+    with pytest.raises(InternalError) as caught:
+        decode_response(response, kind)
+    assert caught.value.reason == "MALFORMED_ANSWER"
+    assert "margin_ranking" in caught.value.message
 
 
 @pytest.mark.parametrize("numpy_counts", [True, False], ids=["bitwise_count", "table"])
