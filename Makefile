@@ -1,7 +1,8 @@
 # hingeloss: build, serve, test. Every target creates .venv when needed.
 PYTHON ?= python3
 VENV ?= .venv
-# GPU users override this, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+# The build pip finds first (PyPI's on Linux x86_64 is the CUDA one); pick one with an
+# index, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url .../whl/cpu"` (or cu126).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PY := $(BIN)/python

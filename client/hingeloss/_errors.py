@@ -62,7 +62,9 @@ class InvalidArgumentError(HingelossError, ValueError):
 
 
 class OverloadedError(HingelossError):
-    """The server is shedding load; `retry_delay` is its suggested wait in seconds."""
+    """RESOURCE_EXHAUSTED: the server is shedding load (`retry_delay`: its suggested wait
+    in seconds, where it names one), or the request is too large for it (a message past
+    its size limit, a batch past its device's memory), which no retry helps."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

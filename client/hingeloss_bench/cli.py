@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default="unary",
-        help="unary Compute calls, ComputeUpload calls (the scores in parts of 1 MiB, "
-        "as the SDK sends requests of 4 MiB and more), or pipelined on ComputeStream calls",
+        help="unary Compute calls, ComputeUpload calls (the scores in parts of 1 MiB, as "
+        "the SDK sends large requests: from 0.5 MB of scores on LossClient, 8 MB on "
+        "AsyncLossClient), or pipelined on ComputeStream calls",
     )
     load.add_argument("--connections", type=int, default=1, help="channels per load process")
     load.add_argument("--processes", type=int, default=1, help="load processes (spawned)")

@@ -118,7 +118,10 @@ def render(directory: Path) -> list[dict[str, Any]]:
                         container["image"] = f"{new}:{image['newTag']}"
     if "namespace" in kustomization:
         for obj in objects:
-            obj["metadata"]["namespace"] = kustomization["namespace"]
+            if obj["kind"] == "Namespace":  # kustomize names it after the namespace set
+                obj["metadata"]["name"] = kustomization["namespace"]
+            else:
+                obj["metadata"]["namespace"] = kustomization["namespace"]
     return objects
 
 
@@ -130,6 +133,11 @@ def base() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def overlays() -> dict[str, list[dict[str, Any]]]:
     return {name: render(K8S_DIR / "overlays" / name) for name in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def monitoring() -> list[dict[str, Any]]:
+    return render(K8S_DIR / "monitoring")
 
 
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -164,20 +172,32 @@ def test_rendered_overlay_validates(
     overlays: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
     kinds = [obj["kind"] for obj in overlays[overlay]]
+    # No custom resource: the overlays apply to a cluster without any operator's CRDs.
     assert sorted(kinds) == sorted(
         [
+            "Namespace",
             "Deployment",
             "Service",
             "Service",
-            "PodMonitor",
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
         ]
     )
     for obj in overlays[overlay]:
-        assert obj["metadata"]["namespace"] == "hingeloss"
-        if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
-            _validate(obj)
+        if obj["kind"] == "Namespace":  # created with the objects it holds
+            assert obj["metadata"]["name"] == "hingeloss"
+            assert "namespace" not in obj["metadata"]
+        else:
+            assert obj["metadata"]["namespace"] == "hingeloss"
+        _validate(obj)
+
+
+def test_the_monitoring_kustomization_holds_the_pod_monitor_alone(
+    monitoring: list[dict[str, Any]],
+) -> None:
+    assert [(obj["kind"], obj["metadata"]["namespace"]) for obj in monitoring] == [
+        ("PodMonitor", "hingeloss")
+    ]
 
 
 def test_strict_validation_rejects_unknown_fields(base: list[dict[str, Any]]) -> None:
@@ -294,9 +314,11 @@ def test_services_select_the_server_pods(base: list[dict[str, Any]]) -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_pod_monitor_scrapes_the_metrics_port(base: list[dict[str, Any]]) -> None:
+def test_pod_monitor_scrapes_the_metrics_port(
+    base: list[dict[str, Any]], monitoring: list[dict[str, Any]]
+) -> None:
     """kubernetes-validate has no PodMonitor schema: check what matters by hand."""
-    monitor = _one(base, "PodMonitor")
+    monitor = _one(monitoring, "PodMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     deployment = _one(base, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -359,14 +381,18 @@ def _normalized(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_kustomize_agrees_with_the_test_renderer(
-    deploy: DeployHelpers, overlays: dict[str, list[dict[str, Any]]]
+    deploy: DeployHelpers,
+    overlays: dict[str, list[dict[str, Any]]],
+    monitoring: list[dict[str, Any]],
 ) -> None:
     """Where kustomize (or kubectl) is installed, its output equals the renderer's above."""
     kustomize, kubectl = deploy.find_tool("kustomize"), deploy.find_tool("kubectl")
     if not (kustomize or kubectl):
         pytest.skip("neither kustomize nor kubectl installed; the test renderer covers overlays")
-    for overlay in OVERLAYS:
-        path = str(K8S_DIR / "overlays" / overlay)
+    ours = {f"overlays/{name}": objects for name, objects in overlays.items()}
+    ours["monitoring"] = monitoring
+    for folder, objects in ours.items():
+        path = str(K8S_DIR / folder)
         if kustomize:
             command = [kustomize, "build", path]
         elif kubectl:  # one of the two, or the test has skipped
@@ -374,4 +400,4 @@ def test_kustomize_agrees_with_the_test_renderer(
         result = deploy.run_tool(command)
         assert result.returncode == 0, result.stderr
         rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-        assert _normalized(rendered) == _normalized(overlays[overlay]), overlay
+        assert _normalized(rendered) == _normalized(objects), folder
