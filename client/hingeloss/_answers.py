@@ -23,7 +23,7 @@ import numpy as np
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
 from hingeloss._errors import InternalError
-from hingeloss._requests import InputKind, SentScores
+from hingeloss._requests import InputKind, SentScores, enum_name
 from hingeloss.v1 import loss_service_pb2 as pb
 
 MALFORMED = "MALFORMED_ANSWER"
@@ -46,6 +46,18 @@ def malformed() -> Iterator[None]:
         yield
     except (tensors.DataSizeError, MisfitError) as error:
         raise _malformed(str(error)) from error
+
+
+def asked_tie_break(kind: InputKind) -> int:
+    """The tie-break a crammer_singer request asked for, its default (first index) resolved."""
+    return kind.tie_break or pb.TIE_BREAK_FIRST_INDEX
+
+
+def _tie_break_name(number: int) -> str:
+    try:
+        return enum_name("TIE_BREAK_", number)
+    except ValueError:  # a value this SDK version does not know
+        return f"unknown({number})"
 
 
 def check_rows(indices: np.ndarray[Any, Any], rows: int) -> None:
@@ -90,6 +102,9 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
     answered = response.resolved.loss  # "" from a server that does not say
     if kind.loss is not None and answered and answered != kind.loss:
         return f"it answers a {answered!r} request, not {kind.loss!r}"
+    tie_break = response.resolved.tie_break  # how a factored gradient spreads its values
+    if kind.loss == "crammer_singer" and tie_break and tie_break != asked_tie_break(kind):
+        return f"it breaks ties by {_tie_break_name(tie_break)}, not as asked"
     asked = 0 if kind.gradient_format == pb.GRADIENT_FORMAT_NONE else len(kind.scores)
     if len(response.gradients) != asked:
         return f"{len(response.gradients)} gradients where {asked} were asked"
@@ -102,7 +117,7 @@ def _problem(response: pb.ComputeResponse, kind: InputKind) -> str | None:
     sets = len(response.per_sample_losses)
     if kind.per_sample_asked and not sets:
         return "no per-sample losses, though asked"
-    if sets and sets != kind.per_sample_sets:
+    if sets and kind.per_sample_sets is not None and sets != kind.per_sample_sets:
         return f"{sets} sets of per-sample losses, not {kind.per_sample_sets}"
     for k, per_sample in enumerate(response.per_sample_losses):
         problem = _tensor(per_sample, kind.scores[k].shape[:1], kind.scores[k].wire)

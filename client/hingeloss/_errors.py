@@ -63,8 +63,9 @@ class InvalidArgumentError(HingelossError, ValueError):
 
 class OverloadedError(HingelossError):
     """RESOURCE_EXHAUSTED: the server is shedding load (`retry_delay`: its suggested wait
-    in seconds, where it names one), or the request is too large for it (a message past
-    its size limit, a batch past its device's memory), which no retry helps."""
+    in seconds, where it names one); or, not retried, the request is too large for it (a
+    message past its size limit, a batch past its device's memory), or a call without
+    the token finds the server's limit of those taken."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -152,13 +152,15 @@ class InputKind:
     dtype: Any = None
     # What the answer must be (_answers.py checks; None and empty: not known): for the
     # request of this id and loss; a gradient for each score input, in declaration
-    # order; in the gradient format asked; this many sets of per-sample losses, if asked.
+    # order; in the gradient format asked; this many sets of per-sample losses, if asked;
+    # with the tie-break asked (crammer_singer; 0: the default, first index).
     request_id: str | None = None
     scores: tuple[SentScores, ...] = ()
     gradient_format: int = 0
     per_sample_asked: bool = False
     loss: str | None = None
-    per_sample_sets: int = 1
+    per_sample_sets: int | None = None
+    tie_break: int = 0
     # With a factored gradient: each row's true-class column (0 where ignored), int64,
     # as the caller's targets were (numpy, or torch on their device).
     true_classes: Any = None
@@ -288,6 +290,7 @@ def _input_kind(
         per_sample_asked=request.return_per_sample or request.reduction == pb.REDUCTION_NONE,
         loss=loss,
         per_sample_sets=PER_SAMPLE_SETS.get(loss, 1),
+        tie_break=message.tie_break if loss == "crammer_singer" else 0,
         true_classes=true_classes,
     )
 

@@ -23,7 +23,14 @@ from google.protobuf.descriptor import Descriptor
 
 from hingeloss import _factored as factored
 from hingeloss import _tensors as tensors
-from hingeloss._answers import MisfitError, check_answer, check_rows, malformed, mask_bits
+from hingeloss._answers import (
+    MisfitError,
+    asked_tie_break,
+    check_answer,
+    check_rows,
+    malformed,
+    mask_bits,
+)
 from hingeloss._requests import LOSS_OPTIONS, InputKind, enum_name, enum_prefix, option_keyword
 from hingeloss.v1 import loss_service_pb2 as pb
 
@@ -163,14 +170,18 @@ def _dense_from_rows(sparse: pb.RowSparseTensor, kind: InputKind) -> tuple[Any, 
     return dense_array, indices, rows
 
 
-def _factored_rule(resolved: pb.ResolvedOptions) -> factored.FactoredRule:
-    if resolved.loss == "multiclass_hinge":
+def _factored_rule(resolved: pb.ResolvedOptions, kind: InputKind) -> factored.FactoredRule:
+    """How the row values spread: by what the request asked, where it is known (the
+    answer was checked to agree), else by what the answer says."""
+    loss = kind.loss or resolved.loss
+    if loss == "multiclass_hinge":
         return factored.FactoredRule.WESTON_WATKINS
-    if resolved.loss == "crammer_singer":
-        if resolved.tie_break == pb.TIE_BREAK_SPLIT_EVENLY:
+    if loss == "crammer_singer":
+        tie_break = asked_tie_break(kind) if kind.loss else resolved.tie_break
+        if tie_break == pb.TIE_BREAK_SPLIT_EVENLY:
             return factored.FactoredRule.SPLIT_EVENLY
         return factored.FactoredRule.FIRST_INDEX
-    raise MisfitError(f"a factored gradient of {resolved.loss!r}, which has none")
+    raise MisfitError(f"a factored gradient of {loss!r}, which has none")
 
 
 def _numpy(array: Any) -> np.ndarray[Any, Any]:
@@ -183,11 +194,11 @@ def _numpy(array: Any) -> np.ndarray[Any, Any]:
 def _dense_from_factored(
     message: pb.FactoredGradient, resolved: pb.ResolvedOptions, kind: InputKind
 ) -> tuple[Any, factored.FactoredGrad]:
-    if kind.true_classes is None:
-        raise ValueError("a factored gradient needs the request's targets to expand")
+    if kind.true_classes is None:  # no factored form without class targets
+        raise MisfitError("a factored gradient for a request without targets")
     rows, columns = (int(d) for d in message.dense_shape)
     bits = mask_bits(message.mask, rows, columns)
-    rule = _factored_rule(resolved)
+    rule = _factored_rule(resolved, kind)
     wire = tensors.dtype_info(message.dtype)
     if not kind.is_torch:
         grad = factored.FactoredGrad(

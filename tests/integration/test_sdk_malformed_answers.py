@@ -260,6 +260,32 @@ def test_a_factored_answer_that_does_not_fit_fails_the_call(
     assert excinfo.value.reason == MALFORMED
 
 
+@pytest.mark.parametrize(
+    ("asked", "claimed"),
+    [("first_index", pb.TIE_BREAK_SPLIT_EVENLY), ("split_evenly", pb.TIE_BREAK_FIRST_INDEX)],
+)
+def test_a_factored_answer_that_breaks_ties_otherwise_fails_the_call(
+    shared_server: ServerThread, tampering: Callable[[Tamper], str], asked: str, claimed: int
+) -> None:
+    """The tie-break decides how a Crammer-Singer row's value spreads over its mask."""
+    scores = np.zeros((4, 5), dtype=np.float32)  # every competitor tied: masks of 4 bits
+    targets = np.arange(4)
+
+    def claim(response: pb.ComputeResponse) -> None:
+        response.resolved.tie_break = claimed  # type: ignore[assignment]
+
+    with LossClient(shared_server.target, retry=NO_RETRY, timeout=10) as client:
+        answer = client.crammer_singer(scores, targets, tie_break=asked, gradient_format="factored")
+        assert answer.grad.shape == (4, 5)
+    with (
+        LossClient(tampering(claim), retry=NO_RETRY, timeout=10) as client,
+        pytest.raises(InternalError) as excinfo,
+    ):
+        client.crammer_singer(scores, targets, tie_break=asked, gradient_format="factored")
+    assert excinfo.value.reason == MALFORMED
+    assert "breaks ties" in excinfo.value.message
+
+
 def _one_set_fewer(response: pb.ComputeResponse) -> None:
     del response.per_sample_losses[-1]
 

@@ -319,20 +319,41 @@ def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
         decode_response(response, InputKind(is_torch=False))
 
 
-def test_a_factored_gradient_of_a_loss_without_one_is_a_malformed_answer() -> None:
-    """Only the multi-class hinges factor: no rule expands another loss's mask."""
-    response = pb.ComputeResponse(request_id="r", loss=0.5)
-    response.resolved.loss = "margin_ranking"
+def _factored_answer(request_id: str, loss: str) -> pb.ComputeResponse:
+    """An answer of `loss` with a 2x3 factored gradient of "scores"."""
+    response = pb.ComputeResponse(request_id=request_id, loss=0.5)
+    response.resolved.loss = loss
     factored = response.gradients.add(input="scores").factored
     factored.dense_shape.extend([2, 3])
     factored.dtype = pb.DTYPE_FLOAT32
     factored.mask = bytes([0b011, 0b101])
     tensors.fill_from_numpy(factored.row_values, np.ones(2, dtype=np.float32))
-    kind = InputKind(is_torch=False, true_classes=np.zeros(2, dtype=np.int64))
+    return response
+
+
+def _malformed_message(response: pb.ComputeResponse, kind: InputKind) -> str:
     with pytest.raises(InternalError) as caught:
         decode_response(response, kind)
     assert caught.value.reason == "MALFORMED_ANSWER"
-    assert "margin_ranking" in caught.value.message
+    return caught.value.message
+
+
+def test_a_factored_gradient_for_a_request_without_targets_is_a_malformed_answer() -> None:
+    """binary_hinge's request has no class targets to expand a mask with."""
+    request, kind = build_request(
+        "binary_hinge",
+        {"scores": np.zeros((2, 3), np.float32), "labels": np.ones((2, 3))},
+        {"gradient_format": "factored"},
+    )
+    response = _factored_answer(request.request_id, "binary_hinge")
+    assert "without targets" in _malformed_message(response, kind)
+
+
+def test_a_factored_gradient_of_a_loss_without_one_is_a_malformed_answer() -> None:
+    """Only the multi-class hinges factor: no rule expands another loss's mask."""
+    kind = InputKind(is_torch=False, true_classes=np.zeros(2, dtype=np.int64))
+    response = _factored_answer("r", "margin_ranking")
+    assert "margin_ranking" in _malformed_message(response, kind)
 
 
 @pytest.mark.parametrize("numpy_counts", [True, False], ids=["bitwise_count", "table"])
