@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.servers import ServerThread, server_config
+from helpers.servers import InProcessServer, ServerThread, server_config
 
 from hingeloss_server.config import ServerConfig
 
@@ -40,6 +40,21 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for thread in started:
         thread.stop()
+
+
+@pytest.fixture
+def serve_in_process() -> Iterator[Callable[[InProcessServer], str]]:
+    """Takes in-process test servers (proxies, stand-ins) and gives their targets; closes
+    them after the test."""
+    started: list[InProcessServer] = []
+
+    def serve(server: InProcessServer) -> str:
+        started.append(server)
+        return f"127.0.0.1:{server.port}"
+
+    yield serve
+    for server in started:
+        server.close()
 
 
 @pytest.fixture(scope="session")

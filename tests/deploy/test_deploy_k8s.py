@@ -17,7 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from helpers.deploy_files import DeployHelpers
+from helpers import deploy_files as deploy
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 KUBERNETES_VERSION = "1.30"
@@ -246,9 +246,7 @@ def test_termination_grace_covers_shutdown_delay_and_drain(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_security(
-    deploy: DeployHelpers, overlays: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_pod_security(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     spec = _one(overlays[overlay], "Deployment")["spec"]["template"]["spec"]
     container = _container(_one(overlays[overlay], "Deployment"))
     security = container["securityContext"]
@@ -327,7 +325,6 @@ def test_pod_monitor_scrapes_the_metrics_port(
 
 
 def test_hpa_metric_is_served_by_the_adapter_rule(
-    deploy: DeployHelpers,
     overlays: dict[str, list[dict[str, Any]]],
     metric_names_file: list[str],
 ) -> None:
@@ -375,7 +372,6 @@ def _normalized(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_kustomize_agrees_with_the_test_renderer(
-    deploy: DeployHelpers,
     overlays: dict[str, list[dict[str, Any]]],
     monitoring: list[dict[str, Any]],
 ) -> None:

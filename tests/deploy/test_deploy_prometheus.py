@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import re
 
-from helpers.deploy_files import DeployHelpers
+from helpers import deploy_files as deploy
 
 PROMETHEUS = "docker/prometheus"
 
 
-def test_promtool_check_config(deploy: DeployHelpers, promtool: str) -> None:
+def test_promtool_check_config(promtool: str) -> None:
     result = deploy.run_tool([promtool, "check", "config", f"{PROMETHEUS}/prometheus.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_check_rules(deploy: DeployHelpers, promtool: str) -> None:
+def test_promtool_check_rules(promtool: str) -> None:
     result = deploy.run_tool([promtool, "check", "rules", f"{PROMETHEUS}/rules.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_test_rules(deploy: DeployHelpers, promtool: str) -> None:
+def test_promtool_test_rules(promtool: str) -> None:
     result = deploy.run_tool([promtool, "test", "rules", f"{PROMETHEUS}/rules_test.yml"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_unit_tests_cover_latency_and_sparsity(deploy: DeployHelpers) -> None:
+def test_rule_unit_tests_cover_latency_and_sparsity() -> None:
     """The unit-test file keeps testing the rules operators read most."""
     suite = deploy.load_yaml(deploy.DOCKER_DIR / "prometheus" / "rules_test.yml")
     tested = {case["expr"] for test in suite["tests"] for case in test.get("promql_expr_test", [])}
@@ -63,7 +63,7 @@ def test_recording_rules_compute_what_the_dashboards_need(rule_exprs: dict[str, 
 
 
 def test_rules_read_only_listed_metrics(
-    deploy: DeployHelpers, rule_exprs: dict[str, str], metric_names_file: list[str]
+    rule_exprs: dict[str, str], metric_names_file: list[str]
 ) -> None:
     recorded = set(rule_exprs)
     for name, expr in rule_exprs.items():
@@ -71,9 +71,7 @@ def test_rules_read_only_listed_metrics(
         assert deploy.recorded_names_in(expr) <= recorded, f"{name} reads an unknown record"
 
 
-def test_metric_names_file_lists_known_families(
-    deploy: DeployHelpers, metric_names_file: list[str]
-) -> None:
+def test_metric_names_file_lists_known_families(metric_names_file: list[str]) -> None:
     assert len(metric_names_file) == len(set(metric_names_file)), "duplicate lines"
     assert metric_names_file == sorted(metric_names_file)
     for name in metric_names_file:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from helpers.deploy_files import DeployHelpers
+from helpers import deploy_files as deploy
 
 
-def test_yamllint_passes_on_docker_dir(deploy: DeployHelpers) -> None:
+def test_yamllint_passes_on_docker_dir() -> None:
     result = deploy.run_tool(
         [
             sys.executable,
@@ -25,7 +25,7 @@ def test_yamllint_passes_on_docker_dir(deploy: DeployHelpers) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_yamllint_config_catches_problems(deploy: DeployHelpers, tmp_path: Path) -> None:
+def test_yamllint_config_catches_problems(tmp_path: Path) -> None:
     """The config is no blanket pass: a duplicate key and a yes/no boolean are reported."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("key: 1\nkey: 2\nenabled: yes\n", encoding="utf-8")

@@ -238,23 +238,3 @@ def exec_form(args: str) -> list[str] | None:
 DOCKERFILE = DOCKER_DIR / "Dockerfile"
 TARGETS = ("cpu", "gpu")
 DOCKERFILES = dict.fromkeys(TARGETS, DOCKERFILE)
-
-
-class DeployHelpers:
-    """The helpers above in one typed namespace: the `deploy` fixture of tests/deploy."""
-
-    REPO_ROOT = REPO_ROOT
-    DOCKER_DIR = DOCKER_DIR
-    METRIC_FAMILIES = METRIC_FAMILIES
-    find_tool = staticmethod(find_tool)
-    run_tool = staticmethod(run_tool)
-    load_yaml = staticmethod(load_yaml)
-    load_yaml_all = staticmethod(load_yaml_all)
-    base_metric_name = staticmethod(base_metric_name)
-    metric_names_in = staticmethod(metric_names_in)
-    recorded_names_in = staticmethod(recorded_names_in)
-    is_known_family = staticmethod(is_known_family)
-    parse_dockerfile = staticmethod(parse_dockerfile)
-    parse_env = staticmethod(parse_env)
-    env_pairs = staticmethod(env_pairs)
-    exec_form = staticmethod(exec_form)

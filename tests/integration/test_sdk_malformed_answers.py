@@ -80,16 +80,11 @@ class _Tampering(InProcessServer):
 
 
 @pytest.fixture
-def tampering(shared_server: ServerThread) -> Iterator[Callable[[Tamper], str]]:
-    started: list[_Tampering] = []
-
-    def start(tamper: Tamper) -> str:
-        started.append(_Tampering(shared_server.target, tamper))
-        return f"127.0.0.1:{started[-1].port}"
-
-    yield start
-    for server in started:
-        server.close()
+def tampering(
+    shared_server: ServerThread, serve_in_process: Callable[[InProcessServer], str]
+) -> Callable[[Tamper], str]:
+    """Starts a tampering proxy in front of the shared server; gives its target."""
+    return lambda tamper: serve_in_process(_Tampering(shared_server.target, tamper))
 
 
 def _dense(response: pb.ComputeResponse) -> pb.Tensor:

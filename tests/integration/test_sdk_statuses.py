@@ -64,16 +64,11 @@ class _Refusing(InProcessServer):
 
 
 @pytest.fixture
-def refusing() -> Iterator[Callable[[grpc.StatusCode, bytes], str]]:
-    started: list[_Refusing] = []
-
-    def start(code: grpc.StatusCode, details: bytes) -> str:
-        started.append(_Refusing(code, details))
-        return f"127.0.0.1:{started[-1].port}"
-
-    yield start
-    for server in started:
-        server.close()
+def refusing(
+    serve_in_process: Callable[[InProcessServer], str],
+) -> Callable[[grpc.StatusCode, bytes], str]:
+    """Starts a refusing server; gives its target."""
+    return lambda code, details: serve_in_process(_Refusing(code, details))
 
 
 GARBAGE = b"\xff\x00 not a google.rpc.Status"

@@ -317,6 +317,9 @@ def test_values_unknown_to_this_sdk_do_not_break_decoding() -> None:
     response.gradients[0].dense.dtype = 42  # type: ignore[assignment]
     with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
         decode_response(response, InputKind(is_torch=False))
+    cpu_torch = InputKind(is_torch=True, device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype 42 is unknown to this version"):
+        decode_response(response, cpu_torch)
 
 
 def _factored_answer(request_id: str, loss: str) -> pb.ComputeResponse:
